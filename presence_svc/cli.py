@@ -1,0 +1,77 @@
+"""`presence-svc serve` runs a node; `presence-svc token` mints a token for scripting."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from presence_svc.auth import issue_token
+from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"presence-svc: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from presence_svc.app import create_app
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        lifespan="on",
+        ws_per_message_deflate=False,
+    )
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    secret = args.secret or os.environ.get("PRESENCE_JWT_SECRET") or DEV_JWT_SECRET
+    try:
+        print(issue_token(args.user, secret, args.ttl))
+    except ValueError as exc:
+        print(f"presence-svc: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="presence-svc", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a node (settings come from PRESENCE_*)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(run=_serve)
+
+    token = commands.add_parser("token", help="print an HS256 JWT for USER")
+    token.add_argument("user")
+    token.add_argument(
+        "--secret", help="signing secret (default: $PRESENCE_JWT_SECRET, else the dev secret)"
+    )
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    token.set_defaults(run=_token)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

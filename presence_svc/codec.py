@@ -1,0 +1,65 @@
+"""The event envelope: msgpack on Redis channels, JSON text on WebSockets.
+
+On a study channel every message is a msgpack map `{"type": str, "data": map, "ts"?: int}`
+(see docs/redis-protocol.md). A node decodes each message once and encodes the JSON text that
+all of its sockets for the study receive once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PRESENCE_PREFIX = "presence."
+
+
+class EnvelopeError(ValueError):
+    """A channel message that is not a valid envelope."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One event ready to send: its study seq (None for non-presence events) and JSON text."""
+
+    seq: int | None
+    text: str
+
+
+def encode_envelope(event_type: str, data: dict[str, Any], ts_ms: int | None = None) -> bytes:
+    """msgpack bytes of an envelope, as nodes and backends publish it."""
+    if ts_ms is None:
+        ts_ms = int(time.time() * 1000)
+    packed: bytes = msgpack.packb({"type": event_type, "data": data, "ts": ts_ms})
+    return packed
+
+
+def decode_envelope(raw: bytes) -> Outgoing:
+    """Turn a channel message into the text sockets receive, or raise EnvelopeError."""
+    try:
+        envelope = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise EnvelopeError(f"not msgpack: {exc}") from None
+    if not isinstance(envelope, dict):
+        raise EnvelopeError("envelope is not a map")
+    event_type = envelope.get("type")
+    data = envelope.get("data")
+    if not isinstance(event_type, str) or not event_type:
+        raise EnvelopeError("envelope has no string 'type'")
+    if not isinstance(data, dict):
+        raise EnvelopeError("envelope has no map 'data'")
+    try:
+        text = json_text({"type": event_type, "data": data})
+    except (TypeError, ValueError) as exc:
+        raise EnvelopeError(f"data cannot be sent as JSON: {exc}") from None
+    # Only presence events share the study's seq; other backends' events are relayed as they are.
+    seq = data.get("seq") if event_type.startswith(PRESENCE_PREFIX) else None
+    return Outgoing(seq=seq if isinstance(seq, int) else None, text=text)
+
+
+def json_text(message: dict[str, Any]) -> str:
+    """Compact JSON for one WebSocket message."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -1,0 +1,129 @@
+"""REST endpoints: parse, authenticate, call the service, render JSON.
+
+Every error is JSON: `{"error": <code>, "detail": <message or list of problems>}`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from presence_svc.auth import AuthError, bearer
+from presence_svc.models import ID_PATTERN, HeartbeatRequest
+from presence_svc.node import Node
+from presence_svc.store import StoreUnavailable
+
+_STUDY_ID = re.compile(ID_PATTERN)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: Any, headers: dict[str, str] | None = None):
+        super().__init__(code)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+
+
+def validation_problems(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic errors as plain JSON: where, what, and the error type."""
+    return [
+        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+def _node(request: Request) -> Node:
+    node: Node = request.app.state.node
+    return node
+
+
+def _user(request: Request) -> str:
+    try:
+        return _node(request).verifier.user_id(bearer(request.headers.get("authorization")))
+    except AuthError as exc:
+        raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from None
+
+
+def _study_id(request: Request) -> str:
+    study_id: str = request.path_params["study_id"]
+    if not _STUDY_ID.match(study_id):
+        raise ApiError(
+            422,
+            "validation_error",
+            [{"loc": ["path", "study_id"], "msg": f"must match {ID_PATTERN}", "type": "pattern"}],
+        )
+    return study_id
+
+
+async def heartbeat(request: Request) -> Response:
+    user_id = _user(request)
+    body = await request.body()
+    try:
+        payload = HeartbeatRequest.model_validate_json(body)
+    except ValidationError as exc:
+        problems = validation_problems(exc)
+        if any(p["type"] == "json_invalid" for p in problems):
+            raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+        raise ApiError(422, "validation_error", problems) from None
+    session = await _node(request).service.heartbeat(user_id, payload.study_id, payload.cursor())
+    return JSONResponse(session.to_json())
+
+
+async def get_presence(request: Request) -> Response:
+    _user(request)
+    presence = await _node(request).service.presence(_study_id(request))
+    return JSONResponse(presence.to_json())
+
+
+async def leave(request: Request) -> Response:
+    user_id = _user(request)
+    await _node(request).service.leave(user_id, _study_id(request))
+    return JSONResponse({"status": "success"})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    if await _node(request).redis_ready():
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "not ready", "redis": "unreachable"}, status_code=503)
+
+
+def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error(exc.status, exc.code, exc.detail, exc.headers)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error(exc.status_code, code, exc.detail, dict(exc.headers or {}))
+
+
+async def on_store_unavailable(request: Request, exc: Exception) -> Response:
+    return _error(503, "unavailable", "presence storage is unreachable", {"Retry-After": "1"})
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    ApiError: on_api_error,
+    HTTPException: on_http_error,
+    StoreUnavailable: on_store_unavailable,
+}
+
+ROUTES = [
+    Route("/presence/heartbeat", heartbeat, methods=["POST"]),
+    Route("/presence/{study_id}", get_presence, methods=["GET"]),
+    Route("/presence/{study_id}", leave, methods=["DELETE"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

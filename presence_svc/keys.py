@@ -1,0 +1,54 @@
+"""Every Redis key and channel name, built in one place.
+
+All keys of one study carry the hash tag `{<study_id>}` so that a script touching them runs on one
+Redis Cluster slot. The sweep schedule is split into shards with their own tags, so no single
+key or slot takes every study's scheduling traffic.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+# Changing this moves studies between schedule shards: treat it as part of the storage format.
+SCHEDULE_SHARDS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class StudyKeys:
+    """The keys and channel of one study."""
+
+    index: str  # sorted set: user_id -> last heartbeat (ms)
+    meta: str  # hash: seq, idle_wm, away_wm
+    channel: str  # pub/sub channel of the study's events
+    session_prefix: str  # + user_id = session hash
+
+    def session(self, user_id: str) -> str:
+        return self.session_prefix + user_id
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+
+    def study(self, study_id: str) -> StudyKeys:
+        base = f"{self.prefix}:{{{study_id}}}:"
+        return StudyKeys(
+            index=base + "index",
+            meta=base + "meta",
+            channel=base + "events",
+            session_prefix=base + "session:",
+        )
+
+    def channel(self, study_id: str) -> str:
+        return f"{self.prefix}:{{{study_id}}}:events"
+
+    def schedule(self, study_id: str) -> str:
+        """The schedule shard (sorted set: study_id -> next due ms) that holds this study."""
+        return self.schedule_shard(zlib.crc32(study_id.encode()) % SCHEDULE_SHARDS)
+
+    def schedule_shard(self, shard: int) -> str:
+        return f"{self.prefix}:{{schedule:{shard}}}:due"
+
+    def schedule_shards(self) -> list[str]:
+        return [self.schedule_shard(n) for n in range(SCHEDULE_SHARDS)]

@@ -1,0 +1,42 @@
+-- Phase 1 of a study's sweep (read-only): which users may have a transition due.
+-- Each status threshold has a watermark in the study meta: every session whose last heartbeat
+-- is at or below it has already been moved past that threshold, so a scan only reads the window
+-- between the watermark and the threshold, and its cost follows the number of due sessions.
+-- KEYS[1] study index   KEYS[2] study meta
+-- ARGV[1] now_ms   ARGV[2] idle_ms   ARGV[3] away_ms   ARGV[4] expire_ms   ARGV[5] limit per window
+-- Returns {idle_watermark, away_watermark, user1, user2, ...}: the watermarks that may be
+-- stored once these users are handled (held back when a window was cut by the limit).
+
+local now, limit = tonumber(ARGV[1]), tonumber(ARGV[5])
+local meta = redis.call('HMGET', KEYS[2], 'idle_wm', 'away_wm')
+
+local seen, users = {}, {}
+local function collect(flat, step)
+  for i = 1, #flat, step do
+    if not seen[flat[i]] then
+      seen[flat[i]] = true
+      users[#users + 1] = flat[i]
+    end
+  end
+end
+
+local function window(watermark, threshold_ms)
+  local upper = now - threshold_ms
+  local lower = '-inf'
+  if watermark then lower = '(' .. watermark end
+  local hits = redis.call('ZRANGEBYSCORE', KEYS[1], lower, upper, 'WITHSCORES', 'LIMIT', 0, limit)
+  collect(hits, 2)
+  if #hits / 2 >= limit then
+    -- Cut short: sessions sharing the last score may be unread, so stop just below it.
+    return tonumber(hits[#hits]) - 1
+  end
+  return upper
+end
+
+collect(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]), 'LIMIT', 0, limit), 1)
+local away_wm = window(meta[2], tonumber(ARGV[3]))
+local idle_wm = window(meta[1], tonumber(ARGV[2]))
+
+local out = {tostring(idle_wm), tostring(away_wm)}
+for i = 1, #users do out[#out + 1] = users[i] end
+return out

@@ -1,0 +1,145 @@
+"""Domain values (sessions, snapshots) and the validated shapes clients send."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+USER_JOINED = "presence.user_joined"
+USER_LEFT = "presence.user_left"
+USER_ACTIVE = "presence.user_active"
+USER_IDLE = "presence.user_idle"
+USER_AWAY = "presence.user_away"
+CURSOR_MOVED = "presence.cursor_moved"
+EVENT_TYPES = (USER_JOINED, USER_LEFT, USER_ACTIVE, USER_IDLE, USER_AWAY, CURSOR_MOVED)
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
+MOVE_PATH_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,511}$"
+
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+MovePath = Annotated[str, StringConstraints(pattern=MOVE_PATH_PATTERN)]
+
+
+class Status(StrEnum):
+    ACTIVE = "active"
+    IDLE = "idle"
+    AWAY = "away"
+
+
+def iso_from_ms(ms: int) -> str:
+    """ISO-8601 UTC with millisecond precision, e.g. 2026-01-12T08:00:00.123Z."""
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One user's presence in one study."""
+
+    session_id: str
+    user_id: str
+    study_id: str
+    chapter_id: str | None
+    move_path: str | None
+    status: Status
+    last_heartbeat_ms: int
+    joined_at_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "user_id": self.user_id,
+            "study_id": self.study_id,
+            "chapter_id": self.chapter_id,
+            "move_path": self.move_path,
+            "status": self.status.value,
+            "last_heartbeat": iso_from_ms(self.last_heartbeat_ms),
+            "joined_at": iso_from_ms(self.joined_at_ms),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StudyPresence:
+    """Everyone present in a study, and the seq of the last event this view includes."""
+
+    study_id: str
+    sessions: tuple[Session, ...]
+    seq: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "study_id": self.study_id,
+            "users": [s.to_json() for s in self.sessions],
+            "total": len(self.sessions),
+            "seq": self.seq,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CursorUpdate:
+    """The cursor fields a heartbeat sets. A field not set keeps its value; None clears it."""
+
+    chapter_id: str | None = None
+    move_path: str | None = None
+    sets_chapter: bool = False
+    sets_move_path: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Seconds without a heartbeat before each transition."""
+
+    idle_after: float
+    away_after: float
+    expire_after: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.idle_after < self.away_after < self.expire_after:
+            raise ValueError("thresholds must satisfy 0 < idle < away < expire")
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    """What one sweep tick did."""
+
+    studies: int = 0
+    events: int = 0
+    more_due: bool = False
+
+
+class _ClientShape(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def cursor(self) -> CursorUpdate:
+        fields = self.model_fields_set
+        return CursorUpdate(
+            chapter_id=getattr(self, "chapter_id", None),
+            move_path=getattr(self, "move_path", None),
+            sets_chapter="chapter_id" in fields,
+            sets_move_path="move_path" in fields,
+        )
+
+
+class HeartbeatRequest(_ClientShape):
+    """Body of `POST /presence/heartbeat`."""
+
+    study_id: Identifier
+    chapter_id: Identifier | None = None
+    move_path: MovePath | None = None
+
+
+class PingMessage(_ClientShape):
+    type: Literal["ping"]
+
+
+class HeartbeatMessage(_ClientShape):
+    type: Literal["heartbeat"]
+    chapter_id: Identifier | None = None
+    move_path: MovePath | None = None
+
+
+ClientMessage = Annotated[PingMessage | HeartbeatMessage, Field(discriminator="type")]

@@ -1,0 +1,256 @@
+"""PresenceStore on Redis: session hashes, a per-study sorted set, Lua for every state change.
+
+See docs/redis-protocol.md for the keys and fields; `lua/` for each operation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from presence_svc.keys import Keys
+from presence_svc.models import (
+    CursorUpdate,
+    Session,
+    Status,
+    StudyPresence,
+    SweepReport,
+    Thresholds,
+    iso_from_ms,
+)
+from presence_svc.scripts import Scripts
+from presence_svc.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# How long an empty study keeps its seq (so watchers never see it go backwards meanwhile).
+EMPTY_STUDY_TTL_MS = 24 * 3600 * 1000
+SNAPSHOT_ATTEMPTS = 5
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _reachable(
+    method: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Report a lost or timed-out Redis connection as StoreUnavailable."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+
+    return wrapper
+
+
+@dataclass(frozen=True, slots=True)
+class _DueStudy:
+    schedule_key: str
+    study_id: str
+    score: bytes
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _session_from_hash(flat: Sequence[bytes]) -> Session:
+    h = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+    return Session(
+        session_id=h["session_id"],
+        user_id=h["user_id"],
+        study_id=h["study_id"],
+        chapter_id=h.get("chapter_id"),
+        move_path=h.get("move_path"),
+        status=Status(h["status"]),
+        last_heartbeat_ms=int(h["last_heartbeat"]),
+        joined_at_ms=int(h["joined_at"]),
+    )
+
+
+class RedisStore:
+    """The Redis implementation of PresenceStore (works on fakeredis too)."""
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: Keys,
+        thresholds: Thresholds,
+        *,
+        studies_per_sweep: int = 500,
+        sessions_per_window: int = 1000,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._scripts = Scripts.register(redis)
+        self._idle_ms = round(thresholds.idle_after * 1000)
+        self._away_ms = round(thresholds.away_after * 1000)
+        self._expire_ms = round(thresholds.expire_after * 1000)
+        self._studies_per_sweep = studies_per_sweep
+        self._sessions_per_window = sessions_per_window
+
+    @_reachable
+    async def heartbeat(
+        self, user_id: str, study_id: str, cursor: CursorUpdate, now_ms: int
+    ) -> Session:
+        """Record a heartbeat and schedule the study's next sweep; returns the session."""
+        sk = self._keys.study(study_id)
+        # Scheduling must follow the state change: see lua/schedule.lua for the race it closes.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._scripts.heartbeat(
+                keys=[sk.session(user_id), sk.index, sk.meta, sk.channel],
+                args=[
+                    user_id,
+                    study_id,
+                    now_ms,
+                    iso_from_ms(now_ms),
+                    uuid.uuid4().hex,
+                    "1" if cursor.sets_chapter else "0",
+                    cursor.chapter_id or "",
+                    "1" if cursor.sets_move_path else "0",
+                    cursor.move_path or "",
+                ],
+                client=pipe,
+            )
+            await self._scripts.schedule(
+                keys=[self._keys.schedule(study_id)],
+                args=[study_id, now_ms + self._idle_ms, now_ms],
+                client=pipe,
+            )
+            reply, _ = await pipe.execute()
+        session_id, chapter, move, status, beat, joined, _events = reply
+        return Session(
+            session_id=_text(session_id),
+            user_id=user_id,
+            study_id=study_id,
+            chapter_id=_text(chapter) or None,
+            move_path=_text(move) or None,
+            status=Status(_text(status)),
+            last_heartbeat_ms=int(beat),
+            joined_at_ms=int(joined),
+        )
+
+    @_reachable
+    async def leave(self, user_id: str, study_id: str, now_ms: int) -> bool:
+        """End the session and publish user_left; False if there was no session."""
+        sk = self._keys.study(study_id)
+        ended = await self._scripts.leave(
+            keys=[sk.session(user_id), sk.index, sk.meta, sk.channel],
+            args=[user_id, now_ms, iso_from_ms(now_ms), EMPTY_STUDY_TTL_MS],
+        )
+        return bool(ended)
+
+    @_reachable
+    async def presence(self, study_id: str) -> StudyPresence:
+        """Sessions of the study and the seq they reflect, read in one atomic script."""
+        sk = self._keys.study(study_id)
+        members: list[bytes] = await self._redis.zrange(sk.index, 0, -1)
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            users = [_text(m) for m in members]
+            reply = await self._scripts.snapshot(
+                keys=[sk.index, sk.meta, *(sk.session(u) for u in users)], args=users
+            )
+            if reply[0] == 1:
+                sessions = [_session_from_hash(flat) for flat in reply[2:] if flat]
+                sessions.sort(key=lambda s: (s.joined_at_ms, s.user_id))
+                return StudyPresence(study_id, tuple(sessions), int(reply[1]))
+            members = reply[1]
+        raise RuntimeError(f"study {study_id!r} changed membership on every snapshot attempt")
+
+    @_reachable
+    async def sweep(self, now_ms: int) -> SweepReport:
+        """One bounded sweep tick: due studies from the schedule, then scan, apply, reschedule."""
+        due, more = await self._due_studies(now_ms)
+        if not due:
+            return SweepReport()
+        scans = await self._run_each(due, lambda d, pipe: self._scan(d, now_ms, pipe))
+        scanned = [(d, scan) for d, scan in zip(due, scans, strict=True) if scan is not None]
+        applies = await self._run_each(
+            scanned, lambda item, pipe: self._apply(item[0], item[1], now_ms, pipe)
+        )
+        done = [(d, a) for (d, _), a in zip(scanned, applies, strict=True) if a is not None]
+        await self._run_each(done, lambda item, pipe: self._reschedule(item[0], item[1], pipe))
+        events = sum(int(reply[0]) for _, reply in done)
+        return SweepReport(studies=len(due), events=events, more_due=more)
+
+    async def _due_studies(self, now_ms: int) -> tuple[list[_DueStudy], bool]:
+        shards = self._keys.schedule_shards()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.zrangebyscore(
+                    shard,
+                    "-inf",
+                    now_ms,
+                    start=0,
+                    num=self._studies_per_sweep,
+                    withscores=True,
+                    score_cast_func=lambda raw: raw,
+                )
+            replies = await pipe.execute()
+        due: list[_DueStudy] = []
+        more = False
+        for shard, hits in zip(shards, replies, strict=True):
+            more = more or len(hits) >= self._studies_per_sweep
+            due.extend(_DueStudy(shard, _text(study), score) for study, score in hits)
+        return due, more
+
+    def _scan(self, due: _DueStudy, now_ms: int, pipe: Any) -> Any:
+        sk = self._keys.study(due.study_id)
+        return self._scripts.sweep_scan(
+            keys=[sk.index, sk.meta],
+            args=[now_ms, self._idle_ms, self._away_ms, self._expire_ms, self._sessions_per_window],
+            client=pipe,
+        )
+
+    def _apply(self, due: _DueStudy, scan: list[bytes], now_ms: int, pipe: Any) -> Any:
+        sk = self._keys.study(due.study_id)
+        idle_wm, away_wm, *raw_users = scan
+        users = [_text(u) for u in raw_users]
+        return self._scripts.sweep_apply(
+            keys=[sk.index, sk.meta, sk.channel, *(sk.session(u) for u in users)],
+            args=[
+                now_ms,
+                iso_from_ms(now_ms),
+                self._idle_ms,
+                self._away_ms,
+                self._expire_ms,
+                idle_wm,
+                away_wm,
+                EMPTY_STUDY_TTL_MS,
+                *users,
+            ],
+            client=pipe,
+        )
+
+    def _reschedule(self, due: _DueStudy, applied: list[Any], pipe: Any) -> Any:
+        return self._scripts.reschedule(
+            keys=[due.schedule_key], args=[due.study_id, due.score, applied[1]], client=pipe
+        )
+
+    async def _run_each(self, items: Sequence[Any], queue: Any) -> list[Any]:
+        """Pipeline one call per item; a failing item is logged and yields None."""
+        if not items:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for item in items:
+                await queue(item, pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        out: list[Any] = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                log.error("sweep step failed: %s", reply)
+                out.append(None)
+            else:
+                out.append(reply)
+        return out

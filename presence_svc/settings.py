@@ -1,0 +1,87 @@
+"""Node settings: every `PRESENCE_*` variable is read and validated here, once, at start-up."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+# Only the embedded single-node mode may run with this; `presence-svc token` signs with it
+# by default.
+DEV_JWT_SECRET = "presence-svc-dev-secret-not-for-production"
+
+
+class SettingsError(Exception):
+    """A `PRESENCE_*` variable is missing or invalid; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRESENCE_", extra="ignore", frozen=True)
+
+    redis_url: str | None = None
+    jwt_secret: str | None = None
+    idle_after: float = Field(30.0, gt=0)
+    away_after: float = Field(300.0, gt=0)
+    expire_after: float = Field(600.0, gt=0)
+    sweep_interval: float = Field(1.0, gt=0, le=60)
+    key_prefix: str = Field("presence", min_length=1, max_length=64)
+    # Events a socket may have queued before it counts as a slow consumer and is closed.
+    socket_queue_size: int = Field(1024, ge=16, le=1_000_000)
+
+    @field_validator("redis_url", "jwt_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_has_no_hash_tag(cls, value: str) -> str:
+        # Braces would change which part of every key Redis Cluster hashes.
+        if "{" in value or "}" in value or any(c.isspace() for c in value):
+            raise ValueError("must not contain braces or whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _thresholds_rise(self) -> Settings:
+        if not self.idle_after < self.away_after:
+            raise ValueError(
+                f"PRESENCE_IDLE_AFTER ({self.idle_after}) must be less than "
+                f"PRESENCE_AWAY_AFTER ({self.away_after})"
+            )
+        if not self.away_after < self.expire_after:
+            raise ValueError(
+                f"PRESENCE_AWAY_AFTER ({self.away_after}) must be less than "
+                f"PRESENCE_EXPIRE_AFTER ({self.expire_after})"
+            )
+        if self.redis_url is not None and self.jwt_secret is None:
+            raise ValueError(
+                "PRESENCE_JWT_SECRET is required when PRESENCE_REDIS_URL is set; "
+                "only the embedded dev mode has a built-in secret"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis URL is configured: one node on an in-process Redis."""
+        return self.redis_url is None
+
+    @property
+    def effective_jwt_secret(self) -> str:
+        return self.jwt_secret if self.jwt_secret is not None else DEV_JWT_SECRET
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (plus explicit overrides) or raise SettingsError naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(part) for part in err["loc"])
+            name = f"PRESENCE_{loc.upper()}" if loc else ""
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}" if name else message)
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

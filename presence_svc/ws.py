@@ -1,0 +1,174 @@
+"""`WS /ws/presence?study_id=...`: a study's snapshot, then its events, plus client messages.
+
+Close codes (all sent after the handshake, before any study data):
+4400 bad request (study_id missing or invalid), 4401 unauthorized (missing/invalid/expired
+token), 1011 internal error (the node could not subscribe or read presence), 1013 the client
+reads too slowly and its outgoing queue overflowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from presence_svc.auth import AuthError, bearer
+from presence_svc.codec import Outgoing, json_text
+from presence_svc.http import validation_problems
+from presence_svc.models import ID_PATTERN, ClientMessage, HeartbeatMessage, iso_from_ms
+from presence_svc.node import Node
+from presence_svc.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_INTERNAL = 1011
+CLOSE_SLOW_CONSUMER = 1013
+
+_STUDY_ID = re.compile(ID_PATTERN)
+_MESSAGES: TypeAdapter[Any] = TypeAdapter(ClientMessage)
+
+
+def _now_iso() -> str:
+    return iso_from_ms(int(time.time() * 1000))
+
+
+def _error(code: str, message: str, errors: list[dict[str, Any]] | None = None) -> Outgoing:
+    data: dict[str, Any] = {"code": code, "message": message}
+    if errors is not None:
+        data["errors"] = errors
+    return Outgoing(None, json_text({"type": "error", "data": data}))
+
+
+class _Connection:
+    """One socket's outgoing side: a bounded queue drained by a single writer task."""
+
+    def __init__(self, websocket: WebSocket, queue_size: int) -> None:
+        self._ws = websocket
+        self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(queue_size)
+        self._floor = 0  # events with seq <= floor are already in the client's snapshot
+        self._writer: asyncio.Task[None] | None = None
+        self.overflowed = False
+
+    def deliver(self, event: Outgoing) -> None:
+        if self.overflowed:
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            if self._writer is not None:
+                self._writer.cancel()
+
+    def start(self, floor: int) -> None:
+        self._floor = floor
+        self._writer = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                event = await self._queue.get()
+                if event.seq is not None and event.seq <= self._floor:
+                    continue
+                await self._ws.send_text(event.text)
+        except asyncio.CancelledError:
+            if self.overflowed:
+                with contextlib.suppress(Exception):
+                    await self._ws.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            raise
+        except Exception:  # the socket went away; the reader side sees the disconnect
+            return
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+
+async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
+    await websocket.accept()
+    await websocket.close(code, reason)
+
+
+async def presence_socket(websocket: WebSocket) -> None:
+    node: Node = websocket.app.state.node
+    token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+    try:
+        user_id = node.verifier.user_id(token)
+    except AuthError as exc:
+        await _refuse(websocket, CLOSE_UNAUTHORIZED, str(exc))
+        return
+    study_id = websocket.query_params.get("study_id", "")
+    if not _STUDY_ID.match(study_id):
+        await _refuse(websocket, CLOSE_BAD_REQUEST, f"study_id must match {ID_PATTERN}")
+        return
+
+    await websocket.accept()
+    conn = _Connection(websocket, node.settings.socket_queue_size)
+    try:
+        await node.fanout.add(study_id, conn)
+    except Exception as exc:
+        log.error("cannot subscribe to study %s: %s", study_id, exc)
+        await websocket.close(CLOSE_INTERNAL, "cannot subscribe to the study")
+        return
+    try:
+        try:
+            presence = await node.service.presence(study_id)
+        except StoreUnavailable:
+            await websocket.close(CLOSE_INTERNAL, "presence storage is unreachable")
+            return
+        connected = {
+            "connection_id": uuid.uuid4().hex,
+            "user_id": user_id,
+            "study_id": study_id,
+            "timestamp": _now_iso(),
+        }
+        await websocket.send_text(json_text({"type": "connected", "data": connected}))
+        snapshot = json_text({"type": "presence.snapshot", "data": presence.to_json()})
+        await websocket.send_text(snapshot)
+        conn.start(presence.seq)
+        await _read(websocket, node, conn, user_id, study_id)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await conn.stop()
+        await node.fanout.remove(study_id, conn)
+        if websocket.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await websocket.close()
+
+
+async def _read(
+    websocket: WebSocket, node: Node, conn: _Connection, user_id: str, study_id: str
+) -> None:
+    while True:
+        frame = await websocket.receive()
+        if frame["type"] == "websocket.disconnect":
+            return
+        text = frame.get("text")
+        if text is None:
+            conn.deliver(_error("invalid_message", "binary frames are not supported"))
+            continue
+        try:
+            message = _MESSAGES.validate_json(text)
+        except ValidationError as exc:
+            problems = validation_problems(exc)
+            conn.deliver(_error("invalid_message", "message not understood", problems))
+            continue
+        if isinstance(message, HeartbeatMessage):
+            try:
+                await node.service.heartbeat(user_id, study_id, message.cursor())
+            except StoreUnavailable:
+                conn.deliver(_error("unavailable", "presence storage is unreachable"))
+        else:
+            pong = {"type": "pong", "data": {"timestamp": _now_iso()}}
+            conn.deliver(Outgoing(None, json_text(pong)))

@@ -1,0 +1,124 @@
+"""Shared fixtures: Redis for tests (fake or real), unique key prefixes, clocks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from tests.support.processes import RedisServer
+
+HOW_TO_ENABLE = (
+    "no real Redis: set PRESENCE_TEST_REDIS_URL, put redis-server on PATH, "
+    "or make Docker available for testcontainers"
+)
+
+
+def _docker_redis() -> tuple[str, Any] | None:
+    try:
+        from testcontainers.redis import RedisContainer
+
+        container = RedisContainer("redis:7-alpine").start()
+    except Exception:
+        return None
+    host = container.get_container_host_ip()
+    port = container.get_exposed_port(6379)
+    return f"redis://{host}:{port}/0", container
+
+
+@pytest.fixture(scope="session")
+def real_redis_url() -> Iterator[str]:
+    """URL of a real Redis 7 the tests may use (never flushed: tests use unique prefixes)."""
+    configured = os.environ.get("PRESENCE_TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    if shutil.which("redis-server"):
+        server = RedisServer().start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
+        return
+    docker = _docker_redis()
+    if docker is None:
+        pytest.skip(HOW_TO_ENABLE)
+    url, container = docker
+    try:
+        yield url
+    finally:
+        container.stop()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def _delete_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def cleanup_real_redis(real_redis_url: str, key_prefix: str) -> Iterator[str]:
+    """The real Redis URL; keys under this test's prefix are deleted afterwards."""
+    yield real_redis_url
+    _delete_prefix(real_redis_url, key_prefix)
+
+
+@pytest.fixture(params=["fake", "real"])
+async def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Any]:
+    """An asyncio Redis client: fakeredis (with Lua) or a real server."""
+    if request.param == "fake":
+        client: Any = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    else:
+        url: str = request.getfixturevalue("cleanup_real_redis")
+        client = aioredis.Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def fake_redis() -> AsyncIterator[Any]:
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+class FakeClock:
+    """A settable clock (seconds since the epoch) for store and service tests."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @property
+    def ms(self) -> int:
+        return int(self.now * 1000)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()

@@ -1,0 +1,136 @@
+"""Real processes for tests: a private redis-server, and presence-svc nodes on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait(check: object, what: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+class RedisServer:
+    """A throw-away redis-server on a free loopback port; nothing is saved to disk."""
+
+    def __init__(self, binary: str | None = None) -> None:
+        found = binary or shutil.which("redis-server")
+        if found is None:
+            raise FileNotFoundError("redis-server is not on PATH")
+        self.binary = found
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = tempfile.TemporaryDirectory(prefix="presence-redis-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self._proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        try:
+            _wait(client.ping, "redis-server", 10, self._proc)
+        finally:
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._dir.cleanup()
+
+
+class NodeProcess:
+    """`presence-svc serve` as its own process, on a free port."""
+
+    def __init__(self, env: Mapping[str, str], log_dir: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self._env = {**os.environ, **env}
+        self.log_path = log_dir / f"node-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "presence_svc.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            env=self._env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        _wait(self._healthy, f"node on port {self.port}", 20, self._proc)
+        return self
+
+    def _healthy(self) -> bool:
+        return httpx.get(self.base_url + "/readyz", timeout=0.5).status_code == 200
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
