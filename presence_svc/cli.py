@@ -37,6 +37,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     secret = args.secret or os.environ.get("PRESENCE_JWT_SECRET") or DEV_JWT_SECRET
+    if len(secret.encode()) < 32:
+        print("presence-svc: the secret must be at least 32 bytes long", file=sys.stderr)
+        return 2
     try:
         print(issue_token(args.user, secret, args.ttl))
     except ValueError as exc:

@@ -50,7 +50,7 @@ def _user(request: Request) -> str:
 
 def _study_id(request: Request) -> str:
     study_id: str = request.path_params["study_id"]
-    if not _STUDY_ID.match(study_id):
+    if not _STUDY_ID.fullmatch(study_id):
         raise ApiError(
             422,
             "validation_error",
@@ -83,6 +83,13 @@ async def leave(request: Request) -> Response:
     user_id = _user(request)
     await _node(request).service.leave(user_id, _study_id(request))
     return JSONResponse({"status": "success"})
+
+
+async def study_presence(request: Request) -> Response:
+    # One route for both methods, so that a 405 on this path lists all of them in `Allow`.
+    if request.method == "DELETE":
+        return await leave(request)
+    return await get_presence(request)
 
 
 async def healthz(request: Request) -> Response:
@@ -122,8 +129,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
 
 ROUTES = [
     Route("/presence/heartbeat", heartbeat, methods=["POST"]),
-    Route("/presence/{study_id}", get_presence, methods=["GET"]),
-    Route("/presence/{study_id}", leave, methods=["DELETE"]),
+    Route("/presence/{study_id}", study_presence, methods=["GET", "DELETE"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret_is_long_enough(cls, value: str | None) -> str | None:
+        # RFC 7518 3.2: an HS256 key shorter than the hash output weakens the signature.
+        if value is not None and len(value.encode()) < 32:
+            raise ValueError("must be at least 32 bytes long")
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix_has_no_hash_tag(cls, value: str) -> str:

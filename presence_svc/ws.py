@@ -108,7 +108,7 @@ async def presence_socket(websocket: WebSocket) -> None:
         await _refuse(websocket, CLOSE_UNAUTHORIZED, str(exc))
         return
     study_id = websocket.query_params.get("study_id", "")
-    if not _STUDY_ID.match(study_id):
+    if not _STUDY_ID.fullmatch(study_id):
         await _refuse(websocket, CLOSE_BAD_REQUEST, f"study_id must match {ID_PATTERN}")
         return
 

@@ -1,0 +1,298 @@
+"""Several `presence-svc serve` processes on one real Redis, with real WebSocket clients.
+
+Watchers sit on one node, heartbeats arrive through others; every event must reach every
+watcher exactly once, in seq order, within a sweep interval of its due time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from presence_svc.auth import issue_token
+from presence_svc.keys import Keys
+from presence_svc.publisher import StudyEventPublisher
+from tests.conftest import _delete_prefix
+from tests.support.clients import Watcher, rest_heartbeat
+from tests.support.processes import NodeProcess
+
+pytestmark = pytest.mark.multinode
+
+SECRET = "multinode-test-secret-of-at-least-32-bytes"
+IDLE, AWAY, EXPIRE, SWEEP = 0.8, 1.6, 2.4, 0.1
+# Allowed lateness of a sweep transition beyond one interval: process scheduling on a busy
+# 2-core CI machine, not the design, is what this absorbs.
+SLACK = 1.0
+
+
+@pytest.fixture(scope="module")
+def cluster(real_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    prefix = f"test-multinode-{uuid.uuid4().hex[:8]}"
+    env = {
+        "PRESENCE_REDIS_URL": real_redis_url,
+        "PRESENCE_JWT_SECRET": SECRET,
+        "PRESENCE_KEY_PREFIX": prefix,
+        "PRESENCE_IDLE_AFTER": str(IDLE),
+        "PRESENCE_AWAY_AFTER": str(AWAY),
+        "PRESENCE_EXPIRE_AFTER": str(EXPIRE),
+        "PRESENCE_SWEEP_INTERVAL": str(SWEEP),
+    }
+    logs: Path = tmp_path_factory.mktemp("nodes")
+    nodes = [NodeProcess(env, logs) for _ in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes, prefix, real_redis_url
+    finally:
+        for node in nodes:
+            node.stop()
+        for node in nodes:
+            text = node.log_text()
+            assert "Traceback" not in text, text
+        _delete_prefix(real_redis_url, prefix)
+
+
+def token(user: str) -> str:
+    return issue_token(user, SECRET, ttl=600)
+
+
+def study() -> str:
+    return f"study-{uuid.uuid4().hex[:10]}"
+
+
+def when(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["data"]["timestamp"]).timestamp()
+
+
+def assert_seq_run(watcher: Watcher, count: int) -> list[dict[str, Any]]:
+    events = watcher.events()
+    start = watcher.snapshot["seq"]
+    assert [e["data"]["seq"] for e in events] == list(range(start + 1, start + 1 + count))
+    return events
+
+
+async def close_all(*watchers: Watcher) -> None:
+    await asyncio.gather(*(w.close() for w in watchers))
+
+
+async def test_lifecycle_reaches_every_watcher_once_in_order(cluster: Any) -> None:
+    (a, b, c), _, _ = cluster
+    sid = study()
+    watchers = [
+        await Watcher.open(a.ws_url, sid, token("viewer-1")),
+        await Watcher.open(a.ws_url, sid, token("viewer-2")),
+        await Watcher.open(c.ws_url, sid, token("viewer-3")),
+    ]
+    async with httpx.AsyncClient() as http:
+        await rest_heartbeat(
+            http, b.base_url, token("u1"), study_id=sid, chapter_id="ch1", move_path="main.1"
+        )
+        await rest_heartbeat(
+            http,
+            b.base_url,
+            token("u1"),
+            study_id=sid,
+            chapter_id="ch1",
+            move_path="main.12.var2.3",
+        )
+    u2 = await Watcher.open(b.ws_url, sid, token("u2"))
+    await u2.send({"type": "heartbeat", "chapter_id": "ch2"})
+
+    def both_left(w: Watcher) -> bool:
+        return sum(e["type"] == "presence.user_left" for e in w.events()) == 2
+
+    for watcher in watchers:
+        await watcher.wait_until(both_left, within=EXPIRE + 10, what="two user_left")
+    await asyncio.sleep(3 * SWEEP)  # anything duplicated would have arrived by now
+
+    reference = assert_seq_run(watchers[0], 9)
+    for watcher in watchers[1:]:
+        assert watcher.raw == watchers[0].raw
+    by_user: dict[str, list[str]] = {}
+    for event in reference:
+        by_user.setdefault(event["data"]["user_id"], []).append(event["type"])
+    assert by_user == {
+        "u1": [
+            "presence.user_joined",
+            "presence.cursor_moved",
+            "presence.user_idle",
+            "presence.user_away",
+            "presence.user_left",
+        ],
+        "u2": [
+            "presence.user_joined",
+            "presence.user_idle",
+            "presence.user_away",
+            "presence.user_left",
+        ],
+    }
+    for user in ("u1", "u2"):
+        events = [e for e in reference if e["data"]["user_id"] == user]
+        last_beat = when(events[1] if user == "u1" else events[0])
+        due = {"presence.user_idle": IDLE, "presence.user_away": AWAY, "presence.user_left": EXPIRE}
+        for event in events:
+            if event["type"] in due:
+                lateness = when(event) - last_beat - due[event["type"]]
+                assert -0.01 <= lateness <= SWEEP + SLACK, (event, lateness)
+    assert reference[-1]["data"]["status"] == "away"
+    await close_all(*watchers, u2)
+
+
+async def test_heartbeat_on_another_node_makes_an_idle_user_active(cluster: Any) -> None:
+    (a, b, c), _, _ = cluster
+    sid = study()
+    watcher = await Watcher.open(a.ws_url, sid, token("viewer"))
+    async with httpx.AsyncClient() as http:
+        await rest_heartbeat(http, b.base_url, token("u1"), study_id=sid)
+        await watcher.wait_until(
+            lambda w: any(e["type"] == "presence.user_idle" for e in w.events()), what="idle"
+        )
+        session = await rest_heartbeat(http, c.base_url, token("u1"), study_id=sid)
+        assert session["status"] == "active"
+        await watcher.wait_until(lambda w: len(w.events()) == 3, what="user_active")
+        response = await http.delete(
+            f"{a.base_url}/presence/{sid}", headers={"Authorization": f"Bearer {token('u1')}"}
+        )
+        assert response.json() == {"status": "success"}
+        await watcher.wait_until(lambda w: len(w.events()) == 4, what="user_left")
+        listing = await http.get(
+            f"{c.base_url}/presence/{sid}", headers={"Authorization": f"Bearer {token('x')}"}
+        )
+    await asyncio.sleep(IDLE + 3 * SWEEP)  # a left user must not turn idle or leave again
+    types = [e["type"] for e in assert_seq_run(watcher, 4)]
+    assert types == [
+        "presence.user_joined",
+        "presence.user_idle",
+        "presence.user_active",
+        "presence.user_left",
+    ]
+    assert listing.json() == {
+        "study_id": sid,
+        "users": [],
+        "total": 0,
+        "seq": watcher.snapshot["seq"] + 4,
+    }
+    await watcher.close()
+
+
+async def test_concurrent_heartbeats_through_two_nodes(cluster: Any) -> None:
+    (a, b, c), _, _ = cluster
+    sid = study()
+    watchers = [
+        await Watcher.open(a.ws_url, sid, token("viewer-a")),
+        await Watcher.open(c.ws_url, sid, token("viewer-c")),
+    ]
+    users = [f"user-{n}" for n in range(12)]
+    rounds = 4
+    async with httpx.AsyncClient() as http:
+        for step in range(rounds):
+            await asyncio.gather(
+                *(
+                    rest_heartbeat(
+                        http,
+                        (b if (n + step) % 2 else c).base_url,
+                        token(user),
+                        study_id=sid,
+                        chapter_id="ch1",
+                        move_path=f"main.{step + 1}",
+                    )
+                    for n, user in enumerate(users)
+                )
+            )
+        total = len(users) * rounds
+        for watcher in watchers:
+            await watcher.wait_until(lambda w: len(w.events()) >= total, what=f"{total} events")
+        listing = (
+            await http.get(
+                f"{b.base_url}/presence/{sid}", headers={"Authorization": f"Bearer {token('x')}"}
+            )
+        ).json()
+        await asyncio.gather(
+            *(
+                http.delete(
+                    f"{c.base_url}/presence/{sid}", headers={"Authorization": f"Bearer {token(u)}"}
+                )
+                for u in users
+            )
+        )
+        for watcher in watchers:
+            await watcher.wait_until(
+                lambda w: len(w.events()) >= total + len(users), what="user_left of everyone"
+            )
+    await asyncio.sleep(3 * SWEEP)
+    events = assert_seq_run(watchers[0], total + len(users))
+    assert watchers[1].raw == watchers[0].raw
+    for user in users:
+        mine = [(e["type"], e["data"]["move_path"]) for e in events if e["data"]["user_id"] == user]
+        assert mine == [
+            ("presence.user_joined", "main.1"),
+            ("presence.cursor_moved", "main.2"),
+            ("presence.cursor_moved", "main.3"),
+            ("presence.cursor_moved", "main.4"),
+            ("presence.user_left", "main.4"),
+        ]
+    assert listing["total"] == len(users)
+    assert listing["seq"] == watchers[0].snapshot["seq"] + total
+    assert {u["user_id"] for u in listing["users"]} == set(users)
+    await close_all(*watchers)
+
+
+async def test_backend_events_are_relayed_unchanged_by_every_node(cluster: Any) -> None:
+    (a, _, c), prefix, url = cluster
+    sid = study()
+    watchers = [
+        await Watcher.open(a.ws_url, sid, token("viewer-a")),
+        await Watcher.open(c.ws_url, sid, token("viewer-c")),
+    ]
+    client = redis.Redis.from_url(url)
+    try:
+        data = {"chapter_id": "ch1", "name": "Najdorf", "moves": [1, 2, 3], "seq": 99}
+        receivers = StudyEventPublisher(client, key_prefix=prefix).publish(
+            sid, "study.chapter_renamed", data
+        )
+    finally:
+        client.close()
+    assert receivers == 2
+    for watcher in watchers:
+        await watcher.wait_until(lambda w: len(w.messages) == 1, what="relayed event")
+        assert watcher.messages == [{"type": "study.chapter_renamed", "data": data}]
+    await close_all(*watchers)
+
+
+async def test_nodes_hold_a_study_subscription_only_while_they_have_its_sockets(
+    cluster: Any,
+) -> None:
+    (a, b, _), prefix, url = cluster
+    sid = study()
+    channel = Keys(prefix).channel(sid)
+    client = redis.Redis.from_url(url)
+
+    def subscribers() -> int:
+        count: int = client.pubsub_numsub(channel)[0][1]
+        return count
+
+    try:
+        assert subscribers() == 0
+        first = await Watcher.open(a.ws_url, sid, token("v1"))
+        second = await Watcher.open(a.ws_url, sid, token("v2"))
+        third = await Watcher.open(b.ws_url, sid, token("v3"))
+        assert subscribers() == 2  # one subscription per node, not per socket
+        await close_all(first, third)
+        await asyncio.sleep(0.3)
+        assert subscribers() == 1
+        await second.close()
+        for _ in range(50):
+            if subscribers() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert subscribers() == 0
+    finally:
+        client.close()
