@@ -19,7 +19,7 @@ class AuthError(Exception):
 
 def issue_token(user_id: str, secret: str, ttl: float = 3600.0) -> str:
     """A signed token for `user_id`, valid for `ttl` seconds."""
-    if not _USER_ID.match(user_id):
+    if not _USER_ID.fullmatch(user_id):
         raise ValueError(f"user id {user_id!r} does not match {ID_PATTERN}")
     now = int(time.time())
     claims = {"sub": user_id, "iat": now, "exp": now + max(1, round(ttl))}
@@ -46,7 +46,7 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"invalid token: {exc}") from None
         subject = claims["sub"]
-        if not isinstance(subject, str) or not _USER_ID.match(subject):
+        if not isinstance(subject, str) or not _USER_ID.fullmatch(subject):
             raise AuthError("token subject is not a valid user id")
         return subject
 

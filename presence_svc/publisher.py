@@ -27,7 +27,7 @@ _STUDY_ID = re.compile(ID_PATTERN)
 
 def study_event(study_id: str, event_type: str, data: dict[str, Any]) -> bytes:
     """The envelope bytes for one event, after checking what nodes would refuse to relay."""
-    if not _STUDY_ID.match(study_id):
+    if not _STUDY_ID.fullmatch(study_id):
         raise ValueError(f"study_id {study_id!r} does not match {ID_PATTERN}")
     if not event_type or event_type.startswith(PRESENCE_PREFIX):
         raise ValueError(f"event type must be non-empty and outside {PRESENCE_PREFIX!r}")

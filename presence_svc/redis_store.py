@@ -80,7 +80,12 @@ def _session_from_hash(flat: Sequence[bytes]) -> Session:
 
 
 class RedisStore:
-    """The Redis implementation of PresenceStore (works on fakeredis too)."""
+    """The Redis implementation of PresenceStore (works on fakeredis too).
+
+    `studies_per_sweep` bounds the studies taken from each schedule shard per tick and
+    `sessions_per_window` the sessions read per threshold window of a study; a tick cut by
+    either reports `more_due` so the sweeper goes on at once.
+    """
 
     def __init__(
         self,
@@ -166,7 +171,7 @@ class RedisStore:
                 sessions.sort(key=lambda s: (s.joined_at_ms, s.user_id))
                 return StudyPresence(study_id, tuple(sessions), int(reply[1]))
             members = reply[1]
-        raise RuntimeError(f"study {study_id!r} changed membership on every snapshot attempt")
+        raise StoreUnavailable(f"study {study_id!r} changed membership on every snapshot attempt")
 
     @_reachable
     async def sweep(self, now_ms: int) -> SweepReport:
@@ -182,6 +187,8 @@ class RedisStore:
         done = [(d, a) for (d, _), a in zip(scanned, applies, strict=True) if a is not None]
         await self._run_each(done, lambda item, pipe: self._reschedule(item[0], item[1], pipe))
         events = sum(int(reply[0]) for _, reply in done)
+        # A study whose scan was cut by sessions_per_window is already due again.
+        more = more or any(reply[1] and int(_text(reply[1])) <= now_ms for _, reply in done)
         return SweepReport(studies=len(due), events=events, more_due=more)
 
     async def _due_studies(self, now_ms: int) -> tuple[list[_DueStudy], bool]:

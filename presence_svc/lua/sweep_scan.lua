@@ -27,8 +27,11 @@ local function window(watermark, threshold_ms)
   local hits = redis.call('ZRANGEBYSCORE', KEYS[1], lower, upper, 'WITHSCORES', 'LIMIT', 0, limit)
   collect(hits, 2)
   if #hits / 2 >= limit then
-    -- Cut short: sessions sharing the last score may be unread, so stop just below it.
-    return tonumber(hits[#hits]) - 1
+    -- Cut short: sessions sharing the last score may be unread, so read them all and stop at
+    -- it (stopping below it would never progress if `limit` sessions share that score).
+    local last = hits[#hits]
+    collect(redis.call('ZRANGEBYSCORE', KEYS[1], last, last), 1)
+    return tonumber(last)
   end
   return upper
 end
