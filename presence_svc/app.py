@@ -44,6 +44,21 @@ def build_node(settings: Settings, redis: Any) -> Node:
     )
 
 
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the node's background tasks and wait for them to end.
+
+    A cancel can be lost: on Python 3.11, `asyncio.wait_for` (which redis-py uses for every
+    socket write) swallows it when the inner call finishes in the same loop step, and the task
+    then runs on. So the cancel is repeated until every task has ended.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def create_app(settings: Settings, redis: Any = None) -> Starlette:
     """The node's ASGI app. Without `redis`, it connects as `settings` say at start-up."""
 
@@ -60,9 +75,7 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _stop(tasks)
             await node.fanout.close()
             if redis is None:
                 await client.aclose()
