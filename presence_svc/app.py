@@ -12,36 +12,51 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
 from presence_svc.auth import TokenVerifier
+from presence_svc.codec import Outgoing
 from presence_svc.fanout import Fanout
 from presence_svc.http import EXCEPTION_HANDLERS, ROUTES
 from presence_svc.keys import Keys
+from presence_svc.leases import LeaseKeeper
 from presence_svc.models import Thresholds
 from presence_svc.node import Node
-from presence_svc.redis_client import connect
+from presence_svc.redis_client import RedisClients, connect
 from presence_svc.redis_store import RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
 from presence_svc.sweeper import Sweeper
-from presence_svc.ws import presence_socket
+from presence_svc.ws import presence_socket, snapshot_message
 
 log = logging.getLogger(__name__)
 
+RELEASE_TIMEOUT = 5.0
 
-def build_node(settings: Settings, redis: Any) -> Node:
-    """Wire a node's parts around an open Redis client."""
+
+def build_node(settings: Settings, clients: RedisClients) -> Node:
+    """Wire a node's parts around open Redis clients."""
     keys = Keys(settings.key_prefix)
     thresholds = Thresholds(settings.idle_after, settings.away_after, settings.expire_after)
-    service = PresenceService(RedisStore(redis, keys, thresholds))
+    service = PresenceService(
+        RedisStore(clients.commands, keys, thresholds),
+        leave_grace=settings.leave_grace,
+        lease_ttl=settings.lease_ttl,
+    )
     if settings.jwt_secret is None:
         log.warning("using the built-in DEV JWT secret: anyone can mint tokens for this node")
-    return Node(
+    node: Node
+
+    async def resync(study_id: str) -> Outgoing:
+        return await snapshot_message(node, study_id)
+
+    node = Node(
         settings=settings,
-        redis=redis,
+        redis=clients.commands,
         service=service,
-        fanout=Fanout(redis, keys),
+        fanout=Fanout(clients.pubsub, keys, resync),
         sweeper=Sweeper(service, settings.sweep_interval),
+        leases=LeaseKeeper(service, settings.lease_ttl),
         verifier=TokenVerifier(settings.effective_jwt_secret),
     )
+    return node
 
 
 async def _stop(tasks: list[asyncio.Task[None]]) -> None:
@@ -64,21 +79,29 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = redis if redis is not None else await connect(settings)
-        node = build_node(settings, client)
+        clients = RedisClients(redis, redis) if redis is not None else await connect(settings)
+        node = build_node(settings, clients)
         app.state.node = node
+        await node.leases.start()
         tasks = [
             asyncio.create_task(node.fanout.run(), name="fanout"),
             asyncio.create_task(node.sweeper.run(), name="sweeper"),
+            asyncio.create_task(node.leases.run(), name="leases"),
         ]
-        log.info("node ready (key prefix %r)", settings.key_prefix)
+        log.info("node %s ready (key prefix %r)", node.leases.node_id, settings.key_prefix)
         try:
             yield
         finally:
+            node.draining = True
+            # By now the server has closed every socket (1012) and their leases are released.
+            try:
+                await asyncio.wait_for(node.leases.shutdown(), RELEASE_TIMEOUT)
+            except Exception as exc:
+                log.error("releasing leases at shutdown failed (peers will reap them): %s", exc)
             await _stop(tasks)
             await node.fanout.close()
             if redis is None:
-                await client.aclose()
+                await clients.aclose()
 
     return Starlette(
         routes=[*ROUTES, WebSocketRoute("/ws/presence", presence_socket)],

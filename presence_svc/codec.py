@@ -23,10 +23,14 @@ class EnvelopeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One event ready to send: its study seq (None for non-presence events) and JSON text."""
+    """One message ready to send: its study seq (None for non-presence events) and JSON text.
+
+    A snapshot carries `floor`, the seq it reflects: queued events at or below it are stale.
+    """
 
     seq: int | None
     text: str
+    floor: int | None = None
 
 
 def encode_envelope(event_type: str, data: dict[str, Any], ts_ms: int | None = None) -> bytes:

@@ -97,9 +97,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    if await _node(request).redis_ready():
-        return JSONResponse({"status": "ready"})
-    return JSONResponse({"status": "not ready", "redis": "unreachable"}, status_code=503)
+    report = await _node(request).readiness()
+    return JSONResponse(report, status_code=200 if report["status"] == "ready" else 503)
 
 
 def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> Response:

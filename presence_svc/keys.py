@@ -19,12 +19,17 @@ class StudyKeys:
     """The keys and channel of one study."""
 
     index: str  # sorted set: user_id -> last heartbeat (ms)
-    meta: str  # hash: seq, idle_wm, away_wm
+    meta: str  # hash: seq, idle_wm, away_wm, expire_wm
     channel: str  # pub/sub channel of the study's events
+    leaving: str  # sorted set: user_id -> when its unheld session leaves (ms)
     session_prefix: str  # + user_id = session hash
+    conns_prefix: str  # + user_id = set of connection ids holding the session
 
     def session(self, user_id: str) -> str:
         return self.session_prefix + user_id
+
+    def conns(self, user_id: str) -> str:
+        return self.conns_prefix + user_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +42,27 @@ class Keys:
             index=base + "index",
             meta=base + "meta",
             channel=base + "events",
+            leaving=base + "leaving",
             session_prefix=base + "session:",
+            conns_prefix=base + "conns:",
         )
 
     def channel(self, study_id: str) -> str:
         return f"{self.prefix}:{{{study_id}}}:events"
+
+    @property
+    def live_nodes(self) -> str:
+        """Sorted set: node_id -> last renewal (ms)."""
+        return f"{self.prefix}:{{nodes}}:alive"
+
+    @property
+    def dead_nodes(self) -> str:
+        """Sorted set: node_id -> when its cleanup was claimed (ms)."""
+        return f"{self.prefix}:{{nodes}}:dead"
+
+    def node_leases(self, node_id: str) -> str:
+        """Set of the node's leases, each `<study_id> <user_id> <connection_id>`."""
+        return f"{self.prefix}:{{node:{node_id}}}:leases"
 
     def schedule(self, study_id: str) -> str:
         """The schedule shard (sorted set: study_id -> next due ms) that holds this study."""

@@ -90,6 +90,23 @@ class CursorUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class Holder:
+    """A WebSocket connection that keeps a session present while it is open."""
+
+    node_id: str
+    connection_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A holder's hold on one (user, study) session."""
+
+    study_id: str
+    user_id: str
+    holder: Holder
+
+
+@dataclass(frozen=True, slots=True)
 class Thresholds:
     """Seconds without a heartbeat before each transition."""
 

@@ -1,4 +1,4 @@
-"""What one running node holds: its settings, Redis client, service and fan-out."""
+"""What one running node holds: its settings, Redis clients, service, fan-out and leases."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from presence_svc.auth import TokenVerifier
 from presence_svc.fanout import Fanout
+from presence_svc.leases import LeaseKeeper
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
 from presence_svc.sweeper import Sweeper
@@ -20,7 +21,13 @@ class Node:
     service: PresenceService
     fanout: Fanout
     sweeper: Sweeper
+    leases: LeaseKeeper
     verifier: TokenVerifier
+    draining: bool = False
+    slow_consumers: int = 0  # sockets closed because they fell behind
+
+    def count_slow_consumer(self) -> None:
+        self.slow_consumers += 1
 
     async def redis_ready(self) -> bool:
         """True if Redis answers a PING within a second."""
@@ -28,3 +35,14 @@ class Node:
             return bool(await asyncio.wait_for(self.redis.ping(), 1.0))
         except Exception:
             return False
+
+    async def readiness(self) -> dict[str, Any]:
+        """What /readyz reports; `ready` only if every check passes."""
+        redis_ok = await self.redis_ready()
+        checks = {
+            "redis": "ok" if redis_ok else "unreachable",
+            "pubsub": "ok" if self.fanout.connected else "reconnecting",
+            "draining": self.draining,
+        }
+        ready = redis_ok and self.fanout.connected and not self.draining
+        return {"status": "ready" if ready else "not ready", **checks}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -29,26 +32,52 @@ def embedded_redis() -> Any:
     return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
 
 
-async def connect(settings: Settings) -> Any:
-    """A connected client for `settings`, retrying a real server with capped backoff."""
+@dataclass(frozen=True, slots=True)
+class RedisClients:
+    """The node's two clients: one for commands, one for its pub/sub connection.
+
+    The pub/sub client never reconnects on its own: redis-py would resubscribe silently and
+    the node would not know that events were lost meanwhile (fanout.py reconnects and resyncs).
+    """
+
+    commands: Any
+    pubsub: Any
+
+    async def aclose(self) -> None:
+        await self.commands.aclose()
+        if self.pubsub is not self.commands:
+            await self.pubsub.aclose()
+
+
+async def connect(settings: Settings) -> RedisClients:
+    """Connected clients for `settings`, retrying a real server with capped backoff."""
     if settings.redis_url is None:
         log.warning(
             "SINGLE-NODE DEV MODE: embedded in-process Redis (PRESENCE_REDIS_URL is unset); "
             "state is lost on exit and no other node can share it"
         )
-        return embedded_redis()
+        embedded = embedded_redis()
+        return RedisClients(embedded, embedded)
+    # One quick retry, so a request fails over to 503 in well under a second when Redis is down.
     client = Redis.from_url(
         settings.redis_url,
-        socket_connect_timeout=5,
-        socket_timeout=10,
+        socket_connect_timeout=2,
+        socket_timeout=5,
         socket_keepalive=True,
         health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
     )
     delay = 0.2
     for attempt in range(1, CONNECT_ATTEMPTS + 1):
         try:
             await client.ping()
-            return client
+            pubsub = Redis.from_url(
+                settings.redis_url,
+                socket_connect_timeout=2,
+                socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0),
+            )
+            return RedisClients(client, pubsub)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             if attempt == CONNECT_ATTEMPTS:
                 await client.aclose()

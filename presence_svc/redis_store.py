@@ -18,6 +18,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from presence_svc.keys import Keys
 from presence_svc.models import (
     CursorUpdate,
+    Holder,
+    Lease,
     Session,
     Status,
     StudyPresence,
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 # How long an empty study keeps its seq (so watchers never see it go backwards meanwhile).
 EMPTY_STUDY_TTL_MS = 24 * 3600 * 1000
 SNAPSHOT_ATTEMPTS = 5
+# Dead-node cleanup: nodes claimed per call, leases released per round trip, and how long a
+# claimed cleanup may stay unfinished before another node takes it over.
+REAP_NODES = 10
+REAP_BATCH = 500
+REAP_RETRY_MS = 30_000
 
 
 P = ParamSpec("P")
@@ -59,6 +66,20 @@ class _DueStudy:
     schedule_key: str
     study_id: str
     score: bytes
+
+
+def _lease(study_id: str, user_id: str, holder: Holder) -> str:
+    # Ids never contain spaces (models.ID_PATTERN), so a space separates them unambiguously.
+    return f"{study_id} {user_id} {holder.connection_id}"
+
+
+def _parse_lease(node_id: str, raw: bytes) -> Lease | None:
+    parts = _text(raw).split(" ")
+    if len(parts) != 3:
+        log.error("ignoring malformed lease %r of node %s", raw, node_id)
+        return None
+    study_id, user_id, connection_id = parts
+    return Lease(study_id, user_id, Holder(node_id, connection_id))
 
 
 def _text(value: bytes | str) -> str:
@@ -107,14 +128,29 @@ class RedisStore:
 
     @_reachable
     async def heartbeat(
-        self, user_id: str, study_id: str, cursor: CursorUpdate, now_ms: int
+        self,
+        user_id: str,
+        study_id: str,
+        cursor: CursorUpdate,
+        now_ms: int,
+        holder: Holder | None = None,
     ) -> Session:
-        """Record a heartbeat and schedule the study's next sweep; returns the session."""
+        """Record a heartbeat (held by `holder`, if given) and schedule the study's next sweep."""
         sk = self._keys.study(study_id)
-        # Scheduling must follow the state change: see lua/schedule.lua for the race it closes.
         async with self._redis.pipeline(transaction=False) as pipe:
+            if holder is not None:
+                # Listed before it holds anything, so a node dying in between leaves no ghost.
+                pipe.sadd(self._keys.node_leases(holder.node_id), _lease(study_id, user_id, holder))
+            # Scheduling must follow the state change: lua/schedule.lua has the race it closes.
             await self._scripts.heartbeat(
-                keys=[sk.session(user_id), sk.index, sk.meta, sk.channel],
+                keys=[
+                    sk.session(user_id),
+                    sk.index,
+                    sk.meta,
+                    sk.channel,
+                    sk.conns(user_id),
+                    sk.leaving,
+                ],
                 args=[
                     user_id,
                     study_id,
@@ -125,16 +161,13 @@ class RedisStore:
                     cursor.chapter_id or "",
                     "1" if cursor.sets_move_path else "0",
                     cursor.move_path or "",
+                    holder.connection_id if holder is not None else "",
                 ],
                 client=pipe,
             )
-            await self._scripts.schedule(
-                keys=[self._keys.schedule(study_id)],
-                args=[study_id, now_ms + self._idle_ms, now_ms],
-                client=pipe,
-            )
-            reply, _ = await pipe.execute()
-        session_id, chapter, move, status, beat, joined, _events = reply
+            await self._schedule(study_id, now_ms + self._idle_ms, now_ms, pipe)
+            replies = await pipe.execute()
+        session_id, chapter, move, status, beat, joined, _events = replies[-2]
         return Session(
             session_id=_text(session_id),
             user_id=user_id,
@@ -151,10 +184,102 @@ class RedisStore:
         """End the session and publish user_left; False if there was no session."""
         sk = self._keys.study(study_id)
         ended = await self._scripts.leave(
-            keys=[sk.session(user_id), sk.index, sk.meta, sk.channel],
+            keys=[
+                sk.session(user_id),
+                sk.index,
+                sk.meta,
+                sk.channel,
+                sk.conns(user_id),
+                sk.leaving,
+            ],
             args=[user_id, now_ms, iso_from_ms(now_ms), EMPTY_STUDY_TTL_MS],
         )
         return bool(ended)
+
+    @_reachable
+    async def release(self, leases: Sequence[Lease], leave_at_ms: int, now_ms: int) -> int:
+        """Connections stop holding sessions; unheld sessions leave at `leave_at_ms`.
+
+        Returns how many sessions now have a pending leave.
+        """
+        if not leases:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                sk = self._keys.study(lease.study_id)
+                await self._scripts.release(
+                    keys=[sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
+                    args=[lease.user_id, lease.holder.connection_id, leave_at_ms],
+                    client=pipe,
+                )
+                await self._schedule(lease.study_id, leave_at_ms, now_ms, pipe)
+                pipe.srem(
+                    self._keys.node_leases(lease.holder.node_id),
+                    _lease(lease.study_id, lease.user_id, lease.holder),
+                )
+            replies = await pipe.execute()
+        return sum(int(reply) for reply in replies[0::3])
+
+    @_reachable
+    async def renew_node(self, node_id: str, now_ms: int) -> bool:
+        """Prove the node alive (renewing all its leases); False if it had been declared dead."""
+        renewed = await self._scripts.renew_node(
+            keys=[self._keys.live_nodes, self._keys.dead_nodes], args=[node_id, now_ms]
+        )
+        return bool(renewed)
+
+    @_reachable
+    async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
+        """Hold sessions again after the node was declared dead; False where one has ended."""
+        if not leases:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                sk = self._keys.study(lease.study_id)
+                pipe.sadd(
+                    self._keys.node_leases(lease.holder.node_id),
+                    _lease(lease.study_id, lease.user_id, lease.holder),
+                )
+                await self._scripts.acquire(
+                    keys=[sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
+                    args=[lease.user_id, lease.holder.connection_id],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return [bool(reply) for reply in replies[1::2]]
+
+    @_reachable
+    async def drop_node(self, node_id: str) -> None:
+        """Forget a node that stopped cleanly (after releasing its leases)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self._keys.live_nodes, node_id)
+            pipe.delete(self._keys.node_leases(node_id))
+            await pipe.execute()
+
+    @_reachable
+    async def reap_dead_nodes(self, now_ms: int, lease_ttl_ms: int, grace_ms: int) -> int:
+        """Release the leases of nodes silent for `lease_ttl_ms`; returns leases released.
+
+        Their sessions leave `grace_ms` after the lease ran out unless their users reconnect.
+        A cleanup interrupted by the death of its own node is taken over after a while.
+        """
+        claimed = await self._scripts.claim_dead_nodes(
+            keys=[self._keys.live_nodes, self._keys.dead_nodes],
+            args=[now_ms, lease_ttl_ms, REAP_RETRY_MS, REAP_NODES],
+        )
+        released = 0
+        for i in range(0, len(claimed), 2):
+            node_id, last_seen = _text(claimed[i]), int(float(_text(claimed[i + 1])))
+            leave_at = max(last_seen + lease_ttl_ms, now_ms - grace_ms) + grace_ms
+            key = self._keys.node_leases(node_id)
+            # Read, release, then remove: a reaper dying midway leaves the rest for the next.
+            while batch := await self._redis.srandmember(key, REAP_BATCH):
+                leases = [_parse_lease(node_id, raw) for raw in batch]
+                await self.release([lease for lease in leases if lease], leave_at, now_ms)
+                await self._redis.srem(key, *batch)
+                released += len(batch)
+            await self._redis.zrem(self._keys.dead_nodes, node_id)
+        return released
 
     @_reachable
     async def presence(self, study_id: str) -> StudyPresence:
@@ -215,17 +340,18 @@ class RedisStore:
     def _scan(self, due: _DueStudy, now_ms: int, pipe: Any) -> Any:
         sk = self._keys.study(due.study_id)
         return self._scripts.sweep_scan(
-            keys=[sk.index, sk.meta],
+            keys=[sk.index, sk.meta, sk.leaving],
             args=[now_ms, self._idle_ms, self._away_ms, self._expire_ms, self._sessions_per_window],
             client=pipe,
         )
 
     def _apply(self, due: _DueStudy, scan: list[bytes], now_ms: int, pipe: Any) -> Any:
         sk = self._keys.study(due.study_id)
-        idle_wm, away_wm, *raw_users = scan
+        idle_wm, away_wm, expire_wm, *raw_users = scan
         users = [_text(u) for u in raw_users]
+        per_user = [key for u in users for key in (sk.session(u), sk.conns(u))]
         return self._scripts.sweep_apply(
-            keys=[sk.index, sk.meta, sk.channel, *(sk.session(u) for u in users)],
+            keys=[sk.index, sk.meta, sk.channel, sk.leaving, *per_user],
             args=[
                 now_ms,
                 iso_from_ms(now_ms),
@@ -234,10 +360,16 @@ class RedisStore:
                 self._expire_ms,
                 idle_wm,
                 away_wm,
+                expire_wm,
                 EMPTY_STUDY_TTL_MS,
                 *users,
             ],
             client=pipe,
+        )
+
+    async def _schedule(self, study_id: str, due_ms: int, now_ms: int, pipe: Any) -> None:
+        await self._scripts.schedule(
+            keys=[self._keys.schedule(study_id)], args=[study_id, due_ms, now_ms], client=pipe
         )
 
     def _reschedule(self, due: _DueStudy, applied: list[Any], pipe: Any) -> Any:

@@ -24,6 +24,10 @@ class Scripts:
     sweep_apply: AsyncScript
     schedule: AsyncScript
     reschedule: AsyncScript
+    release: AsyncScript
+    acquire: AsyncScript
+    renew_node: AsyncScript
+    claim_dead_nodes: AsyncScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:

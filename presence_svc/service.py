@@ -7,33 +7,68 @@ PresenceStore contract.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from presence_svc.models import CursorUpdate, Session, StudyPresence, SweepReport
+from presence_svc.models import CursorUpdate, Holder, Lease, Session, StudyPresence, SweepReport
 from presence_svc.store import PresenceStore
 
 Clock = Callable[[], float]
 
 
 class PresenceService:
-    def __init__(self, store: PresenceStore, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        store: PresenceStore,
+        clock: Clock = time.time,
+        *,
+        leave_grace: float = 10.0,
+        lease_ttl: float = 5.0,
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._grace_ms = round(leave_grace * 1000)
+        self._lease_ttl_ms = round(lease_ttl * 1000)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
     async def heartbeat(
-        self, user_id: str, study_id: str, cursor: CursorUpdate | None = None
+        self,
+        user_id: str,
+        study_id: str,
+        cursor: CursorUpdate | None = None,
+        holder: Holder | None = None,
     ) -> Session:
         """Mark the user present and active in the study, moving the cursor if given.
 
         Publishes user_joined for a new session, user_active if it was idle or away, and
-        cursor_moved if the chapter or move path changed.
+        cursor_moved if the chapter or move path changed. With a `holder` (a WebSocket
+        connection) the session stays present while that connection is open.
         """
         return await self._store.heartbeat(
-            user_id, study_id, cursor or CursorUpdate(), self._now_ms()
+            user_id, study_id, cursor or CursorUpdate(), self._now_ms(), holder
         )
+
+    async def release(self, leases: Sequence[Lease]) -> int:
+        """Connections closed: sessions no connection holds leave after the grace period."""
+        now = self._now_ms()
+        return await self._store.release(leases, now + self._grace_ms, now)
+
+    async def renew_node(self, node_id: str) -> bool:
+        """Prove this node alive; False if it had been declared dead meanwhile."""
+        return await self._store.renew_node(node_id, self._now_ms())
+
+    async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
+        """Hold sessions again after being declared dead by mistake."""
+        return await self._store.reacquire(leases)
+
+    async def drop_node(self, node_id: str) -> None:
+        """Deregister this node at a clean shutdown."""
+        await self._store.drop_node(node_id)
+
+    async def reap_dead_nodes(self) -> int:
+        """Release the leases of nodes silent for the lease TTL (their users leave after grace)."""
+        return await self._store.reap_dead_nodes(self._now_ms(), self._lease_ttl_ms, self._grace_ms)
 
     async def leave(self, user_id: str, study_id: str) -> bool:
         """End the user's session in the study (publishing user_left); idempotent."""

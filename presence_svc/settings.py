@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     expire_after: float = Field(600.0, gt=0)
     sweep_interval: float = Field(1.0, gt=0, le=60)
     key_prefix: str = Field("presence", min_length=1, max_length=64)
+    # After a user's last WebSocket closes, how long before user_left (a reconnect cancels it).
+    leave_grace: float = Field(10.0, ge=0, le=3600)
+    # A node silent this long is dead: its sockets' sessions then leave after leave_grace.
+    lease_ttl: float = Field(5.0, ge=0.5, le=300)
+    # On SIGTERM: how long the node may take to close its sockets and release its leases.
+    drain_timeout: float = Field(10.0, gt=0, le=600)
     # Events a socket may have queued before it counts as a slow consumer and is closed.
     socket_queue_size: int = Field(1024, ge=16, le=1_000_000)
 

@@ -5,7 +5,15 @@ Contract (every implementation, whatever the number of nodes sharing it):
   raises the study's seq and publishes one event per change: `user_joined` for a new session;
   `user_active` when it was idle or away; `cursor_moved` when chapter or move path changed.
 - `leave` deletes the session and publishes `user_left`; without a session it does nothing.
-- `sweep` applies every transition due at `now_ms` (idle, away, expiry with `user_left`) to the
+- A heartbeat with a `holder` (a WebSocket connection) makes it hold the session: a held
+  session still turns idle and away by heartbeat age but does not expire. `release` ends holds;
+  a session no connection holds any more leaves at the given time (a pending leave) unless a
+  heartbeat comes first. Every heartbeat calls off a pending leave.
+- Nodes prove they are alive with `renew_node` (one call renews every lease the node's
+  connections hold); `reap_dead_nodes` releases the leases of nodes silent for the lease TTL,
+  and `reacquire` lets a node declared dead by mistake hold its sessions again.
+- `sweep` applies every transition due at `now_ms` (idle, away, expiry or pending leave with
+  `user_left`) to the
   studies due for a sweep, each transition published exactly once even when several nodes
   sweep at the same moment. Its cost follows the number of due studies and sessions.
 - `presence` returns the sessions of a study together with the seq of the last event they
@@ -16,9 +24,10 @@ Contract (every implementation, whatever the number of nodes sharing it):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
-from presence_svc.models import CursorUpdate, Session, StudyPresence, SweepReport
+from presence_svc.models import CursorUpdate, Holder, Lease, Session, StudyPresence, SweepReport
 
 
 class StoreUnavailable(Exception):
@@ -27,9 +36,34 @@ class StoreUnavailable(Exception):
 
 class PresenceStore(Protocol):
     async def heartbeat(
-        self, user_id: str, study_id: str, cursor: CursorUpdate, now_ms: int
+        self,
+        user_id: str,
+        study_id: str,
+        cursor: CursorUpdate,
+        now_ms: int,
+        holder: Holder | None = None,
     ) -> Session:
-        """Record a heartbeat; returns the session as stored after it."""
+        """Record a heartbeat (held by `holder`, if given); returns the session after it."""
+        ...
+
+    async def release(self, leases: Sequence[Lease], leave_at_ms: int, now_ms: int) -> int:
+        """End these holds; returns how many sessions got a pending leave at `leave_at_ms`."""
+        ...
+
+    async def renew_node(self, node_id: str, now_ms: int) -> bool:
+        """Renew the node's liveness and leases; False if it had been declared dead."""
+        ...
+
+    async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
+        """Hold these sessions again; False for each that has ended."""
+        ...
+
+    async def drop_node(self, node_id: str) -> None:
+        """Forget a node that stopped cleanly."""
+        ...
+
+    async def reap_dead_nodes(self, now_ms: int, lease_ttl_ms: int, grace_ms: int) -> int:
+        """Release the leases of dead nodes; returns how many."""
         ...
 
     async def leave(self, user_id: str, study_id: str, now_ms: int) -> bool:

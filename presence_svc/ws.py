@@ -1,9 +1,10 @@
 """`WS /ws/presence?study_id=...`: a study's snapshot, then its events, plus client messages.
 
-Close codes (all sent after the handshake, before any study data):
-4400 bad request (study_id missing or invalid), 4401 unauthorized (missing/invalid/expired
-token), 1011 internal error (the node could not subscribe or read presence), 1013 the client
-reads too slowly and its outgoing queue overflowed.
+Close codes: 4400 bad request (study_id missing or invalid) and 4401 unauthorized (missing,
+invalid or expired token), both right after the handshake and before any study data; 1011 the
+node could not subscribe to or read the study; 1012 the node is shutting down (reconnect, the
+load balancer picks another node); 1013 the client read too slowly and its outgoing queue
+overflowed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -51,8 +53,14 @@ def _error(code: str, message: str, errors: list[dict[str, Any]] | None = None) 
 class _Connection:
     """One socket's outgoing side: a bounded queue drained by a single writer task."""
 
-    def __init__(self, websocket: WebSocket, queue_size: int) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        queue_size: int,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
         self._ws = websocket
+        self._on_overflow = on_overflow
         self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(queue_size)
         self._floor = 0  # events with seq <= floor are already in the client's snapshot
         self._writer: asyncio.Task[None] | None = None
@@ -65,6 +73,8 @@ class _Connection:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self.overflowed = True
+            if self._on_overflow is not None:
+                self._on_overflow()
             if self._writer is not None:
                 self._writer.cancel()
 
@@ -76,7 +86,9 @@ class _Connection:
         try:
             while True:
                 event = await self._queue.get()
-                if event.seq is not None and event.seq <= self._floor:
+                if event.floor is not None:
+                    self._floor = event.floor
+                elif event.seq is not None and event.seq <= self._floor:
                     continue
                 await self._ws.send_text(event.text)
         except asyncio.CancelledError:
@@ -92,6 +104,13 @@ class _Connection:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+
+
+async def snapshot_message(node: Node, study_id: str) -> Outgoing:
+    """The study's presence as a `presence.snapshot` message, and the seq it reflects."""
+    presence = await node.service.presence(study_id)
+    text = json_text({"type": "presence.snapshot", "data": presence.to_json()})
+    return Outgoing(None, text, floor=presence.seq)
 
 
 async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
@@ -113,42 +132,48 @@ async def presence_socket(websocket: WebSocket) -> None:
         return
 
     await websocket.accept()
-    conn = _Connection(websocket, node.settings.socket_queue_size)
+    conn = _Connection(websocket, node.settings.socket_queue_size, node.count_slow_consumer)
     try:
         await node.fanout.add(study_id, conn)
     except Exception as exc:
         log.error("cannot subscribe to study %s: %s", study_id, exc)
         await websocket.close(CLOSE_INTERNAL, "cannot subscribe to the study")
         return
+    connection_id = uuid.uuid4().hex
     try:
         try:
-            presence = await node.service.presence(study_id)
+            snapshot = await snapshot_message(node, study_id)
         except StoreUnavailable:
             await websocket.close(CLOSE_INTERNAL, "presence storage is unreachable")
             return
         connected = {
-            "connection_id": uuid.uuid4().hex,
+            "connection_id": connection_id,
             "user_id": user_id,
             "study_id": study_id,
             "timestamp": _now_iso(),
         }
         await websocket.send_text(json_text({"type": "connected", "data": connected}))
-        snapshot = json_text({"type": "presence.snapshot", "data": presence.to_json()})
-        await websocket.send_text(snapshot)
-        conn.start(presence.seq)
-        await _read(websocket, node, conn, user_id, study_id)
+        await websocket.send_text(snapshot.text)
+        conn.start(snapshot.floor or 0)
+        await _read(websocket, node, conn, connection_id, user_id, study_id)
     except WebSocketDisconnect:
         pass
     finally:
         await conn.stop()
         await node.fanout.remove(study_id, conn)
+        await node.leases.release(connection_id)
         if websocket.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await websocket.close()
 
 
 async def _read(
-    websocket: WebSocket, node: Node, conn: _Connection, user_id: str, study_id: str
+    websocket: WebSocket,
+    node: Node,
+    conn: _Connection,
+    connection_id: str,
+    user_id: str,
+    study_id: str,
 ) -> None:
     while True:
         frame = await websocket.receive()
@@ -166,7 +191,7 @@ async def _read(
             continue
         if isinstance(message, HeartbeatMessage):
             try:
-                await node.service.heartbeat(user_id, study_id, message.cursor())
+                await node.leases.heartbeat(connection_id, user_id, study_id, message.cursor())
             except StoreUnavailable:
                 conn.deliver(_error("unavailable", "presence storage is unreachable"))
         else:

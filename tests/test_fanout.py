@@ -54,8 +54,13 @@ class Harness:
     def __init__(self, redis: Any, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self.fanout = Fanout(redis, keys)
+        self.resyncs: list[str] = []
+        self.fanout = Fanout(redis, keys, self.resync)
         self.task: asyncio.Task[None] | None = None
+
+    async def resync(self, study: str) -> Outgoing:
+        self.resyncs.append(study)
+        return Outgoing(None, json_text({"type": "presence.snapshot", "data": {}}), floor=0)
 
     def run(self) -> None:
         self.task = asyncio.create_task(self.fanout.run())

@@ -502,7 +502,12 @@ def test_healthz_and_readyz(client: TestClient) -> None:
     assert response.json() == {"status": "ok"}
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready"}
+    assert response.json() == {
+        "status": "ready",
+        "redis": "ok",
+        "pubsub": "ok",
+        "draining": False,
+    }
 
 
 # --- store unavailable ---------------------------------------------------------------------
@@ -552,7 +557,8 @@ def test_unreachable_redis_is_503_everywhere(down_client: TestClient) -> None:
 
     ready = down_client.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json() == {"status": "not ready", "redis": "unreachable"}
+    assert ready.json()["status"] == "not ready"
+    assert ready.json()["redis"] == "unreachable"
     # Liveness does not depend on Redis.
     assert down_client.get("/healthz").status_code == 200
     # Validation and auth still answer without Redis.

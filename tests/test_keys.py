@@ -17,9 +17,12 @@ def test_study_keys_layout() -> None:
         index="presence:{study123}:index",
         meta="presence:{study123}:meta",
         channel="presence:{study123}:events",
+        leaving="presence:{study123}:leaving",
         session_prefix="presence:{study123}:session:",
+        conns_prefix="presence:{study123}:conns:",
     )
     assert sk.session("alice") == "presence:{study123}:session:alice"
+    assert sk.conns("alice") == "presence:{study123}:conns:alice"
     assert sk.session("bob@x.org") == "presence:{study123}:session:bob@x.org"
 
 
@@ -32,7 +35,15 @@ def test_channel_matches_study_keys() -> None:
 @pytest.mark.parametrize("study", ["s", "study123", "study:1", "a.b-c_d@e", "X" * 128])
 def test_all_keys_of_a_study_are_in_one_cluster_slot(study: str) -> None:
     sk = Keys("presence").study(study)
-    names = [sk.index, sk.meta, sk.channel, sk.session("alice"), sk.session("u:1")]
+    names = [
+        sk.index,
+        sk.meta,
+        sk.channel,
+        sk.leaving,
+        sk.session("alice"),
+        sk.session("u:1"),
+        sk.conns("alice"),
+    ]
     slots = {key_slot(name.encode()) for name in names}
     assert slots == {key_slot(study.encode())}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,8 @@ import pytest
 from presence_svc.keys import Keys
 from presence_svc.models import (
     CursorUpdate,
+    Holder,
+    Lease,
     Session,
     Status,
     StudyPresence,
@@ -40,7 +43,12 @@ class RecordingStore:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
 
     async def heartbeat(
-        self, user_id: str, study_id: str, cursor: CursorUpdate, now_ms: int
+        self,
+        user_id: str,
+        study_id: str,
+        cursor: CursorUpdate,
+        now_ms: int,
+        holder: Holder | None = None,
     ) -> Session:
         self.calls.append(("heartbeat", user_id, study_id, cursor, now_ms))
         return Session("sid", user_id, study_id, None, None, Status.ACTIVE, now_ms, now_ms)
@@ -56,6 +64,24 @@ class RecordingStore:
     async def sweep(self, now_ms: int) -> SweepReport:
         self.calls.append(("sweep", now_ms))
         return SweepReport(studies=1, events=2, more_due=True)
+
+    async def release(self, leases: Sequence[Lease], leave_at_ms: int, now_ms: int) -> int:
+        self.calls.append(("release", tuple(leases), leave_at_ms, now_ms))
+        return len(leases)
+
+    async def renew_node(self, node_id: str, now_ms: int) -> bool:
+        self.calls.append(("renew_node", node_id, now_ms))
+        return True
+
+    async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
+        return [True for _ in leases]
+
+    async def drop_node(self, node_id: str) -> None:
+        self.calls.append(("drop_node", node_id))
+
+    async def reap_dead_nodes(self, now_ms: int, lease_ttl_ms: int, grace_ms: int) -> int:
+        self.calls.append(("reap", now_ms, lease_ttl_ms, grace_ms))
+        return 0
 
 
 async def test_service_passes_the_clock_in_whole_milliseconds() -> None:

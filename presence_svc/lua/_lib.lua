@@ -102,3 +102,10 @@ local function settle_empty_study(index_key, meta_key, empty_ttl_ms)
   return false
 end
 
+-- Marks the session as held by connection `conn`: it cannot expire while any connection holds it,
+-- and a leave pending since its last connection closed is called off.
+local function hold(conns_key, leaving_key, user_id, conn)
+  redis.call('SADD', conns_key, conn)
+  redis.call('ZREM', leaving_key, user_id)
+end
+

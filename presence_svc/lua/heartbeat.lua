@@ -1,10 +1,14 @@
 -- Records a heartbeat of (user, study): creates or refreshes the session and publishes what it
 -- changed (user_joined; or user_active and/or cursor_moved).
+-- Any heartbeat calls off a leave pending since the session's last connection closed; one sent
+-- over a WebSocket also makes that connection hold the session (see release.lua).
 -- KEYS[1] session hash   KEYS[2] study index   KEYS[3] study meta   KEYS[4] study channel
+-- KEYS[5] session's connection set   KEYS[6] study's pending leaves
 -- ARGV[1] user_id   ARGV[2] study_id   ARGV[3] now_ms   ARGV[4] now_iso
 -- ARGV[5] session_id to use if the session is new
 -- ARGV[6] '1' if chapter_id is given   ARGV[7] chapter_id ('' clears it)
 -- ARGV[8] '1' if move_path is given    ARGV[9] move_path ('' clears it)
+-- ARGV[10] connection id holding the session ('' for a heartbeat that holds nothing, e.g. REST)
 -- Returns {session_id, chapter_id, move_path, status, last_heartbeat, joined_at, events}
 -- with '' for an absent cursor field and events = the number of events published.
 
@@ -43,6 +47,11 @@ if s.move_path then redis.call('HSET', KEYS[1], 'move_path', s.move_path)
 else redis.call('HDEL', KEYS[1], 'move_path') end
 redis.call('ZADD', KEYS[2], beat, ARGV[1])
 redis.call('PERSIST', KEYS[3])
+if ARGV[10] ~= '' then
+  hold(KEYS[5], KEYS[6], ARGV[1], ARGV[10])
+else
+  redis.call('ZREM', KEYS[6], ARGV[1])
+end
 
 local events = 0
 if is_new then

@@ -1,14 +1,15 @@
 -- Phase 1 of a study's sweep (read-only): which users may have a transition due.
--- Each status threshold has a watermark in the study meta: every session whose last heartbeat
--- is at or below it has already been moved past that threshold, so a scan only reads the window
--- between the watermark and the threshold, and its cost follows the number of due sessions.
--- KEYS[1] study index   KEYS[2] study meta
+-- Each threshold (idle, away, expiry) has a watermark in the study meta: every session whose
+-- last heartbeat is at or below it has already been handled for that threshold, so a scan reads
+-- only the window between the watermark and the threshold, and its cost follows the number of
+-- due sessions. Pending leaves (sessions no connection holds any more) are due by their own time.
+-- KEYS[1] study index   KEYS[2] study meta   KEYS[3] study's pending leaves
 -- ARGV[1] now_ms   ARGV[2] idle_ms   ARGV[3] away_ms   ARGV[4] expire_ms   ARGV[5] limit per window
--- Returns {idle_watermark, away_watermark, user1, user2, ...}: the watermarks that may be
--- stored once these users are handled (held back when a window was cut by the limit).
+-- Returns {idle_watermark, away_watermark, expire_watermark, user1, user2, ...}: the watermarks
+-- that may be stored once these users are handled (held back when a window was cut short).
 
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[5])
-local meta = redis.call('HMGET', KEYS[2], 'idle_wm', 'away_wm')
+local meta = redis.call('HMGET', KEYS[2], 'idle_wm', 'away_wm', 'expire_wm')
 
 local seen, users = {}, {}
 local function collect(flat, step)
@@ -36,10 +37,11 @@ local function window(watermark, threshold_ms)
   return upper
 end
 
-collect(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]), 'LIMIT', 0, limit), 1)
+collect(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit), 1)
+local expire_wm = window(meta[3], tonumber(ARGV[4]))
 local away_wm = window(meta[2], tonumber(ARGV[3]))
 local idle_wm = window(meta[1], tonumber(ARGV[2]))
 
-local out = {tostring(idle_wm), tostring(away_wm)}
+local out = {tostring(idle_wm), tostring(away_wm), tostring(expire_wm)}
 for i = 1, #users do out[#out + 1] = users[i] end
 return out

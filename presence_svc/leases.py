@@ -1,0 +1,93 @@
+"""This node's WebSocket leases: which sessions its open connections hold.
+
+A connection holds its (user, study) session from its first heartbeat until it closes. The
+node proves itself alive every third of the lease TTL, which renews every lease it holds in one
+Redis call; nodes silent for a whole TTL are declared dead by their peers, whose sessions then
+leave after the grace period unless their users reconnect elsewhere. Releases that fail while
+Redis is unreachable are retried, so no session stays held by a closed connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from presence_svc.models import CursorUpdate, Holder, Lease, Session
+from presence_svc.service import PresenceService
+from presence_svc.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(self, service: PresenceService, lease_ttl: float) -> None:
+        self.node_id = uuid.uuid4().hex
+        self._service = service
+        self._interval = lease_ttl / 3
+        self._held: dict[str, Lease] = {}  # connection_id -> lease
+        self._unreleased: list[Lease] = []
+        self.released_dead = 0  # leases of dead nodes this node released
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def heartbeat(
+        self, connection_id: str, user_id: str, study_id: str, cursor: CursorUpdate
+    ) -> Session:
+        """A heartbeat over a WebSocket: the connection now holds the session."""
+        lease = Lease(study_id, user_id, Holder(self.node_id, connection_id))
+        self._held[connection_id] = lease
+        return await self._service.heartbeat(user_id, study_id, cursor, lease.holder)
+
+    async def release(self, connection_id: str) -> None:
+        """The connection closed; its session leaves after the grace unless held elsewhere."""
+        lease = self._held.pop(connection_id, None)
+        if lease is None:
+            return
+        try:
+            await self._service.release([lease])
+        except StoreUnavailable as exc:
+            log.warning("release of %s deferred: %s", connection_id, exc)
+            self._unreleased.append(lease)
+
+    async def start(self) -> None:
+        """Register the node before it serves anyone (or, if Redis is down, at the next tick)."""
+        try:
+            await self._service.renew_node(self.node_id)
+        except StoreUnavailable as exc:
+            log.warning("node registration deferred: %s", exc)
+
+    async def run(self) -> None:
+        """Renew, retry deferred releases and reap dead nodes, until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self._tick()
+            except StoreUnavailable as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    async def _tick(self) -> None:
+        if not await self._service.renew_node(self.node_id):
+            # Peers took this node for dead (a long pause or a partition) and released its
+            # leases while its sockets stayed open: hold those sessions again.
+            leases = list(self._held.values())
+            held = await self._service.reacquire(leases)
+            log.warning("node was declared dead; re-held %d of %d sessions", sum(held), len(held))
+        if self._unreleased:
+            pending, self._unreleased = self._unreleased, []
+            try:
+                await self._service.release(pending)
+            except StoreUnavailable:
+                self._unreleased = pending + self._unreleased
+                raise
+        self.released_dead += await self._service.reap_dead_nodes()
+
+    async def shutdown(self) -> None:
+        """Release every lease (sessions leave after the grace) and deregister the node."""
+        leases = [*self._held.values(), *self._unreleased]
+        self._held.clear()
+        self._unreleased.clear()
+        await self._service.release(leases)
+        await self._service.drop_node(self.node_id)
