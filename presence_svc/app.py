@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
 from presence_svc.auth import TokenVerifier
+from presence_svc.coalesce import Coalescer
 from presence_svc.codec import Outgoing
 from presence_svc.fanout import Fanout
 from presence_svc.http import EXCEPTION_HANDLERS, ROUTES
@@ -44,14 +45,18 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
         log.warning("using the built-in DEV JWT secret: anyone can mint tokens for this node")
     node: Node
 
-    async def resync(study_id: str) -> Outgoing:
+    async def snapshot(study_id: str) -> Outgoing:
         return await snapshot_message(node, study_id)
 
+    # Sockets of one study (connecting, or resynced after a Redis outage) share one read and
+    # one encoded snapshot.
+    snapshots = Coalescer(snapshot)
     node = Node(
         settings=settings,
         redis=clients.commands,
         service=service,
-        fanout=Fanout(clients.pubsub, keys, resync),
+        snapshots=snapshots,
+        fanout=Fanout(clients.pubsub, keys, snapshots),
         sweeper=Sweeper(service, settings.sweep_interval),
         leases=LeaseKeeper(service, settings.lease_ttl),
         verifier=TokenVerifier(settings.effective_jwt_secret),

@@ -1,4 +1,5 @@
-"""`presence-svc serve` runs a node; `presence-svc token` mints a token for scripting."""
+"""`presence-svc serve` runs a node; `presence-svc token` mints a token for scripting;
+`presence-svc bench` runs the benchmark harness (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,32 @@ import argparse
 import logging
 import os
 import sys
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
 
 from presence_svc.auth import issue_token
 from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
+
+
+class _DrainingServer(uvicorn.Server):
+    """Reports not ready from the first SIGTERM/SIGINT on, while uvicorn drains.
+
+    Uvicorn then stops accepting, closes every WebSocket with 1012 (clients reconnect through
+    the load balancer; their sessions wait out the leave grace) and gives connections
+    PRESENCE_DRAIN_TIMEOUT seconds before the app releases its remaining leases and exits.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        node = getattr(self._app.state, "node", None)
+        if node is not None:
+            node.draining = True
+        super().handle_exit(sig, frame)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -17,21 +41,22 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"presence-svc: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
     from presence_svc.app import create_app
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         lifespan="on",
         ws_per_message_deflate=False,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout)),
     )
+    _DrainingServer(config, app).run()
     return 0
 
 
@@ -67,6 +92,10 @@ def parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
     token.set_defaults(run=_token)
+
+    from presence_svc.bench.command import add_bench_command  # argparse only, no harness
+
+    add_bench_command(commands)
     return root
 
 

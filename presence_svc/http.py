@@ -93,7 +93,7 @@ async def study_presence(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return JSONResponse(_node(request).liveness())
 
 
 async def readyz(request: Request) -> Response:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from presence_svc.models import CursorUpdate, Holder, Lease, Session
@@ -24,7 +25,10 @@ class LeaseKeeper:
     def __init__(self, service: PresenceService, lease_ttl: float) -> None:
         self.node_id = uuid.uuid4().hex
         self._service = service
+        self._ttl = lease_ttl
         self._interval = lease_ttl / 3
+        self._renewed_at: float | None = None  # monotonic time of the last renewal
+        self._up_since: float | None = None  # start of the current run of unbroken renewals
         self._held: dict[str, Lease] = {}  # connection_id -> lease
         self._unreleased: list[Lease] = []
         self.released_dead = 0  # leases of dead nodes this node released
@@ -56,6 +60,7 @@ class LeaseKeeper:
         """Register the node before it serves anyone (or, if Redis is down, at the next tick)."""
         try:
             await self._service.renew_node(self.node_id)
+            self._renewed_at = self._up_since = time.monotonic()
         except StoreUnavailable as exc:
             log.warning("node registration deferred: %s", exc)
 
@@ -69,7 +74,12 @@ class LeaseKeeper:
                 log.warning("lease renewal failed: %s", exc)
 
     async def _tick(self) -> None:
-        if not await self._service.renew_node(self.node_id):
+        started = time.monotonic()
+        alive = await self._service.renew_node(self.node_id)
+        if self._renewed_at is None or started - self._renewed_at >= self._ttl:
+            self._up_since = started
+        self._renewed_at = started
+        if not alive:
             # Peers took this node for dead (a long pause or a partition) and released its
             # leases while its sockets stayed open: hold those sessions again.
             leases = list(self._held.values())
@@ -82,7 +92,10 @@ class LeaseKeeper:
             except StoreUnavailable:
                 self._unreleased = pending + self._unreleased
                 raise
-        self.released_dead += await self._service.reap_dead_nodes()
+        # After an outage every peer looks dead until it renews too: reap only after a whole
+        # TTL of unbroken renewals of our own, which gives live peers time to show up.
+        if self._up_since is not None and started - self._up_since >= self._ttl:
+            self.released_dead += await self._service.reap_dead_nodes()
 
     async def shutdown(self) -> None:
         """Release every lease (sessions leave after the grace) and deregister the node."""

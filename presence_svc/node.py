@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from presence_svc.auth import TokenVerifier
+from presence_svc.coalesce import Coalescer
+from presence_svc.codec import Outgoing
 from presence_svc.fanout import Fanout
 from presence_svc.leases import LeaseKeeper
 from presence_svc.service import PresenceService
@@ -19,15 +21,28 @@ class Node:
     settings: Settings
     redis: Any
     service: PresenceService
+    snapshots: Coalescer[Outgoing]  # study_id -> its presence.snapshot message
     fanout: Fanout
     sweeper: Sweeper
     leases: LeaseKeeper
     verifier: TokenVerifier
     draining: bool = False
+    open_sockets: int = 0
     slow_consumers: int = 0  # sockets closed because they fell behind
 
     def count_slow_consumer(self) -> None:
         self.slow_consumers += 1
+
+    def liveness(self) -> dict[str, Any]:
+        """What /healthz reports: the loop answers, plus what the node holds right now."""
+        return {
+            "status": "ok",
+            "node_id": self.leases.node_id,
+            "sockets": self.open_sockets,
+            "studies": self.fanout.studies,
+            "leases": self.leases.held,
+            "slow_consumers": self.slow_consumers,
+        }
 
     async def redis_ready(self) -> bool:
         """True if Redis answers a PING within a second."""

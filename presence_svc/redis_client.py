@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -58,15 +58,20 @@ async def connect(settings: Settings) -> RedisClients:
         )
         embedded = embedded_redis()
         return RedisClients(embedded, embedded)
-    # One quick retry, so a request fails over to 503 in well under a second when Redis is down.
-    client = Redis.from_url(
+    # A bounded pool that makes callers wait for a free connection: a burst of thousands of
+    # requests must queue, not open thousands of connections or fail. One quick retry, so a
+    # request fails over to 503 in well under a second when Redis is down.
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=5,
         socket_connect_timeout=2,
         socket_timeout=5,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
     )
+    client = Redis.from_pool(pool)  # owns the pool: closing the client closes its connections
     delay = 0.2
     for attempt in range(1, CONNECT_ATTEMPTS + 1):
         try:

@@ -86,8 +86,12 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _session_from_hash(flat: Sequence[bytes]) -> Session:
-    h = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+def _session_from_hash(fields: Sequence[bytes] | dict[bytes, bytes]) -> Session:
+    """A session from an HGETALL reply: a flat list (from Lua) or a dict (from redis-py)."""
+    if isinstance(fields, dict):
+        h = {_text(k): _text(v) for k, v in fields.items()}
+    else:
+        h = {_text(fields[i]): _text(fields[i + 1]) for i in range(0, len(fields), 2)}
     return Session(
         session_id=h["session_id"],
         user_id=h["user_id"],
@@ -98,6 +102,14 @@ def _session_from_hash(flat: Sequence[bytes]) -> Session:
         last_heartbeat_ms=int(h["last_heartbeat"]),
         joined_at_ms=int(h["joined_at"]),
     )
+
+
+def _presence(
+    study_id: str, seq: int, hashes: Sequence[Sequence[bytes] | dict[bytes, bytes]]
+) -> StudyPresence:
+    sessions = [_session_from_hash(flat) for flat in hashes if flat]
+    sessions.sort(key=lambda s: (s.joined_at_ms, s.user_id))
+    return StudyPresence(study_id, tuple(sessions), seq)
 
 
 class RedisStore:
@@ -283,20 +295,31 @@ class RedisStore:
 
     @_reachable
     async def presence(self, study_id: str) -> StudyPresence:
-        """Sessions of the study and the seq they reflect, read in one atomic script."""
+        """Sessions of the study and the seq they reflect.
+
+        Read atomically by a script that must be told every member's key; members who join
+        between the plain read of the index and the script make it retry. When joins keep
+        racing it (a reconnect storm), the last resort reads the seq first and the sessions
+        after: the view may then already contain some events numbered above its seq, which a
+        client applying the following events in order converges from.
+        """
         sk = self._keys.study(study_id)
-        members: list[bytes] = await self._redis.zrange(sk.index, 0, -1)
+        users = {_text(m) for m in await self._redis.zrange(sk.index, 0, -1)}
         for _ in range(SNAPSHOT_ATTEMPTS):
-            users = [_text(m) for m in members]
+            named = sorted(users)
             reply = await self._scripts.snapshot(
-                keys=[sk.index, sk.meta, *(sk.session(u) for u in users)], args=users
+                keys=[sk.index, sk.meta, *(sk.session(u) for u in named)], args=named
             )
             if reply[0] == 1:
-                sessions = [_session_from_hash(flat) for flat in reply[2:] if flat]
-                sessions.sort(key=lambda s: (s.joined_at_ms, s.user_id))
-                return StudyPresence(study_id, tuple(sessions), int(reply[1]))
-            members = reply[1]
-        raise StoreUnavailable(f"study {study_id!r} changed membership on every snapshot attempt")
+                return _presence(study_id, int(reply[1]), reply[2:])
+            users.update(_text(m) for m in reply[1])
+        seq = int(await self._redis.hget(sk.meta, "seq") or 0)
+        members = await self._redis.zrange(sk.index, 0, -1)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.hgetall(sk.session(_text(member)))
+            hashes = await pipe.execute()
+        return _presence(study_id, seq, hashes)
 
     @_reachable
     async def sweep(self, now_ms: int) -> SweepReport:

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     lease_ttl: float = Field(5.0, ge=0.5, le=300)
     # On SIGTERM: how long the node may take to close its sockets and release its leases.
     drain_timeout: float = Field(10.0, gt=0, le=600)
+    # Connections to Redis for commands (pub/sub has its own); callers beyond it wait.
+    redis_max_connections: int = Field(50, ge=2, le=10_000)
     # Events a socket may have queued before it counts as a slow consumer and is closed.
     socket_queue_size: int = Field(1024, ge=16, le=1_000_000)
 

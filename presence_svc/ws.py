@@ -132,6 +132,14 @@ async def presence_socket(websocket: WebSocket) -> None:
         return
 
     await websocket.accept()
+    node.open_sockets += 1
+    try:
+        await _serve(websocket, node, user_id, study_id)
+    finally:
+        node.open_sockets -= 1
+
+
+async def _serve(websocket: WebSocket, node: Node, user_id: str, study_id: str) -> None:
     conn = _Connection(websocket, node.settings.socket_queue_size, node.count_slow_consumer)
     try:
         await node.fanout.add(study_id, conn)
@@ -142,7 +150,7 @@ async def presence_socket(websocket: WebSocket) -> None:
     connection_id = uuid.uuid4().hex
     try:
         try:
-            snapshot = await snapshot_message(node, study_id)
+            snapshot = await node.snapshots(study_id)
         except StoreUnavailable:
             await websocket.close(CLOSE_INTERNAL, "presence storage is unreachable")
             return

@@ -499,7 +499,10 @@ def test_get_heartbeat_path_reads_a_study_named_heartbeat(client: TestClient) ->
 def test_healthz_and_readyz(client: TestClient) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    health = response.json()
+    assert health["status"] == "ok"
+    assert (health["sockets"], health["studies"], health["leases"]) == (0, 0, 0)
+    assert isinstance(health["node_id"], str)
     response = client.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {

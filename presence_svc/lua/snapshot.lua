@@ -1,24 +1,19 @@
 -- Reads a study's sessions and the seq they reflect, atomically. The caller names the session
--- keys it expects (from a plain ZRANGE); if membership changed since, nothing is read and the
--- current members come back so the caller can retry with the right keys.
+-- keys it may need (from a plain ZRANGE); if a member has joined since, nothing is read and the
+-- current members come back so the caller can retry with their keys too. Named users who have
+-- left since are simply absent from the result.
 -- KEYS[1] study index   KEYS[2] study meta   KEYS[3..] session hashes
 -- ARGV[1..] user ids, in the order of KEYS[3..]
--- Returns {1, seq, hash1, hash2, ...} (each hash a flat HGETALL reply) or {0, members}.
+-- Returns {1, seq, hash1, hash2, ...} (each hash a flat HGETALL reply, empty for a user who
+-- left) or {0, members}.
 
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-local consistent = #members == #ARGV
-if consistent then
-  local expected = {}
-  for i = 1, #ARGV do expected[ARGV[i]] = true end
-  for i = 1, #members do
-    if not expected[members[i]] then
-      consistent = false
-      break
-    end
+local named = {}
+for i = 1, #ARGV do named[ARGV[i]] = true end
+for i = 1, #members do
+  if not named[members[i]] then
+    return {0, members}
   end
-end
-if not consistent then
-  return {0, members}
 end
 
 local out = {1, tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')}

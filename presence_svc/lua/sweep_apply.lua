@@ -31,7 +31,10 @@ for j = 10, #ARGV do
     local s = hash_to_table(existing)
     local age = now - tonumber(score)
     local held = redis.call('SCARD', conns_key) > 0
-    if not held and (age >= expire_ms or (leave_at and tonumber(leave_at) <= now)) then
+    -- A pending leave sets the time (its grace must not be cut short by the expiry age).
+    local due = age >= expire_ms
+    if leave_at then due = tonumber(leave_at) <= now end
+    if not held and due then
       redis.call('DEL', session_key, conns_key)
       redis.call('ZREM', KEYS[1], user)
       redis.call('ZREM', KEYS[4], user)

@@ -38,15 +38,20 @@ def _wait(check: object, what: str, timeout: float, proc: subprocess.Popen[bytes
 
 
 class RedisServer:
-    """A throw-away redis-server on a free loopback port; nothing is saved to disk."""
+    """A throw-away redis-server on a free loopback port.
 
-    def __init__(self, binary: str | None = None) -> None:
+    Nothing is saved to disk unless `persist` (an append-only file in a temporary folder, so
+    the server can be killed and started again on the same port with its data).
+    """
+
+    def __init__(self, binary: str | None = None, persist: bool = False) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
             raise FileNotFoundError("redis-server is not on PATH")
         self.binary = found
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.persist = persist
         self._dir = tempfile.TemporaryDirectory(prefix="presence-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -61,7 +66,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persist else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 self._dir.name,
             ],
@@ -74,6 +81,12 @@ class RedisServer:
         finally:
             client.close()
         return self
+
+    def kill(self) -> None:
+        """Stop the server abruptly (SIGKILL); `start()` brings it back on the same port."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -122,11 +135,30 @@ class NodeProcess:
     def _healthy(self) -> bool:
         return httpx.get(self.base_url + "/readyz", timeout=0.5).status_code == 200
 
+    def health(self) -> dict[str, object]:
+        """The node's /healthz report (sockets, studies, leases it holds)."""
+        report: dict[str, object] = httpx.get(self.base_url + "/healthz", timeout=2).json()
+        return report
+
+    def signal(self, signum: int) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit; its exit code."""
+        assert self._proc is not None
+        return self._proc.wait(timeout)
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
-                self._proc.wait(10)
+                self._proc.wait(15)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
