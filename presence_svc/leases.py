@@ -29,7 +29,7 @@ class LeaseKeeper:
         self._interval = lease_ttl / 3
         self._renewed_at: float | None = None  # monotonic time of the last renewal
         self._up_since: float | None = None  # start of the current run of unbroken renewals
-        self._held: dict[str, Lease] = {}  # connection_id -> lease
+        self._held: dict[str, Lease] = {}  # the socket's connection id -> its lease
         self._unreleased: list[Lease] = []
         self.released_dead = 0  # leases of dead nodes this node released
 
@@ -41,8 +41,10 @@ class LeaseKeeper:
         self, connection_id: str, user_id: str, study_id: str, cursor: CursorUpdate
     ) -> Session:
         """A heartbeat over a WebSocket: the connection now holds the session."""
-        lease = Lease(study_id, user_id, Holder(self.node_id, connection_id))
-        self._held[connection_id] = lease
+        lease = self._held.get(connection_id)
+        if lease is None:
+            lease = Lease(study_id, user_id, Holder(self.node_id, connection_id))
+            self._held[connection_id] = lease
         return await self._service.heartbeat(user_id, study_id, cursor, lease.holder)
 
     async def release(self, connection_id: str) -> None:
@@ -80,11 +82,7 @@ class LeaseKeeper:
             self._up_since = started
         self._renewed_at = started
         if not alive:
-            # Peers took this node for dead (a long pause or a partition) and released its
-            # leases while its sockets stayed open: hold those sessions again.
-            leases = list(self._held.values())
-            held = await self._service.reacquire(leases)
-            log.warning("node was declared dead; re-held %d of %d sessions", sum(held), len(held))
+            await self._come_back()
         if self._unreleased:
             pending, self._unreleased = self._unreleased, []
             try:
@@ -96,6 +94,22 @@ class LeaseKeeper:
         # TTL of unbroken renewals of our own, which gives live peers time to show up.
         if self._up_since is not None and started - self._up_since >= self._ttl:
             self.released_dead += await self._service.reap_dead_nodes()
+
+    async def _come_back(self) -> None:
+        """Peers took this node for dead (a long pause, a partition) and are releasing its
+        leases while its sockets are still open: hold those sessions again.
+
+        Under a new node id and new holder ids, so a reap still working through the old ones
+        cannot undo the new holds, and the old lease set can be reaped to the end.
+        """
+        self.node_id = uuid.uuid4().hex
+        self._held = {
+            socket: Lease(lease.study_id, lease.user_id, Holder(self.node_id, uuid.uuid4().hex))
+            for socket, lease in self._held.items()
+        }
+        await self._service.renew_node(self.node_id)
+        held = await self._service.reacquire(list(self._held.values()))
+        log.warning("node was declared dead; re-held %d of %d sessions", sum(held), len(held))
 
     async def shutdown(self) -> None:
         """Release every lease (sessions leave after the grace) and deregister the node."""

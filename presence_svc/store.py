@@ -11,7 +11,8 @@ Contract (every implementation, whatever the number of nodes sharing it):
   heartbeat comes first. Every heartbeat calls off a pending leave.
 - Nodes prove they are alive with `renew_node` (one call renews every lease the node's
   connections hold); `reap_dead_nodes` releases the leases of nodes silent for the lease TTL,
-  and `reacquire` lets a node declared dead by mistake hold its sessions again.
+  and `reacquire` lets a node declared dead by mistake hold its sessions again (with fresh
+  holders: a reap still running on the old ones could otherwise undo the new holds).
 - `sweep` applies every transition due at `now_ms` (idle, away, expiry or pending leave with
   `user_left`) to the
   studies due for a sweep, each transition published exactly once even when several nodes

@@ -1,0 +1,437 @@
+"""Fanout losing its pub/sub connection: detection, resubscription, resync, delivery after.
+
+On a real Redis the fan-out's own connection (and only it: other tests share the server) is
+killed with CLIENT KILL ID, found in CLIENT LIST by a unique client name. On fakeredis the whole
+fake server goes offline (`FakeServer.connected = False`) and comes back.
+Detection and recovery times are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+import presence_svc.fanout as fanout_module
+from presence_svc.codec import Outgoing, encode_envelope, json_text
+from presence_svc.fanout import DEAD_AFTER, PING_AFTER, Fanout
+from presence_svc.keys import Keys
+
+WAIT = 5.0
+LOST = "pub/sub connection lost"
+
+
+@dataclass(eq=False)
+class Recorder:
+    """A subscriber that keeps every event it is handed, and when (monotonic) it got each."""
+
+    events: list[Outgoing] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def deliver(self, event: Outgoing) -> None:
+        self.events.append(event)
+        self.times.append(time.monotonic())
+        self.changed.set()
+
+    async def wait_for(self, count: int, within: float = WAIT) -> list[Outgoing]:
+        deadline = time.monotonic() + within
+        while len(self.events) < count:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"got {len(self.events)} events, wanted {count}: {self.events}"
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+        return self.events
+
+    def snapshots(self) -> list[Outgoing]:
+        return [e for e in self.events if e.floor is not None]
+
+
+class Harness:
+    """A running Fanout whose resync answers with a snapshot carrying a rising floor."""
+
+    def __init__(self, fanout_client: Any, publisher: Any, keys: Keys) -> None:
+        self.publisher = publisher
+        self.keys = keys
+        self.resyncs: list[str] = []
+        self.floor = 100
+        self.fanout = Fanout(fanout_client, keys, self.resync)
+        self.task: asyncio.Task[None] = asyncio.create_task(self.fanout.run())
+
+    async def resync(self, study: str) -> Outgoing:
+        self.resyncs.append(study)
+        self.floor += 1
+        text = json_text({"type": "presence.snapshot", "data": {"study_id": study}})
+        return Outgoing(None, text, floor=self.floor)
+
+    async def event(self, study: str, seq: int) -> int:
+        data = {"user_id": "u1", "study_id": study, "status": "active", "seq": seq}
+        payload = encode_envelope("presence.user_joined", data)
+        receivers: int = await self.publisher.publish(self.keys.channel(study), payload)
+        return receivers
+
+    async def numsub(self, study: str) -> int:
+        [(_, count)] = await self.publisher.pubsub_numsub(self.keys.channel(study))
+        return int(count)
+
+    async def close(self) -> None:
+        # Repeat the cancel: one can be lost inside redis-py on Python 3.11 (see app._stop).
+        while not self.task.done():
+            self.task.cancel()
+            await asyncio.wait([self.task], timeout=0.1)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.fanout.close()
+
+
+def seqs(recorder: Recorder) -> list[int | None]:
+    return [e.seq for e in recorder.events if e.floor is None]
+
+
+def lost_at(caplog: pytest.LogCaptureFixture, after: float) -> float:
+    """Wall-clock time the fan-out logged the loss of its connection (first one after `after`)."""
+    times = [r.created for r in caplog.records if LOST in r.getMessage() and r.created >= after]
+    assert times, "the fan-out never logged the lost connection"
+    return min(times)
+
+
+async def until(condition: Any, what: str, within: float = WAIT) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within}s: {what}"
+        await asyncio.sleep(0.005)
+
+
+# --- real Redis: CLIENT KILL ------------------------------------------------------------------
+
+
+@dataclass
+class RealSetup:
+    harness: Harness
+    admin: Any
+    name: str
+
+
+@pytest.fixture
+async def real(cleanup_real_redis: str, key_prefix: str) -> AsyncIterator[RealSetup]:
+    url = cleanup_real_redis
+    name = f"fanout-{uuid.uuid4().hex[:12]}"
+    # Built like redis_client.connect's pub/sub client: no silent reconnects inside redis-py.
+    fanout_client = aioredis.Redis.from_url(
+        url,
+        client_name=name,
+        socket_connect_timeout=2,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+    )
+    admin = aioredis.Redis.from_url(url)
+    harness = Harness(fanout_client, admin, Keys(key_prefix))
+    try:
+        yield RealSetup(harness, admin, name)
+    finally:
+        await harness.close()
+        await fanout_client.aclose()
+        await admin.aclose()
+
+
+async def connections_named(admin: Any, name: str) -> list[dict[str, Any]]:
+    return [c for c in await admin.client_list() if c.get("name") == name]
+
+
+async def kill_fanout_connection(setup: RealSetup, channels: int) -> float:
+    """CLIENT KILL the fan-out's pub/sub connection; returns the wall-clock time of the kill."""
+    [conn] = await connections_named(setup.admin, setup.name)
+    assert int(conn["sub"]) == channels, conn  # it is the fan-out's pub/sub connection
+    killed_at = time.time()
+    assert await setup.admin.client_kill_filter(_id=conn["id"]) == 1
+    return killed_at
+
+
+async def test_killed_pubsub_connection_is_replaced_and_resynced(
+    real: RealSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
+    h = real.harness
+    a, b, c = Recorder(), Recorder(), Recorder()
+    await h.fanout.add("s1", a)
+    await h.fanout.add("s1", b)
+    await h.fanout.add("s2", c)
+    assert await h.event("s1", 1) == 1
+    assert await h.event("s2", 1) == 1
+    await a.wait_for(1)
+    await b.wait_for(1)
+    await c.wait_for(1)
+    [before] = await connections_named(real.admin, real.name)
+
+    for round_ in (1, 2):
+        counts = (len(a.events), len(b.events), len(c.events))
+        killed_at = await kill_fanout_connection(real, 2)
+        killed_mono = time.monotonic()
+        await a.wait_for(counts[0] + 1)
+        await b.wait_for(counts[1] + 1)
+        await c.wait_for(counts[2] + 1)
+        detected = lost_at(caplog, killed_at) - killed_at
+        recovered = max(r.times[-1] for r in (a, b, c)) - killed_mono
+        print(
+            f"\n[real redis, kill {round_}] detected after {detected * 1000:.1f} ms, "
+            f"resync delivered after {recovered * 1000:.1f} ms"
+        )
+        assert detected < 5.0
+        assert recovered < 5.0
+
+        # Each study was resynced once per reconnect, and every subscriber got its snapshot.
+        assert sorted(h.resyncs) == sorted(["s1", "s2"] * round_)
+        for rec in (a, b, c):
+            assert rec.events[-1].floor is not None
+            assert len(rec.snapshots()) == round_
+        assert a.events[-1] is b.events[-1]  # one snapshot per study, shared by its subscribers
+        assert a.events[-1].floor != c.events[-1].floor
+        assert h.fanout.reconnects == round_
+        assert h.fanout.connected
+
+        # One fresh connection, subscribed once to each channel; events flow again.
+        [after] = await connections_named(real.admin, real.name)
+        assert after["id"] != before["id"]
+        assert int(after["sub"]) == 2
+        before = after
+        assert await h.numsub("s1") == 1
+        assert await h.numsub("s2") == 1
+        assert await h.event("s1", 1 + round_) == 1
+        assert await h.event("s2", 1 + round_) == 1
+        await a.wait_for(counts[0] + 2)
+        await b.wait_for(counts[1] + 2)
+        await c.wait_for(counts[2] + 2)
+
+    assert seqs(a) == seqs(b) == seqs(c) == [1, 2, 3]
+    assert h.fanout.dropped_messages == 0
+
+
+async def test_kill_with_no_study_subscribed_then_subscribe_again(
+    real: RealSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
+    h = real.harness
+    a = Recorder()
+    await h.fanout.add("s1", a)
+    await h.fanout.remove("s1", a)
+    assert h.fanout.studies == 0
+    killed_at = await kill_fanout_connection(real, 0)
+    await until(lambda: h.fanout.reconnects == 1, "the fan-out replaces its connection")
+    assert lost_at(caplog, killed_at) - killed_at < 5.0
+    assert h.resyncs == []
+
+    b = Recorder()
+    await h.fanout.add("s1", b)
+    assert await h.event("s1", 5) == 1
+    [event] = await b.wait_for(1)
+    assert (event.seq, event.floor) == (5, None)
+    assert a.events == []
+
+
+async def test_a_quiet_healthy_connection_is_kept(
+    real: RealSetup, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No events for several DEAD_AFTER periods: answered pings keep the connection."""
+    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
+    monkeypatch.setattr(fanout_module, "PING_AFTER", 0.1)
+    monkeypatch.setattr(fanout_module, "DEAD_AFTER", 0.4)
+    monkeypatch.setattr(fanout_module, "_POLL", 0.05)
+    h = real.harness
+    a = Recorder()
+    await h.fanout.add("s1", a)
+    [before] = await connections_named(real.admin, real.name)
+    await asyncio.sleep(1.5)
+    assert h.fanout.reconnects == 0
+    assert not [r for r in caplog.records if LOST in r.getMessage()]
+    [after] = await connections_named(real.admin, real.name)
+    assert after["id"] == before["id"]
+    assert await h.event("s1", 1) == 1
+    await a.wait_for(1)
+    assert h.resyncs == []
+
+
+# --- real Redis through a proxy: the connection goes silent ------------------------------------
+
+
+class FreezingProxy:
+    """A loopback TCP proxy to Redis whose open connections can be frozen: bytes stop flowing
+    both ways while the sockets stay open (a silent partition: no error, no EOF). Connections
+    opened after a freeze work normally."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._frozen: list[asyncio.Event] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> int:
+        """Freeze every connection open now; returns how many."""
+        for flag in self._frozen:
+            flag.set()
+        count = len(self._frozen)
+        self._frozen = []
+        return count
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers += [writer, up_writer]
+        frozen = asyncio.Event()
+        self._frozen.append(frozen)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst, frozen))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pump(
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, frozen: asyncio.Event
+    ) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await src.read(65536):
+                if frozen.is_set():
+                    await asyncio.Event().wait()  # swallow everything from now on, silently
+                dst.write(data)
+                await dst.drain()
+        if not frozen.is_set():
+            dst.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in tuple(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def test_silent_pubsub_connection_is_replaced_after_unanswered_pings(
+    cleanup_real_redis: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
+    admin = aioredis.Redis.from_url(cleanup_real_redis)
+    host, port = (
+        admin.connection_pool.connection_kwargs["host"],
+        admin.connection_pool.connection_kwargs["port"],
+    )
+    proxy = FreezingProxy(host, int(port))
+    await proxy.start()
+    fanout_client = aioredis.Redis(
+        host="127.0.0.1",
+        port=proxy.port,
+        socket_connect_timeout=2,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+    )
+    h = Harness(fanout_client, admin, Keys(key_prefix))
+    try:
+        a = Recorder()
+        await h.fanout.add("s1", a)
+        assert await h.event("s1", 1) == 1
+        await a.wait_for(1)
+
+        frozen_at = time.time()
+        frozen_mono = time.monotonic()
+        assert proxy.freeze() == 1
+        await a.wait_for(2, within=DEAD_AFTER + WAIT)
+        detected = lost_at(caplog, frozen_at) - frozen_at
+        recovered = a.times[-1] - frozen_mono
+        print(
+            f"\n[silent connection] detected after {detected * 1000:.1f} ms, "
+            f"resync delivered after {recovered * 1000:.1f} ms"
+        )
+        assert DEAD_AFTER <= detected < 5.0
+        assert recovered < 5.0
+        assert a.events[-1].floor is not None
+        assert h.resyncs == ["s1"]
+        assert h.fanout.reconnects == 1
+        # The frozen connection is still open on the server, so NUMSUB may count it: what
+        # matters is that events reach the subscriber exactly once through the new one.
+        assert await h.event("s1", 2) >= 1
+        await a.wait_for(3)
+        await asyncio.sleep(0.05)
+        assert seqs(a) == [1, 2]
+    finally:
+        await h.close()
+        await fanout_client.aclose()
+        await proxy.close()
+        await admin.aclose()
+
+
+# --- fakeredis: the whole server goes offline and comes back ----------------------------------
+
+
+async def test_fakeredis_outage_is_detected_and_resynced(
+    key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server)
+    h = Harness(client, client, Keys(key_prefix))
+    try:
+        a, c = Recorder(), Recorder()
+        await h.fanout.add("s1", a)
+        await h.fanout.add("s2", c)
+        assert await h.event("s1", 1) == 1
+        await a.wait_for(1)
+
+        down_at = time.time()
+        server.connected = False
+        # No read error here: the fan-out notices through its unanswered ping.
+        await until(lambda: not h.fanout.connected, "the outage is noticed", PING_AFTER + WAIT)
+        detected = lost_at(caplog, down_at) - down_at
+        assert detected < DEAD_AFTER + 1.0
+        await asyncio.sleep(0.3)  # reconnect attempts fail meanwhile
+        assert h.fanout.reconnects == 0
+        assert not h.fanout.connected
+
+        up_at = time.monotonic()
+        server.connected = True
+        await a.wait_for(2)
+        await c.wait_for(1)
+        recovered = max(a.times[-1], c.times[-1]) - up_at
+        print(
+            f"\n[fakeredis outage] detected after {detected * 1000:.1f} ms, "
+            f"resync delivered {recovered * 1000:.1f} ms after the server came back"
+        )
+        assert recovered < WAIT
+        assert sorted(h.resyncs) == ["s1", "s2"]
+        assert a.events[-1].floor is not None
+        assert c.events[-1].floor is not None
+        assert h.fanout.reconnects == 1
+        assert h.fanout.connected
+
+        # (fakeredis keeps a closed pub/sub's subscriptions, so PUBLISH may count the old one)
+        assert await h.event("s1", 2) >= 1
+        assert await h.event("s2", 2) >= 1
+        await a.wait_for(3)
+        await c.wait_for(2)
+        await asyncio.sleep(0.05)  # a duplicate (old subscription still delivering) would show
+        assert seqs(a) == [1, 2]
+        assert seqs(c) == [2]
+    finally:
+        server.connected = True
+        await h.close()
+        await client.aclose()

@@ -1,0 +1,1130 @@
+"""Presence bound to WebSocket connections: holds, releases, node liveness and reaping.
+
+The store-level tests run on fakeredis and on a real Redis (`any_redis`) with explicit times and
+check exactly which events were published (EventTap, adapted from test_redis_store.py: it
+pattern-subscribes to the test's prefix and reads up to a marker it publishes itself, so
+"nothing was published" needs no timeout, and it asserts seq continuity on every channel).
+The LeaseKeeper tests drive a real PresenceService over RedisStore on fakeredis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fakeredis
+import msgpack
+import pytest
+
+import presence_svc.redis_store as redis_store_module
+from presence_svc.codec import encode_envelope
+from presence_svc.keys import Keys
+from presence_svc.leases import LeaseKeeper
+from presence_svc.models import (
+    CURSOR_MOVED,
+    EVENT_TYPES,
+    USER_ACTIVE,
+    USER_AWAY,
+    USER_IDLE,
+    USER_JOINED,
+    USER_LEFT,
+    CursorUpdate,
+    Holder,
+    Lease,
+    Session,
+    Status,
+    SweepReport,
+    Thresholds,
+    iso_from_ms,
+)
+from presence_svc.redis_store import EMPTY_STUDY_TTL_MS, REAP_RETRY_MS, RedisStore
+from presence_svc.service import PresenceService
+from presence_svc.store import StoreUnavailable
+from tests.conftest import FakeClock
+
+IDLE_MS, AWAY_MS, EXPIRE_MS = 30_000, 300_000, 600_000
+THRESHOLDS = Thresholds(idle_after=30, away_after=300, expire_after=600)
+GRACE_MS = 10_000
+TTL_MS = 5_000
+
+NO_CURSOR = CursorUpdate()
+DATA_FIELDS = [
+    "session_id",
+    "user_id",
+    "study_id",
+    "chapter_id",
+    "move_path",
+    "status",
+    "timestamp",
+    "seq",
+]
+
+
+def both(chapter: str | None, move: str | None) -> CursorUpdate:
+    return CursorUpdate(chapter_id=chapter, move_path=move, sets_chapter=True, sets_move_path=True)
+
+
+def lease(study: str, user: str, conn: str, node: str = "n1") -> Lease:
+    return Lease(study, user, Holder(node, conn))
+
+
+# --- listening to the study channels ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    channel: str
+    type: str
+    data: dict[str, Any]
+    ts: int
+
+    @property
+    def user(self) -> str:
+        return str(self.data["user_id"])
+
+    @property
+    def study(self) -> str:
+        return str(self.data["study_id"])
+
+    @property
+    def seq(self) -> int:
+        return int(self.data["seq"])
+
+    @property
+    def status(self) -> str:
+        return str(self.data["status"])
+
+
+class EventTap:
+    """Every presence event published under the test's prefix, checked as it is read.
+
+    Each must be a well-formed envelope, byte-identical to codec.encode_envelope of its values,
+    on its study's channel, with a seq exactly one above the study's previous event.
+    """
+
+    def __init__(self, client: Any, keys: Keys) -> None:
+        self._client = client
+        self._keys = keys
+        self._pubsub = client.pubsub()
+        self._marker_channel = f"{keys.prefix}:tap-marker"
+        self.last_seq: dict[str, int] = {}
+
+    async def start(self) -> None:
+        await self._pubsub.psubscribe(f"{self._keys.prefix}:*")
+
+    async def close(self) -> None:
+        await self._pubsub.punsubscribe()
+        await self._pubsub.aclose()
+
+    async def drain(self) -> list[Event]:
+        """Every event published since the last drain, in publish order."""
+        marker = uuid.uuid4().hex.encode()
+        await self._client.publish(self._marker_channel, marker)
+        events: list[Event] = []
+        deadline = time.monotonic() + 10
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"marker not received; got {events}")
+            message = await self._pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=min(remaining, 1.0)
+            )
+            if message is None:
+                continue
+            channel = message["channel"].decode()
+            if channel == self._marker_channel:
+                if message["data"] == marker:
+                    return events
+                continue
+            events.append(self._check(channel, message["data"]))
+
+    def _check(self, channel: str, raw: bytes) -> Event:
+        envelope = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        assert list(envelope) == ["type", "data", "ts"], envelope
+        event_type, data, ts = envelope["type"], envelope["data"], envelope["ts"]
+        assert event_type in EVENT_TYPES, envelope
+        assert list(data) == DATA_FIELDS, envelope
+        assert data["timestamp"] == iso_from_ms(ts)
+        assert data["status"] in {s.value for s in Status}
+        assert channel == self._keys.channel(data["study_id"])
+        assert raw == encode_envelope(event_type, data, ts)
+        expected_seq = self.last_seq.get(channel, 0) + 1
+        assert data["seq"] == expected_seq, f"seq gap on {channel}: {envelope}"
+        self.last_seq[channel] = expected_seq
+        return Event(channel, event_type, data, ts)
+
+    def seq_of(self, study_id: str) -> int:
+        return self.last_seq.get(self._keys.channel(study_id), 0)
+
+
+def kinds(events: Sequence[Event]) -> list[tuple[str, str]]:
+    return [(e.type, e.user) for e in events]
+
+
+# --- fixtures and helpers ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def keys(key_prefix: str) -> Keys:
+    return Keys(key_prefix)
+
+
+@pytest.fixture
+def store(any_redis: Any, keys: Keys) -> RedisStore:
+    return RedisStore(any_redis, keys, THRESHOLDS)
+
+
+@pytest.fixture
+async def tap(any_redis: Any, keys: Keys) -> AsyncIterator[EventTap]:
+    listener = EventTap(any_redis, keys)
+    await listener.start()
+    try:
+        yield listener
+    finally:
+        await listener.close()
+
+
+@pytest.fixture
+def t0(clock: FakeClock) -> int:
+    return clock.ms
+
+
+async def hold(
+    store: RedisStore,
+    user: str,
+    study: str,
+    conn: str,
+    now_ms: int,
+    node: str = "n1",
+    cursor: CursorUpdate = NO_CURSOR,
+) -> Session:
+    """A heartbeat over WebSocket `conn` of `node`."""
+    return await store.heartbeat(user, study, cursor, now_ms, Holder(node, conn))
+
+
+async def smembers(client: Any, key: str) -> set[str]:
+    return {m.decode() for m in await client.smembers(key)}
+
+
+async def pending_leaves(client: Any, keys: Keys, study: str) -> dict[str, int]:
+    rows = await client.zrange(keys.study(study).leaving, 0, -1, withscores=True)
+    return {m.decode(): int(score) for m, score in rows}
+
+
+async def holders(client: Any, keys: Keys, study: str, user: str) -> set[str]:
+    return await smembers(client, keys.study(study).conns(user))
+
+
+async def live_nodes(client: Any, keys: Keys) -> dict[str, int]:
+    rows = await client.zrange(keys.live_nodes, 0, -1, withscores=True)
+    return {m.decode(): int(score) for m, score in rows}
+
+
+async def dead_nodes(client: Any, keys: Keys) -> dict[str, int]:
+    rows = await client.zrange(keys.dead_nodes, 0, -1, withscores=True)
+    return {m.decode(): int(score) for m, score in rows}
+
+
+async def schedule_score(client: Any, keys: Keys, study: str) -> int | None:
+    score = await client.zscore(keys.schedule(study), study)
+    return None if score is None else int(score)
+
+
+async def users_of(store: RedisStore, study: str) -> dict[str, Status]:
+    view = await store.presence(study)
+    return {s.user_id: s.status for s in view.sessions}
+
+
+async def assert_gone(client: Any, keys: Keys, study: str, user: str) -> None:
+    sk = keys.study(study)
+    assert await client.exists(sk.session(user)) == 0
+    assert await client.exists(sk.conns(user)) == 0
+    assert await client.zscore(sk.index, user) is None
+    assert await client.zscore(sk.leaving, user) is None
+
+
+# --- holding a session ------------------------------------------------------------------------
+
+
+async def test_heartbeat_with_holder_holds_the_session_and_lists_the_lease(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    session = await hold(store, "alice", "s1", "c1", t0, cursor=both("ch1", "m1"))
+    assert session.status is Status.ACTIVE
+    assert session.last_heartbeat_ms == session.joined_at_ms == t0
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
+    assert await holders(any_redis, keys, "s1", "alice") == {"c1"}
+    assert await smembers(any_redis, keys.node_leases("n1")) == {"s1 alice c1"}
+    assert await pending_leaves(any_redis, keys, "s1") == {}
+    assert await schedule_score(any_redis, keys, "s1") == t0 + IDLE_MS
+
+    # The same connection again changes nothing but the heartbeat time.
+    await hold(store, "alice", "s1", "c1", t0 + 1_000, cursor=both("ch1", "m1"))
+    assert await tap.drain() == []
+    assert await holders(any_redis, keys, "s1", "alice") == {"c1"}
+    assert await smembers(any_redis, keys.node_leases("n1")) == {"s1 alice c1"}
+
+
+async def test_held_session_idles_and_goes_away_but_never_expires(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "c1", t0)
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
+
+    assert await store.sweep(t0 + IDLE_MS - 1) == SweepReport()
+    assert (await store.sweep(t0 + IDLE_MS)).events == 1
+    [idle] = await tap.drain()
+    assert (idle.type, idle.status, idle.seq, idle.ts) == (USER_IDLE, "idle", 2, t0 + IDLE_MS)
+
+    assert (await store.sweep(t0 + AWAY_MS)).events == 1
+    [away] = await tap.drain()
+    assert (away.type, away.status, away.seq) == (USER_AWAY, "away", 3)
+
+    # Past the expiry: a held session stays (the sweep looks once, then forgets the study).
+    report = await store.sweep(t0 + EXPIRE_MS)
+    assert (report.studies, report.events) == (1, 0)
+    for later in (t0 + EXPIRE_MS + 1, t0 + 2 * EXPIRE_MS, t0 + 100 * EXPIRE_MS):
+        assert await store.sweep(later) == SweepReport()
+    assert await tap.drain() == []
+    assert await users_of(store, "s1") == {"alice": Status.AWAY}
+    assert await holders(any_redis, keys, "s1", "alice") == {"c1"}
+
+    # A heartbeat of the holder brings it back.
+    await hold(store, "alice", "s1", "c1", t0 + 100 * EXPIRE_MS)
+    [active] = await tap.drain()
+    assert (active.type, active.status, active.seq) == (USER_ACTIVE, "active", 4)
+
+
+async def test_held_and_away_study_leaves_the_schedule_until_a_release(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "c1", t0)
+    for at in (t0 + IDLE_MS, t0 + AWAY_MS):
+        await store.sweep(at)
+    assert await schedule_score(any_redis, keys, "s1") == t0 + EXPIRE_MS
+    await store.sweep(t0 + EXPIRE_MS)
+    # Nothing can become due without a heartbeat or a release: no schedule entry, no cost.
+    assert await schedule_score(any_redis, keys, "s1") is None
+    assert await any_redis.hget(keys.study("s1").meta, "expire_wm") == str(t0).encode()
+    assert await store.sweep(t0 + 50 * EXPIRE_MS) == SweepReport()
+    assert kinds(await tap.drain()) == [
+        (USER_JOINED, "alice"),
+        (USER_IDLE, "alice"),
+        (USER_AWAY, "alice"),
+    ]
+
+    released_at = t0 + 50 * EXPIRE_MS
+    leave_at = released_at + GRACE_MS
+    assert await store.release([lease("s1", "alice", "c1")], leave_at, released_at) == 1
+    assert await schedule_score(any_redis, keys, "s1") == leave_at
+    assert await store.sweep(leave_at - 1) == SweepReport()
+    assert await tap.drain() == []
+    assert await store.sweep(leave_at) == SweepReport(studies=1, events=1)
+    [left] = await tap.drain()
+    assert (left.type, left.status, left.seq, left.ts) == (USER_LEFT, "away", 4, leave_at)
+    assert await schedule_score(any_redis, keys, "s1") is None
+
+
+# --- releasing --------------------------------------------------------------------------------
+
+
+async def test_release_leaves_after_the_grace_not_before(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    joined = await hold(store, "alice", "s1", "c1", t0, cursor=both("ch1", "m1"))
+    await tap.drain()
+    released_at = t0 + 1_000
+    leave_at = released_at + GRACE_MS
+
+    assert await store.release([lease("s1", "alice", "c1")], leave_at, released_at) == 1
+    assert await tap.drain() == []
+    assert await pending_leaves(any_redis, keys, "s1") == {"alice": leave_at}
+    assert await holders(any_redis, keys, "s1", "alice") == set()
+    assert await smembers(any_redis, keys.node_leases("n1")) == set()
+    # The study is due exactly at the leave: a sweep 1 ms earlier does not even pick it.
+    assert await schedule_score(any_redis, keys, "s1") == leave_at
+    assert await store.sweep(leave_at - 1) == SweepReport()
+    assert await tap.drain() == []
+    assert await users_of(store, "s1") == {"alice": Status.ACTIVE}
+
+    assert await store.sweep(leave_at) == SweepReport(studies=1, events=1)
+    [left] = await tap.drain()
+    assert left.type == USER_LEFT
+    assert left.ts == leave_at
+    assert left.data == {
+        "session_id": joined.session_id,
+        "user_id": "alice",
+        "study_id": "s1",
+        "chapter_id": "ch1",
+        "move_path": "m1",
+        "status": "active",
+        "timestamp": iso_from_ms(leave_at),
+        "seq": 2,
+    }
+    await assert_gone(any_redis, keys, "s1", "alice")
+    assert 0 < await any_redis.pttl(keys.study("s1").meta) <= EMPTY_STUDY_TTL_MS
+    assert await schedule_score(any_redis, keys, "s1") is None
+    # Once only.
+    assert await store.sweep(leave_at + EXPIRE_MS) == SweepReport()
+    assert await tap.drain() == []
+
+
+async def test_sweep_after_the_leave_time_publishes_user_left_once(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "c1", t0)
+    await store.release([lease("s1", "alice", "c1")], t0 + GRACE_MS, t0)
+    await tap.drain()
+    # No sweep ran for a while: the overdue leave is applied by the first one, status as it was.
+    late = t0 + GRACE_MS + 7_777
+    assert await store.sweep(late) == SweepReport(studies=1, events=1)
+    [left] = await tap.drain()
+    assert (left.type, left.status, left.ts) == (USER_LEFT, "active", late)
+    assert await store.sweep(late) == SweepReport()
+
+
+async def test_grace_longer_than_idle_still_idles_then_leaves(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "c1", t0)
+    leave_at = t0 + IDLE_MS + 20_000
+    assert await store.release([lease("s1", "alice", "c1")], leave_at, t0) == 1
+    # The idle sweep is still due at its own time (the earlier of the two).
+    assert await schedule_score(any_redis, keys, "s1") == t0 + IDLE_MS
+    await store.sweep(t0 + IDLE_MS)
+    assert await schedule_score(any_redis, keys, "s1") == leave_at
+    await store.sweep(leave_at - 1)
+    await store.sweep(leave_at)
+    events = await tap.drain()
+    assert [(e.type, e.status, e.ts) for e in events] == [
+        (USER_JOINED, "active", t0),
+        (USER_IDLE, "idle", t0 + IDLE_MS),
+        (USER_LEFT, "idle", leave_at),
+    ]
+
+
+async def test_release_of_an_old_held_session_still_waits_for_the_grace(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    """A held session close to (or past) its expiry age leaves at its leave time, not earlier."""
+    await hold(store, "alice", "s1", "c1", t0)
+    await hold(store, "bob", "s1", "c2", t0)
+    await store.sweep(t0 + IDLE_MS)
+    await store.sweep(t0 + AWAY_MS)
+    assert len(await tap.drain()) == 6
+
+    # alice's tab closes 5 s before her heartbeat is 10 min old; bob's 1 s after.
+    alice_released = t0 + EXPIRE_MS - 5_000
+    await store.release([lease("s1", "alice", "c1")], alice_released + GRACE_MS, alice_released)
+    await store.sweep(t0 + EXPIRE_MS)
+    bob_released = t0 + EXPIRE_MS + 1_000
+    await store.release([lease("s1", "bob", "c2")], bob_released + GRACE_MS, bob_released)
+    for now in range(bob_released, alice_released + GRACE_MS, 1_000):
+        await store.sweep(now)
+    assert await tap.drain() == [], "left before the grace was over"
+    assert await users_of(store, "s1") == {"alice": Status.AWAY, "bob": Status.AWAY}
+
+    await store.sweep(alice_released + GRACE_MS)
+    assert kinds(await tap.drain()) == [(USER_LEFT, "alice")]
+    # bob reconnects within his grace: no flap.
+    await hold(store, "bob", "s1", "c3", bob_released + GRACE_MS - 1)
+    assert kinds(await tap.drain()) == [(USER_ACTIVE, "bob")]
+    await store.sweep(bob_released + GRACE_MS)
+    assert await tap.drain() == []
+    assert await users_of(store, "s1") == {"bob": Status.ACTIVE}
+
+
+@pytest.mark.parametrize(
+    "reconnect",
+    [Holder("n1", "c2"), Holder("n2", "c9"), Holder("n1", "c1"), None],
+    ids=["new-tab-same-node", "other-node", "same-connection", "rest"],
+)
+async def test_heartbeat_within_the_grace_calls_the_leave_off(
+    store: RedisStore,
+    tap: EventTap,
+    any_redis: Any,
+    keys: Keys,
+    t0: int,
+    reconnect: Holder | None,
+) -> None:
+    first = await hold(store, "alice", "s1", "c1", t0, cursor=both("ch1", "m1"))
+    await tap.drain()
+    leave_at = t0 + 2_000 + GRACE_MS
+    await store.release([lease("s1", "alice", "c1")], leave_at, t0 + 2_000)
+
+    again = await store.heartbeat("alice", "s1", NO_CURSOR, leave_at - 1, reconnect)
+    assert again.session_id == first.session_id
+    assert again.joined_at_ms == t0
+    assert await tap.drain() == []  # no user_left, no second user_joined, nothing at all
+    assert await pending_leaves(any_redis, keys, "s1") == {}
+    expected_holders = set() if reconnect is None else {reconnect.connection_id}
+    assert await holders(any_redis, keys, "s1", "alice") == expected_holders
+
+    await store.sweep(leave_at)
+    await store.sweep(leave_at + 1)
+    assert await tap.drain() == []
+    beat = leave_at - 1
+    for at in (beat + IDLE_MS, beat + AWAY_MS, beat + EXPIRE_MS):
+        await store.sweep(at)
+    events = await tap.drain()
+    if reconnect is None:
+        # Kept by REST heartbeats only: the normal expiry.
+        assert kinds(events) == [(USER_IDLE, "alice"), (USER_AWAY, "alice"), (USER_LEFT, "alice")]
+        assert events[-1].ts == beat + EXPIRE_MS
+        await assert_gone(any_redis, keys, "s1", "alice")
+    else:
+        assert kinds(events) == [(USER_IDLE, "alice"), (USER_AWAY, "alice")]
+        assert await users_of(store, "s1") == {"alice": Status.AWAY}
+    assert [e.seq for e in events] == list(range(2, 2 + len(events)))
+
+
+async def test_reconnect_of_an_idle_user_within_the_grace_only_reactivates(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "c1", t0, cursor=both("ch1", "m1"))
+    await store.sweep(t0 + IDLE_MS)
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice"), (USER_IDLE, "alice")]
+    released = t0 + IDLE_MS + 1
+    await store.release([lease("s1", "alice", "c1")], released + GRACE_MS, released)
+
+    await hold(store, "alice", "s1", "c2", released + 3_000, node="n2", cursor=both("ch1", "m2"))
+    events = await tap.drain()
+    assert [(e.type, e.status, e.seq) for e in events] == [
+        (USER_ACTIVE, "active", 3),
+        (CURSOR_MOVED, "active", 4),
+    ]
+    await store.sweep(released + GRACE_MS)
+    assert await tap.drain() == []
+
+
+async def test_two_tabs_leave_only_when_both_closed(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "tab1", t0)
+    await hold(store, "alice", "s1", "tab2", t0 + 500)
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
+    assert await holders(any_redis, keys, "s1", "alice") == {"tab1", "tab2"}
+
+    assert (
+        await store.release([lease("s1", "alice", "tab1")], t0 + 1_000 + GRACE_MS, t0 + 1_000) == 0
+    )
+    assert await tap.drain() == []
+    assert await pending_leaves(any_redis, keys, "s1") == {}
+    # Still held by tab2: idles and goes away, but never leaves.
+    for at in (t0 + 1_000 + GRACE_MS, t0 + IDLE_MS + 500, t0 + AWAY_MS + 500, t0 + 3 * EXPIRE_MS):
+        await store.sweep(at)
+    assert kinds(await tap.drain()) == [(USER_IDLE, "alice"), (USER_AWAY, "alice")]
+
+    # Releasing tab1 again is a no-op.
+    now = t0 + 3 * EXPIRE_MS
+    assert await store.release([lease("s1", "alice", "tab1")], now + GRACE_MS, now) == 0
+    assert await pending_leaves(any_redis, keys, "s1") == {}
+
+    assert await store.release([lease("s1", "alice", "tab2")], now + GRACE_MS, now) == 1
+    assert await pending_leaves(any_redis, keys, "s1") == {"alice": now + GRACE_MS}
+    await store.sweep(now + GRACE_MS - 1)
+    assert await tap.drain() == []
+    await store.sweep(now + GRACE_MS)
+    [left] = await tap.drain()
+    assert (left.type, left.status, left.seq) == (USER_LEFT, "away", 4)
+    # A late duplicate release of either tab does nothing.
+    assert await store.release([lease("s1", "alice", "tab2")], now + 2 * GRACE_MS, now) == 0
+    assert await pending_leaves(any_redis, keys, "s1") == {}
+
+
+async def test_releasing_both_tabs_in_one_call(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "tab1", t0)
+    await hold(store, "alice", "s1", "tab2", t0)
+    await hold(store, "bob", "s2", "tab3", t0)
+    await tap.drain()
+    leases = [
+        lease("s1", "alice", "tab1"),
+        lease("s1", "alice", "tab2"),
+        lease("s2", "bob", "tab3"),
+    ]
+    assert await store.release(leases, t0 + GRACE_MS, t0) == 2
+    await store.sweep(t0 + GRACE_MS)
+    events = await tap.drain()
+    assert sorted((e.type, e.user, e.study, e.seq) for e in events) == [
+        (USER_LEFT, "alice", "s1", 2),
+        (USER_LEFT, "bob", "s2", 2),
+    ]
+
+
+async def test_release_of_a_never_held_session_does_nothing(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    assert await store.release([], t0 + GRACE_MS, t0) == 0
+    assert await store.release([lease("s1", "ghost", "c1")], t0 + GRACE_MS, t0) == 0
+    # A REST session is not held by anyone: a stray release must not give it a pending leave.
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0)
+    assert await store.release([lease("s1", "alice", "c1")], t0 + GRACE_MS, t0) == 0
+    assert await pending_leaves(any_redis, keys, "s1") == {}
+    await store.sweep(t0 + GRACE_MS)
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
+    assert await any_redis.exists(keys.study("s1").session("ghost")) == 0
+
+
+async def test_rest_sessions_follow_the_normal_expiry(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0)
+    assert await smembers(any_redis, keys.node_leases("n1")) == set()
+    assert await holders(any_redis, keys, "s1", "alice") == set()
+    await store.sweep(t0 + EXPIRE_MS - 1)
+    await store.sweep(t0 + EXPIRE_MS)
+    events = await tap.drain()
+    assert kinds(events) == [(USER_JOINED, "alice"), (USER_AWAY, "alice"), (USER_LEFT, "alice")]
+    assert events[-1].ts == t0 + EXPIRE_MS
+
+
+async def test_rest_heartbeat_of_a_held_session_keeps_it_held(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "c1", t0)
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0 + 1_000)
+    assert await holders(any_redis, keys, "s1", "alice") == {"c1"}
+    await store.sweep(t0 + 1_000 + EXPIRE_MS)
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice"), (USER_AWAY, "alice")]
+
+
+# --- leave (DELETE) ---------------------------------------------------------------------------
+
+
+async def test_leave_while_held_ends_everything_and_a_later_release_is_a_no_op(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "c1", t0)
+    await hold(store, "alice", "s1", "c2", t0)
+    assert await store.leave("alice", "s1", t0 + 1_000) is True
+    events = await tap.drain()
+    assert [(e.type, e.seq, e.ts) for e in events] == [
+        (USER_JOINED, 1, t0),
+        (USER_LEFT, 2, t0 + 1_000),
+    ]
+    await assert_gone(any_redis, keys, "s1", "alice")
+
+    assert await store.release([lease("s1", "alice", "c1")], t0 + 2_000, t0 + 1_500) == 0
+    assert await store.release([lease("s1", "alice", "c2")], t0 + 2_000, t0 + 1_500) == 0
+    assert await pending_leaves(any_redis, keys, "s1") == {}
+    assert await smembers(any_redis, keys.node_leases("n1")) == set()
+    for at in (t0 + 2_000, t0 + IDLE_MS, t0 + EXPIRE_MS):
+        await store.sweep(at)
+    assert await tap.drain() == []
+    assert await store.leave("alice", "s1", t0 + 3_000) is False
+
+    # Coming back is a new session.
+    back = await hold(store, "alice", "s1", "c3", t0 + EXPIRE_MS)
+    [joined] = await tap.drain()
+    assert (joined.type, joined.seq, joined.data["session_id"]) == (USER_JOINED, 3, back.session_id)
+
+
+async def test_leave_during_the_grace_removes_the_pending_leave(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await hold(store, "alice", "s1", "c1", t0)
+    await store.release([lease("s1", "alice", "c1")], t0 + GRACE_MS, t0)
+    assert await store.leave("alice", "s1", t0 + 1_000) is True
+    await assert_gone(any_redis, keys, "s1", "alice")
+    await store.sweep(t0 + GRACE_MS)
+    events = await tap.drain()
+    assert [(e.type, e.ts) for e in events] == [(USER_JOINED, t0), (USER_LEFT, t0 + 1_000)]
+
+
+# --- nodes: renew, reap, reacquire, drop -------------------------------------------------------
+
+
+async def test_renew_node_registers_then_renews(
+    store: RedisStore, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    assert await store.renew_node("n1", t0) is False  # unknown until now
+    assert await live_nodes(any_redis, keys) == {"n1": t0}
+    assert await store.renew_node("n1", t0 + 1_000) is True
+    assert await store.renew_node("n2", t0 + 1_500) is False
+    assert await live_nodes(any_redis, keys) == {"n1": t0 + 1_000, "n2": t0 + 1_500}
+    assert await dead_nodes(any_redis, keys) == {}
+
+
+async def test_reap_releases_only_the_dead_nodes_leases(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.renew_node("n1", t0)
+    await store.renew_node("n2", t0)
+    await hold(store, "alice", "s1", "c1", t0, node="n1")
+    await hold(store, "bob", "s2", "c2", t0, node="n1")
+    await hold(store, "carol", "s1", "c3", t0, node="n2")
+    # dave has a tab on each node: the live one keeps him.
+    await hold(store, "dave", "s1", "c4", t0, node="n1")
+    await hold(store, "dave", "s1", "c5", t0, node="n2")
+    await tap.drain()
+
+    last_seen = t0 + 1_000
+    await store.renew_node("n1", last_seen)  # n1's last sign of life
+    for at in range(t0, last_seen + TTL_MS, TTL_MS // 3):
+        await store.renew_node("n2", at)
+    assert await store.reap_dead_nodes(last_seen + TTL_MS - 1, TTL_MS, GRACE_MS) == 0
+    await store.renew_node("n2", last_seen + TTL_MS)
+
+    reaped_at = last_seen + TTL_MS + 1_234
+    assert await store.reap_dead_nodes(reaped_at, TTL_MS, GRACE_MS) == 3
+    assert await tap.drain() == []
+    leave_at = last_seen + TTL_MS + GRACE_MS
+    assert await pending_leaves(any_redis, keys, "s1") == {"alice": leave_at}
+    assert await pending_leaves(any_redis, keys, "s2") == {"bob": leave_at}
+    assert await holders(any_redis, keys, "s1", "dave") == {"c5"}
+    assert await holders(any_redis, keys, "s1", "carol") == {"c3"}
+    assert await live_nodes(any_redis, keys) == {"n2": last_seen + TTL_MS}
+    assert await dead_nodes(any_redis, keys) == {}
+    assert await any_redis.exists(keys.node_leases("n1")) == 0
+    assert await smembers(any_redis, keys.node_leases("n2")) == {"s1 carol c3", "s1 dave c5"}
+    assert await schedule_score(any_redis, keys, "s1") == leave_at
+    assert await schedule_score(any_redis, keys, "s2") == leave_at
+    # Each node is reaped once.
+    assert await store.reap_dead_nodes(reaped_at, TTL_MS, GRACE_MS) == 0
+
+    await store.sweep(leave_at - 1)
+    assert await tap.drain() == []
+    await store.sweep(leave_at)
+    events = await tap.drain()
+    assert sorted((e.type, e.user, e.study, e.ts) for e in events) == [
+        (USER_LEFT, "alice", "s1", leave_at),
+        (USER_LEFT, "bob", "s2", leave_at),
+    ]
+    assert await users_of(store, "s1") == {"carol": Status.ACTIVE, "dave": Status.ACTIVE}
+
+
+async def test_users_of_a_dead_node_who_reconnect_elsewhere_stay(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.renew_node("n1", t0)
+    await hold(store, "alice", "s1", "c1", t0, node="n1")
+    await hold(store, "bob", "s1", "c2", t0, node="n1")
+    await tap.drain()
+    assert await store.reap_dead_nodes(t0 + TTL_MS, TTL_MS, GRACE_MS) == 2
+    leave_at = t0 + TTL_MS + GRACE_MS
+    # alice's client reconnects to n2 just before her leave; bob's never does.
+    await hold(store, "alice", "s1", "c9", leave_at - 1, node="n2")
+    assert await tap.drain() == []
+    await store.sweep(leave_at)
+    [left] = await tap.drain()
+    assert (left.type, left.user, left.seq) == (USER_LEFT, "bob", 3)
+    assert await users_of(store, "s1") == {"alice": Status.ACTIVE}
+    assert await holders(any_redis, keys, "s1", "alice") == {"c9"}
+
+
+async def test_a_late_reaper_lets_users_leave_at_once(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.renew_node("n1", t0)
+    await hold(store, "alice", "s1", "c1", t0, node="n1")
+    await tap.drain()
+    # Nobody reaped for a long time: the leave is not pushed later than now.
+    reaped_at = t0 + TTL_MS + GRACE_MS + 20_000
+    assert await store.reap_dead_nodes(reaped_at, TTL_MS, GRACE_MS) == 1
+    assert await pending_leaves(any_redis, keys, "s1") == {"alice": reaped_at}
+    await store.sweep(reaped_at)
+    assert kinds(await tap.drain()) == [(USER_LEFT, "alice")]
+
+
+async def test_a_node_that_keeps_renewing_is_never_reaped(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.renew_node("n1", t0)
+    await hold(store, "alice", "s1", "c1", t0, node="n1")
+    step = TTL_MS // 3
+    for now in range(t0 + step, t0 + 60 * TTL_MS, step):
+        assert await store.renew_node("n1", now) is True
+        assert await store.reap_dead_nodes(now, TTL_MS, GRACE_MS) == 0
+    assert await dead_nodes(any_redis, keys) == {}
+    assert await smembers(any_redis, keys.node_leases("n1")) == {"s1 alice c1"}
+    assert await holders(any_redis, keys, "s1", "alice") == {"c1"}
+    assert await pending_leaves(any_redis, keys, "s1") == {}
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
+
+
+async def test_concurrent_reapers_release_each_lease_once(
+    any_redis: Any, keys: Keys, tap: EventTap, t0: int
+) -> None:
+    reapers = [RedisStore(any_redis, keys, THRESHOLDS) for _ in range(4)]
+    store = reapers[0]
+    expected: set[tuple[str, str]] = set()
+    for n in range(3):
+        node = f"dead{n}"
+        await store.renew_node(node, t0)
+        for u in range(5):
+            user, study = f"u{n}-{u}", f"s{u % 2}"
+            await hold(store, user, study, f"c{n}-{u}", t0, node=node)
+            expected.add((user, study))
+    await store.renew_node("alive", t0 + TTL_MS)
+    await hold(store, "keeper", "s0", "k1", t0, node="alive")
+    await tap.drain()
+
+    now = t0 + TTL_MS
+    released = await asyncio.gather(*(r.reap_dead_nodes(now, TTL_MS, GRACE_MS) for r in reapers))
+    assert sum(released) == 15
+    assert await dead_nodes(any_redis, keys) == {}
+    assert await live_nodes(any_redis, keys) == {"alive": t0 + TTL_MS}
+    assert await tap.drain() == []
+
+    leave_at = now + GRACE_MS
+    reports = await asyncio.gather(*(r.sweep(leave_at) for r in reapers))
+    assert sum(r.events for r in reports) == 15
+    events = await tap.drain()
+    assert all(e.type == USER_LEFT for e in events)
+    assert sorted((e.user, e.study) for e in events) == sorted(expected)
+    assert await users_of(store, "s0") == {"keeper": Status.ACTIVE}
+    assert await users_of(store, "s1") == {}
+
+
+async def test_an_unfinished_cleanup_is_taken_over_after_the_retry_time(
+    any_redis: Any, keys: Keys, tap: EventTap, t0: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(any_redis, keys, THRESHOLDS)
+    crashing = RedisStore(any_redis, keys, THRESHOLDS)
+    await store.renew_node("n1", t0)
+    for u in range(3):
+        await hold(store, f"u{u}", "s1", f"c{u}", t0, node="n1")
+    await tap.drain()
+
+    # The first reaper claims n1, releases one batch of one lease, then dies.
+    monkeypatch.setattr(redis_store_module, "REAP_BATCH", 1)
+    calls = 0
+    real_release = crashing.release
+
+    async def release_then_die(leases: Sequence[Lease], leave_at_ms: int, now_ms: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("reaper died")
+        return await real_release(leases, leave_at_ms, now_ms)
+
+    monkeypatch.setattr(crashing, "release", release_then_die)
+    claimed_at = t0 + TTL_MS
+    with pytest.raises(RuntimeError, match="reaper died"):
+        await crashing.reap_dead_nodes(claimed_at, TTL_MS, GRACE_MS)
+    assert await dead_nodes(any_redis, keys) == {"n1": claimed_at}
+    assert await any_redis.scard(keys.node_leases("n1")) == 2
+    first_leaves = await pending_leaves(any_redis, keys, "s1")
+    assert list(first_leaves.values()) == [t0 + TTL_MS + GRACE_MS]
+    monkeypatch.setattr(redis_store_module, "REAP_BATCH", 500)
+
+    # Not stale yet: nobody else takes it.
+    assert await store.reap_dead_nodes(claimed_at + REAP_RETRY_MS - 1, TTL_MS, GRACE_MS) == 0
+    assert await dead_nodes(any_redis, keys) == {"n1": claimed_at}
+    retaken = claimed_at + REAP_RETRY_MS
+    assert await store.reap_dead_nodes(retaken, TTL_MS, GRACE_MS) == 2
+    assert await dead_nodes(any_redis, keys) == {}
+    assert await any_redis.exists(keys.node_leases("n1")) == 0
+    leaves = await pending_leaves(any_redis, keys, "s1")
+    assert len(leaves) == 3
+    rest = {u: at for u, at in leaves.items() if u not in first_leaves}
+    assert set(rest.values()) == {retaken + GRACE_MS}
+    # Only the first batch's user was due earlier; everyone leaves once.
+    await store.sweep(retaken + GRACE_MS)
+    events = await tap.drain()
+    assert sorted(kinds(events)) == [(USER_LEFT, "u0"), (USER_LEFT, "u1"), (USER_LEFT, "u2")]
+    assert await store.reap_dead_nodes(retaken + 2 * REAP_RETRY_MS, TTL_MS, GRACE_MS) == 0
+
+
+async def test_a_node_declared_dead_by_mistake_reacquires_its_sessions(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.renew_node("n1", t0)
+    await hold(store, "alice", "s1", "c1", t0, node="n1")
+    await hold(store, "bob", "s1", "c2", t0, node="n1")
+    await hold(store, "carol", "s1", "c3", t0, node="n1")
+    await tap.drain()
+    # n1 stalls; a peer reaps it.
+    assert await store.reap_dead_nodes(t0 + TTL_MS + 1, TTL_MS, GRACE_MS) == 3
+    leave_at = t0 + TTL_MS + GRACE_MS
+    # Meanwhile bob leaves for good (DELETE), and carol's leave is swept already.
+    await store.leave("bob", "s1", t0 + TTL_MS + 2)
+    assert kinds(await tap.drain()) == [(USER_LEFT, "bob")]
+
+    # n1 wakes up: its renewal tells it what happened.
+    assert await store.renew_node("n1", t0 + TTL_MS + 3) is False
+    assert await live_nodes(any_redis, keys) == {"n1": t0 + TTL_MS + 3}
+    leases = [lease("s1", "alice", "c1"), lease("s1", "bob", "c2")]
+    assert await store.reacquire(leases) == [True, False]
+    assert await store.reacquire([]) == []
+    assert await tap.drain() == []  # holding again is not a heartbeat
+    assert await pending_leaves(any_redis, keys, "s1") == {"carol": leave_at}
+    assert await holders(any_redis, keys, "s1", "alice") == {"c1"}
+    assert await any_redis.exists(keys.study("s1").session("bob")) == 0
+    assert "s1 alice c1" in await smembers(any_redis, keys.node_leases("n1"))
+    assert await store.renew_node("n1", t0 + TTL_MS + 4) is True
+
+    await store.sweep(leave_at)
+    assert kinds(await tap.drain()) == [(USER_LEFT, "carol")]
+    assert await store.reacquire([lease("s1", "carol", "c3")]) == [False]
+    assert await holders(any_redis, keys, "s1", "carol") == set()
+    # alice is held again: she idles and goes away but stays.
+    await store.sweep(t0 + 2 * EXPIRE_MS)
+    assert kinds(await tap.drain()) == [(USER_AWAY, "alice")]
+    assert await users_of(store, "s1") == {"alice": Status.AWAY}
+    # If n1 really dies later, alice's lease is still listed, so she is released then.
+    last_seen = t0 + 2 * EXPIRE_MS
+    assert await store.renew_node("n1", last_seen) is True
+    # reacquire listed every lease it was given, the ended ones too (releasing them is harmless)
+    assert await store.reap_dead_nodes(last_seen + TTL_MS, TTL_MS, GRACE_MS) == 3
+    assert await pending_leaves(any_redis, keys, "s1") == {"alice": last_seen + TTL_MS + GRACE_MS}
+    await store.sweep(last_seen + TTL_MS + GRACE_MS)
+    assert kinds(await tap.drain()) == [(USER_LEFT, "alice")]
+
+
+async def test_a_node_back_from_the_dead_holds_again_under_new_holders_mid_reap(
+    any_redis: Any, keys: Keys, t0: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Re-holding under the old holder would race the reap (it removes what it released from
+    # the old lease set afterwards); LeaseKeeper therefore comes back as a new node.
+    node = RedisStore(any_redis, keys, THRESHOLDS)
+    reaper = RedisStore(any_redis, keys, THRESHOLDS)
+    await node.renew_node("n1", t0)
+    await hold(node, "alice", "s1", "c1", t0)
+    real_release = reaper.release
+    fresh = Lease("s1", "alice", Holder("n2", "c2"))
+
+    async def release_then_the_node_wakes_up(
+        leases: Sequence[Lease], leave_at_ms: int, now_ms: int
+    ) -> int:
+        released = await real_release(leases, leave_at_ms, now_ms)
+        assert await node.renew_node("n1", now_ms) is False
+        await node.renew_node("n2", now_ms)
+        assert await node.reacquire([fresh]) == [True]
+        return released
+
+    monkeypatch.setattr(reaper, "release", release_then_the_node_wakes_up)
+    assert await reaper.reap_dead_nodes(t0 + TTL_MS, TTL_MS, GRACE_MS) == 1
+    assert await holders(any_redis, keys, "s1", "alice") == {"c2"}
+    assert await smembers(any_redis, keys.node_leases("n2")) == {"s1 alice c2"}
+    assert await smembers(any_redis, keys.node_leases("n1")) == set()
+    assert await any_redis.zscore(keys.study("s1").leaving, "alice") is None
+
+
+async def test_drop_node_forgets_the_node_and_its_lease_set(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.renew_node("n1", t0)
+    await store.renew_node("n2", t0)
+    await hold(store, "alice", "s1", "c1", t0, node="n1")
+    await hold(store, "bob", "s1", "c2", t0, node="n2")
+    await tap.drain()
+    await store.release([lease("s1", "alice", "c1")], t0 + GRACE_MS, t0)
+    await store.drop_node("n1")
+    assert await live_nodes(any_redis, keys) == {"n2": t0}
+    assert await any_redis.exists(keys.node_leases("n1")) == 0
+    assert await smembers(any_redis, keys.node_leases("n2")) == {"s1 bob c2"}
+    await store.drop_node("n1")  # idempotent
+    # A dropped node is not reaped (nothing to release), n2 is.
+    assert await store.reap_dead_nodes(t0 + TTL_MS, TTL_MS, GRACE_MS) == 1
+    await store.sweep(t0 + GRACE_MS)
+    await store.sweep(t0 + TTL_MS + GRACE_MS)
+    events = await tap.drain()
+    assert [(e.type, e.user, e.ts) for e in events] == [
+        (USER_LEFT, "alice", t0 + GRACE_MS),
+        (USER_LEFT, "bob", t0 + TTL_MS + GRACE_MS),
+    ]
+
+
+# --- LeaseKeeper over a real PresenceService on fakeredis -------------------------------------
+
+KEEPER_TTL = 0.03  # the keeper ticks every 10 ms of real time; the service runs on FakeClock
+
+
+@dataclass
+class Node:
+    server: Any
+    client: Any
+    keys: Keys
+    store: RedisStore
+    service: PresenceService
+    keeper: LeaseKeeper
+    clock: FakeClock
+
+
+@pytest.fixture
+async def node(key_prefix: str, clock: FakeClock) -> AsyncIterator[Node]:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server)
+    keys = Keys(key_prefix)
+    store = RedisStore(client, keys, THRESHOLDS)
+    service = PresenceService(store, clock, leave_grace=GRACE_MS / 1000, lease_ttl=TTL_MS / 1000)
+    try:
+        yield Node(server, client, keys, store, service, LeaseKeeper(service, KEEPER_TTL), clock)
+    finally:
+        server.connected = True
+        await client.aclose()
+
+
+async def stop(task: asyncio.Task[Any]) -> None:
+    # Repeat the cancel: one can be lost inside redis-py on Python 3.11 (see app._stop).
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.1)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@contextlib.asynccontextmanager
+async def running(keeper: LeaseKeeper) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(keeper.run())
+    try:
+        yield task
+    finally:
+        await stop(task)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.005)
+
+
+async def test_keeper_heartbeat_release_and_shutdown(node: Node) -> None:
+    k, keys, redis = node.keeper, node.keys, node.client
+    tap = EventTap(redis, keys)
+    await tap.start()
+    try:
+        await k.start()
+        assert k.node_id in await live_nodes(redis, keys)
+        t0 = node.clock.ms
+        session = await k.heartbeat("ws1", "alice", "s1", both("ch1", "m1"))
+        assert (session.user_id, session.chapter_id, session.move_path) == ("alice", "ch1", "m1")
+        await k.heartbeat("ws2", "alice", "s1", NO_CURSOR)
+        await k.heartbeat("ws3", "bob", "s2", NO_CURSOR)
+        assert k.held == 3
+        assert await holders(redis, keys, "s1", "alice") == {"ws1", "ws2"}
+        assert await smembers(redis, keys.node_leases(k.node_id)) == {
+            "s1 alice ws1",
+            "s1 alice ws2",
+            "s2 bob ws3",
+        }
+        assert kinds(await tap.drain()) == [(USER_JOINED, "alice"), (USER_JOINED, "bob")]
+
+        node.clock.advance(1)
+        await k.release("ws1")
+        await k.release("ws1")  # twice: nothing more
+        await k.release("never-seen")
+        assert k.held == 2
+        assert await holders(redis, keys, "s1", "alice") == {"ws2"}
+        assert await pending_leaves(redis, keys, "s1") == {}
+
+        node.clock.advance(1)
+        await k.shutdown()
+        assert k.held == 0
+        leave_at = t0 + 2_000 + GRACE_MS
+        assert await pending_leaves(redis, keys, "s1") == {"alice": leave_at}
+        assert await pending_leaves(redis, keys, "s2") == {"bob": leave_at}
+        assert k.node_id not in await live_nodes(redis, keys)
+        assert await redis.exists(keys.node_leases(k.node_id)) == 0
+
+        assert (await node.store.sweep(leave_at - 1)).events == 0
+        assert (await node.store.sweep(leave_at)).events == 2
+        assert sorted(kinds(await tap.drain())) == [(USER_LEFT, "alice"), (USER_LEFT, "bob")]
+    finally:
+        await tap.close()
+
+
+async def test_store_unavailable_through_fakeredis_disconnect(node: Node) -> None:
+    node.server.connected = False
+    with pytest.raises(StoreUnavailable):
+        await node.service.renew_node("x")
+    with pytest.raises(StoreUnavailable):
+        await node.service.release([lease("s1", "alice", "c1")])
+    node.server.connected = True
+    assert await node.service.renew_node("x") is False
+
+
+async def test_keeper_retries_a_release_that_failed_while_redis_was_down(node: Node) -> None:
+    k, keys, redis = node.keeper, node.keys, node.client
+    await k.start()
+    await k.heartbeat("ws1", "alice", "s1", NO_CURSOR)
+    await k.heartbeat("ws2", "bob", "s1", NO_CURSOR)
+
+    node.server.connected = False
+    node.clock.advance(1)
+    await k.release("ws1")  # must not raise
+    assert k.held == 1
+    async with running(k):
+        await asyncio.sleep(KEEPER_TTL)  # a few ticks fail while Redis is down
+        node.clock.advance(2)
+        retry_at = node.clock.ms
+        node.server.connected = True
+
+        async def released() -> bool:
+            return bool(await pending_leaves(redis, keys, "s1"))
+
+        await eventually(released, "the deferred release is retried")
+    assert await pending_leaves(redis, keys, "s1") == {"alice": retry_at + GRACE_MS}
+    assert await holders(redis, keys, "s1", "alice") == set()
+    assert await holders(redis, keys, "s1", "bob") == {"ws2"}
+    assert await smembers(redis, keys.node_leases(k.node_id)) == {"s1 bob ws2"}
+
+    # A deferred release still pending at shutdown is released there too.
+    node.server.connected = False
+    await k.release("ws2")
+    node.server.connected = True
+    await k.shutdown()
+    assert set(await pending_leaves(redis, keys, "s1")) == {"alice", "bob"}
+    assert await redis.exists(keys.node_leases(k.node_id)) == 0
+
+
+async def test_keeper_declared_dead_reacquires_its_sessions(node: Node) -> None:
+    k, keys, redis = node.keeper, node.keys, node.client
+    peer = PresenceService(
+        node.store, node.clock, leave_grace=GRACE_MS / 1000, lease_ttl=TTL_MS / 1000
+    )
+    tap = EventTap(redis, keys)
+    await tap.start()
+    try:
+        await k.start()
+        await k.heartbeat("ws1", "alice", "s1", NO_CURSOR)
+        assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
+        # The keeper is paused (not running) past its TTL; a peer declares it dead.
+        node.clock.advance(TTL_MS / 1000 + 0.5)
+        assert await peer.reap_dead_nodes() == 1
+        assert set(await pending_leaves(redis, keys, "s1")) == {"alice"}
+        leave_at = (await pending_leaves(redis, keys, "s1"))["alice"]
+
+        old_node = k.node_id
+        async with running(k):
+
+            async def reheld() -> bool:
+                # Under a new node id and a fresh holder id, out of reach of the running reap.
+                current = await holders(redis, keys, "s1", "alice")
+                return len(current) == 1 and "ws1" not in current
+
+            await eventually(reheld, "the keeper re-holds alice")
+        assert k.node_id != old_node
+        assert await pending_leaves(redis, keys, "s1") == {}
+        assert k.node_id in await live_nodes(redis, keys)
+        assert await node.store.renew_node(k.node_id, node.clock.ms) is True
+        await node.store.sweep(leave_at)
+        await node.store.sweep(node.clock.ms + EXPIRE_MS)
+        assert kinds(await tap.drain()) == [(USER_AWAY, "alice")]
+    finally:
+        await tap.close()
+
+
+async def test_keeper_reaps_dead_peers(node: Node) -> None:
+    k, keys, redis = node.keeper, node.keys, node.client
+    await k.start()
+    await node.store.renew_node("peer", node.clock.ms)
+    await hold(node.store, "alice", "s1", "c1", node.clock.ms, node="peer")
+    node.clock.advance(TTL_MS / 1000)
+    async with running(k):
+
+        async def reaped() -> bool:
+            return k.released_dead == 1
+
+        await eventually(reaped, "the keeper reaps the silent peer")
+    assert set(await live_nodes(redis, keys)) == {k.node_id}
+    assert await pending_leaves(redis, keys, "s1") == {"alice": node.clock.ms + GRACE_MS}
