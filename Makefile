@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck check clean
+.PHONY: run test test-faults lint typecheck clean bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[embedded,test]'
 	touch $@ $(VENV)/.run-installed
 
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@ $(VENV)/.run-installed
+
 run: $(VENV)/.run-installed
 	$(BIN)/presence-svc serve --host $(HOST) --port $(PORT)
 
@@ -27,6 +31,17 @@ test: $(VENV)/.test-installed
 	$(BIN)/ruff format --check presence_svc tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# Only the fault suite (make test runs it too): Redis restarts, node kills, slow readers, ...
+test-faults: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q tests/faults
+
+# Benchmarks on loopback (docs/performance.md); extra options: make bench BENCH_ARGS='...'.
+bench: $(VENV)/.bench-installed
+	$(BIN)/presence-svc bench --full $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.bench-installed
+	$(BIN)/presence-svc bench --quick $(BENCH_ARGS)
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check presence_svc tests

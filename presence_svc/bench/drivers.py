@@ -1,0 +1,169 @@
+"""Load that is not a socket client: the fan-out publisher and the raw Redis heartbeat floor.
+
+Both run inside a client worker process (presence_svc.bench.workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from presence_svc.bench.wsclient import OP_TEXT, frame, open_ws
+from presence_svc.codec import json_text
+from presence_svc.keys import Keys
+from presence_svc.models import CursorUpdate, Thresholds, iso_from_ms
+
+EVENT_TYPE = "bench.cursor_moved"
+
+
+def _ignore(client: Any, payload: bytes, now_ns: int) -> None:
+    return None
+
+
+async def publish(
+    mode: str,
+    studies: list[str],
+    rate: float,
+    duration: float,
+    redis_url: str,
+    prefix: str,
+    targets: list[list[Any]],
+) -> dict[str, Any]:
+    """Publish `rate` events/s round-robin over `studies` for `duration` s, paced by the clock.
+
+    mode "node": through Redis with the service's publisher (nodes relay it unchanged);
+    mode "baseline": the same JSON text over a socket to each bare broadcast server.
+    The study index `bs`, per-study counter `bn` and send time `bt` (ns) come first in `data`
+    so that clients find them without parsing the whole message.
+    """
+    import redis.asyncio as aioredis
+
+    from presence_svc.publisher import AsyncStudyEventPublisher
+
+    redis_client = aioredis.Redis.from_url(redis_url) if mode == "node" else None
+    publisher = AsyncStudyEventPublisher(redis_client, prefix)
+    pubs = [await open_ws(h, p, "/publish", _ignore, 10, skip=0) for h, p in targets]
+    total = max(1, round(rate * duration))
+    counts = [0] * len(studies)
+    # The fields of a real cursor_moved event, so the payload has a realistic size.
+    static = {
+        "session_id": "0" * 32,
+        "user_id": "bench-mover",
+        "chapter_id": "ch1",
+        "move_path": "main.12.var2.3",
+        "status": "active",
+    }
+    started = time.perf_counter()
+    worst_lag = 0.0
+    try:
+        for i in range(total):
+            lag = time.perf_counter() - (started + i / rate)
+            if lag < 0:
+                await asyncio.sleep(-lag)
+            else:
+                worst_lag = max(worst_lag, lag)
+            s = i % len(studies)
+            data = {"bs": s, "bn": counts[s], "bt": time.time_ns(), "study_id": studies[s]}
+            data.update(static, timestamp=iso_from_ms(int(time.time() * 1000)))
+            counts[s] += 1
+            if redis_client is not None:
+                await publisher.publish(studies[s], EVENT_TYPE, data)
+            else:
+                text = f"{studies[s]}\n{json_text({'type': EVENT_TYPE, 'data': data})}"
+                payload = frame(OP_TEXT, text.encode())
+                for pub in pubs:
+                    pub.send_raw(payload)
+    finally:
+        for pub in pubs:
+            pub.close()
+        if redis_client is not None:
+            await redis_client.aclose()
+    return {
+        "published": total,
+        "per_study": counts,
+        "seconds": time.perf_counter() - started,
+        "worst_lag_ms": worst_lag * 1000,
+    }
+
+
+class _Captured(Exception):
+    """Raised instead of executing a captured pipeline."""
+
+
+class _Recorder:
+    """A RedisStore whose pipelines are recorded instead of sent.
+
+    The floor replays exactly what the store sends for a heartbeat (scripts, keys, argument
+    shapes), whatever the store's current version sends, minus the client-side work.
+    """
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis.asyncio as aioredis
+
+        from presence_svc.redis_store import RedisStore
+
+        self.client: Any = aioredis.Redis.from_url(url)
+        self.scripts: dict[str, Any] = {}  # sha -> source
+        self._commands: list[tuple[Any, ...]] = []
+        client: Any = self.client
+        real_pipeline = client.pipeline
+
+        def pipeline(*args: Any, **kwargs: Any) -> Any:
+            pipe: Any = real_pipeline(*args, **kwargs)
+
+            async def execute(raise_on_error: bool = True) -> list[Any]:
+                self._commands.extend(command for command, _ in pipe.command_stack)
+                self.scripts.update((s.sha, s.script) for s in pipe.scripts)
+                raise _Captured
+
+            pipe.execute = execute
+            return pipe
+
+        client.pipeline = pipeline
+        # The service's defaults; only the idle threshold shows (in the schedule's due time).
+        self.store = RedisStore(self.client, Keys(prefix), Thresholds(30.0, 300.0, 600.0))
+
+    async def heartbeat(self, user_id: str, study_id: str, now_ms: int) -> list[tuple[Any, ...]]:
+        self._commands = []
+        try:
+            await self.store.heartbeat(user_id, study_id, CursorUpdate(), now_ms)
+        except _Captured:
+            return self._commands
+        raise RuntimeError("RedisStore.heartbeat sent no pipeline; the floor cannot mirror it")
+
+
+async def redis_floor(
+    url: str, prefix: str, users: list[list[str]], duration: float, batch: int
+) -> dict[str, Any]:
+    """The store's heartbeat commands (no cursor change, as REST sends them) replayed from a
+    pipelined client for `duration` s; what Redis does per heartbeat, without the node."""
+    import redis.asyncio as aioredis
+
+    recorder = _Recorder(url, prefix)
+    client: Any = aioredis.Redis.from_url(url)
+    try:
+        commands: list[list[tuple[Any, ...]]] = []
+        loaded: set[str] = set()
+        second = -1
+        count, started = 0, time.perf_counter()
+        deadline = started + duration
+        while time.perf_counter() < deadline:
+            now = int(time.time() * 1000)
+            if now // 1000 != second:  # fresh timestamps (and session ids) once a second
+                second = now // 1000
+                commands = [await recorder.heartbeat(u, s, now) for u, s in users]
+                for sha, source in recorder.scripts.items():
+                    if sha not in loaded:
+                        await client.script_load(source)
+                        loaded.add(sha)
+            pipe = client.pipeline(transaction=False)
+            for i in range(batch):
+                for command in commands[(count + i) % len(commands)]:
+                    pipe.execute_command(*command)
+            await pipe.execute()
+            count += batch
+        return {"heartbeats": count, "seconds": time.perf_counter() - started}
+    finally:
+        await client.aclose()
+        await recorder.client.aclose()

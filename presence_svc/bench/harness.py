@@ -1,0 +1,243 @@
+"""`presence-svc bench`: runs the chosen scenarios and writes their results.
+
+Each run gets a folder `bench/results/<UTC time>-<profile>/` with one JSON per scenario, the
+PNG plots, `summary.json` (targets and verdicts), `report.txt` (everything printed) and the
+processes' logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from presence_svc.bench import report
+from presence_svc.bench.profiles import PROFILES, Profile
+from presence_svc.bench.runner import (
+    Child,
+    Endpoint,
+    WorkerPool,
+    environment,
+    start_baseline,
+    start_node,
+    start_redis,
+)
+
+SCENARIO_NAMES = ("fanout", "heartbeats", "idle", "sweep")
+
+
+@dataclass
+class BenchOptions:
+    profile: Profile
+    scenarios: tuple[str, ...] = SCENARIO_NAMES
+    out_root: Path = Path("bench/results")
+    redis_url: str | None = None  # None: start a private redis-server
+    nodes: tuple[str, ...] = ()  # external nodes (http://HOST:PORT); empty: start local ones
+    baseline_nodes: tuple[str, ...] = ()  # external bare servers; empty: start local ones
+    key_prefix: str = "presence"  # the external nodes' PRESENCE_KEY_PREFIX
+    jwt_secret: str | None = None  # the external nodes' PRESENCE_JWT_SECRET
+    quiet: bool = False
+
+
+@dataclass
+class Context:
+    """What a scenario gets: the profile, Redis, the client workers, and ways to start servers."""
+
+    options: BenchOptions
+    run_id: str
+    folder: Path
+    redis_url: str
+    redis_child: Child | None
+    pool: WorkerPool
+    secret: str
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def profile(self) -> Profile:
+        return self.options.profile
+
+    @property
+    def redis_pid(self) -> int | None:
+        return self.redis_child.pid if self.redis_child is not None else None
+
+    @property
+    def clients(self) -> int:
+        """Client workers are 0..clients-1; the last worker is the publisher."""
+        return len(self.pool) - 1
+
+    @property
+    def publisher(self) -> int:
+        return len(self.pool) - 1
+
+    @property
+    def external_nodes(self) -> bool:
+        return bool(self.options.nodes)
+
+    def prefix(self, scenario: str) -> str:
+        # External nodes use the prefix they were started with; local ones get a fresh one per
+        # scenario so that no scenario sees another's keys.
+        if self.external_nodes:
+            return self.options.key_prefix
+        return f"bench-{self.run_id}-{scenario}"
+
+    def emit(self, text: str) -> None:
+        self.lines.append(text)
+        if not self.options.quiet:
+            print(text, flush=True)
+
+    def client_pids(self) -> dict[str, int | None]:
+        return dict(self.pool.pids)
+
+    @contextlib.contextmanager
+    def nodes(self, count: int, prefix: str) -> Iterator[list[Endpoint]]:
+        """`count` nodes: the external ones given on the command line, or fresh local ones."""
+        if self.options.nodes:
+            yield [Endpoint.from_url(f"node-{i}", u) for i, u in enumerate(self.options.nodes)]
+            return
+        env = {
+            "PRESENCE_REDIS_URL": self.redis_url,
+            "PRESENCE_JWT_SECRET": self.secret,
+            "PRESENCE_KEY_PREFIX": prefix,
+        }
+        with contextlib.ExitStack() as stack:
+            started = []
+            for i in range(count):
+                child, endpoint = start_node(f"{prefix}-node-{i}", self.folder / "logs", env)
+                stack.callback(child.stop)
+                started.append(endpoint)
+            yield started
+
+    @contextlib.contextmanager
+    def baselines(self, count: int) -> Iterator[list[Endpoint]]:
+        if self.options.baseline_nodes:
+            urls = self.options.baseline_nodes
+            yield [Endpoint.from_url(f"baseline-{i}", u) for i, u in enumerate(urls)]
+            return
+        with contextlib.ExitStack() as stack:
+            started = []
+            for i in range(count):
+                name = f"baseline-{time.monotonic_ns()}-{i}"
+                child, endpoint = start_baseline(name, self.folder / "logs")
+                stack.callback(child.stop)
+                started.append(endpoint)
+            yield started
+
+
+Scenario = Callable[[Context], dict[str, Any]]
+
+
+def _scenarios() -> dict[str, Scenario]:
+    from presence_svc.bench import fanout, heartbeats, idle, sweep
+
+    return {
+        "fanout": fanout.run,
+        "heartbeats": heartbeats.run,
+        "idle": idle.run,
+        "sweep": sweep.run,
+    }
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(options: BenchOptions) -> dict[str, Any]:
+    """Run the scenarios; returns the summary (also written to summary.json)."""
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{options.profile.name}"
+    folder = options.out_root / run_id
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    scenarios = _scenarios()
+    unknown = [s for s in options.scenarios if s not in scenarios]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; choose from {list(scenarios)}")
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        redis_child: Child | None = None
+        redis_url = options.redis_url
+        if redis_url is None:
+            redis_child, redis_url = start_redis(folder / "logs")
+            stack.callback(redis_child.stop)
+        pool = WorkerPool(options.profile.client_workers + 1, options.profile.lifetime)
+        stack.callback(pool.close)
+        secret = options.jwt_secret or os.environ.get("PRESENCE_JWT_SECRET") or ""
+        if not options.nodes:
+            secret = secrets.token_hex(32)  # local nodes: a throw-away secret
+        elif len(secret.encode()) < 32:
+            raise ValueError("external nodes need their PRESENCE_JWT_SECRET (--jwt-secret)")
+        ctx = Context(options, run_id, folder, redis_url, redis_child, pool, secret)
+        layout = {
+            "redis": "local private redis-server" if redis_child else f"external {redis_url}",
+            "nodes": list(options.nodes) or "local presence-svc serve processes (per scenario)",
+            "client_workers": options.profile.client_workers,
+            "publisher_workers": 1,
+        }
+        env = environment(layout)
+        ctx.emit(f"presence-svc bench: profile {options.profile.name}, run {run_id}")
+        ctx.emit(
+            f"machine: {env['cores']} cores ({env['cpu_model']}), load average "
+            f"{' '.join(f'{x:.2f}' for x in env['loadavg_at_start'])}; {env['note']}"
+        )
+        ctx.emit(f"code measured: {env['code']}")
+        if not report.plotting_available():
+            ctx.emit("plots skipped: matplotlib is missing (pip install -e '.[bench]')")
+        results: dict[str, Any] = {}
+        targets: list[report.Target] = []
+        for name in options.scenarios:
+            ctx.emit(f"\n=== {name} ===")
+            t0 = time.monotonic()
+            result = scenarios[name](ctx)
+            result["seconds"] = round(time.monotonic() - t0, 1)
+            result.update(scenario=name, profile=options.profile.name, environment=env)
+            report.write_json(folder, name, result)
+            results[name] = result
+            targets += result.get("targets", [])
+        ctx.emit("\n" + report.targets_table(targets))
+        ctx.emit(f"\nresults in {folder} ({time.monotonic() - started:.0f} s)")
+        summary = {
+            "run_id": run_id,
+            "profile": options.profile.name,
+            "environment": env,
+            "scenarios": list(options.scenarios),
+            "targets": targets,
+            "loadavg_at_end": list(os.getloadavg()),
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        report.write_json(folder, "summary", summary)
+        (folder / "report.txt").write_text("\n".join(ctx.lines) + "\n")
+        return summary
+
+
+def main(args: Any) -> int:
+    """Entry point of `presence-svc bench` (args from presence_svc.cli)."""
+    profile = PROFILES["full" if args.full else "quick"]
+    if args.profile:
+        profile = PROFILES[args.profile]
+    options = BenchOptions(
+        profile=profile,
+        scenarios=tuple(args.scenario or SCENARIO_NAMES),
+        out_root=Path(args.out),
+        redis_url=args.redis_url,
+        nodes=tuple(u for part in args.nodes or () for u in part.split(",") if u),
+        baseline_nodes=tuple(u for part in args.baseline_nodes or () for u in part.split(",") if u),
+        key_prefix=args.key_prefix,
+        jwt_secret=args.jwt_secret,
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        run(options)
+    except KeyboardInterrupt:
+        print(
+            "presence-svc bench: interrupted; every process it started is stopped", file=sys.stderr
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,234 @@
+"""Scenario 2, heartbeats at saturation on one node process, and the raw Redis floor.
+
+WebSocket: each socket sends `window` heartbeats (no cursor change, so no event) and then a
+ping; the node handles a socket's messages in order, so its pong acknowledges the batch and the
+client sends the next one (a closed loop, `sockets x window` heartbeats in flight). REST: one
+POST in flight per keep-alive connection. Floor: the same two scripts the store runs per
+heartbeat (heartbeat.lua then schedule.lua, same keys and argument shapes) sent straight to
+Redis from pipelined clients; Redis CPU per heartbeat gives its capacity on one core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import redis
+
+from presence_svc.bench import report
+from presence_svc.bench.harness import Context
+from presence_svc.bench.runner import CpuWindow, Endpoint, command_delta, command_stats
+
+
+def _split(items: list[Any], parts: int) -> list[list[Any]]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def _measure(
+    ctx: Context, path: str, node: Endpoint | None, drive: Callable[[], list[dict[str, Any]]]
+) -> dict[str, Any]:
+    client = redis.Redis.from_url(ctx.redis_url)
+    try:
+        before = command_stats(client)
+        pids: dict[str, int | None] = {
+            "node": node.pid if node else None,
+            "redis": ctx.redis_pid,
+            **ctx.client_pids(),
+        }
+        window = CpuWindow(pids).start()
+        replies = drive()
+        window.stop()
+        commands = command_delta(before, command_stats(client))
+    finally:
+        client.close()
+    beats = sum(r["heartbeats"] for r in replies)
+    seconds = max(r["seconds"] for r in replies)
+    node_cpu, redis_cpu = window.cpu.get("node"), window.cpu.get("redis")
+    clients_cpu = sum(v for k, v in window.cpu.items() if k.startswith("client-"))
+
+    def per_beat(cpu: float | None) -> float | None:
+        return round(cpu / beats * 1e6, 2) if cpu is not None and beats else None
+
+    redis_us = per_beat(redis_cpu)
+    return {
+        "path": path,
+        "heartbeats": beats,
+        "heartbeats_per_s": round(beats / seconds, 1) if seconds else 0.0,
+        "errors": sum(r.get("errors", 0) for r in replies),
+        "non_200": sum(n for r in replies for s, n in r.get("statuses", {}).items() if s != 200),
+        "node_cpu_us_per_heartbeat": per_beat(node_cpu),
+        "node_cpu_util": round(node_cpu / window.wall, 3) if node_cpu is not None else None,
+        "redis_cpu_us_per_heartbeat": redis_us,
+        "redis_capacity_per_s": round(1e6 / redis_us) if redis_us else None,
+        "redis_cpu_util": round(redis_cpu / window.wall, 3) if redis_cpu is not None else None,
+        "clients_cpu_util": round(clients_cpu / window.wall, 3),
+        "redis_commands_per_heartbeat": {
+            k: round(v / beats, 3) for k, v in commands.items() if beats and v / beats >= 0.01
+        },
+        "window_s": round(window.wall, 2),
+    }
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    p = ctx.profile.heartbeats
+    prefix = ctx.prefix("heartbeats")
+    users = [
+        [f"bench-h{i}", f"bench-hs{i % p.studies}"]
+        for i in range(max(p.ws_sockets, p.rest_connections))
+    ]
+    rows: list[dict[str, Any]] = []
+    with ctx.nodes(1, prefix) as nodes:
+        node = nodes[0]
+        local = node if node.pid is not None else None
+        ctx.emit(
+            f"1 node process; WebSocket: {p.ws_sockets} sockets x {p.ws_window} heartbeats "
+            f"in flight; REST: {p.rest_connections} keep-alive connections; {p.studies} "
+            f"studies; {ctx.clients} client processes; {p.seconds:g} s per path"
+        )
+        specs = [
+            [node.host, node.port, i % p.studies, study, user]
+            for i, (user, study) in enumerate(users[: p.ws_sockets])
+        ]
+        ctx.pool.call_all(
+            "open",
+            120,
+            [
+                {
+                    "group": "hb",
+                    "kind": "node",
+                    "specs": part,
+                    "secret": ctx.secret,
+                    "concurrency": 100,
+                    "connect_timeout": 30,
+                }
+                for part in _split(specs, ctx.clients)
+            ],
+        )
+
+        def ws(duration: float) -> list[dict[str, Any]]:
+            return ctx.pool.call_all(
+                "ws_heartbeats",
+                duration + 30,
+                [{"group": "hb", "duration": duration, "window": p.ws_window}] * ctx.clients,
+            )
+
+        ws(min(1.0, p.seconds))  # warm-up: the first heartbeats create the sessions
+        rows.append(_measure(ctx, "WebSocket", local, lambda: ws(p.seconds)))
+        ctx.pool.call_all("close", 60, [{"group": "hb"}] * ctx.clients)
+
+        def rest(duration: float) -> list[dict[str, Any]]:
+            return ctx.pool.call_all(
+                "rest_heartbeats",
+                duration + 30,
+                [
+                    {
+                        "host": node.host,
+                        "port": node.port,
+                        "secret": ctx.secret,
+                        "users": part,
+                        "duration": duration,
+                    }
+                    for part in _split(users[: p.rest_connections], ctx.clients)
+                ],
+            )
+
+        rest(min(1.0, p.seconds))
+        rows.append(_measure(ctx, "REST", local, lambda: rest(p.seconds)))
+
+    def floor() -> list[dict[str, Any]]:
+        return ctx.pool.call_all(
+            "redis_floor",
+            p.floor_seconds + 60,
+            [
+                {
+                    "url": ctx.redis_url,
+                    "prefix": prefix,
+                    "users": part,
+                    "duration": p.floor_seconds,
+                    "batch": p.floor_batch,
+                }
+                for part in _split(users, ctx.clients)
+            ],
+        )
+
+    rows.append(_measure(ctx, "raw Redis (floor)", None, floor))
+    return _summarize(ctx, rows)
+
+
+def _busy(row: dict[str, Any]) -> str:
+    """How busy the node was: below ~0.9 of a core, something else (a contended core, the
+    clients, Redis) limited the rate, not the node alone."""
+    if row["node_cpu_util"] is None:
+        return "node CPU not measured (external node)"
+    return f"node busy {report.fmt(row['node_cpu_util'])} of a core"
+
+
+def _summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    floor = rows[-1]
+    for r in rows:
+        r["vs_redis_capacity"] = (
+            round(r["heartbeats_per_s"] / floor["redis_capacity_per_s"], 3)
+            if floor["redis_capacity_per_s"]
+            else None
+        )
+    columns = [
+        "path",
+        "heartbeats/s",
+        "errors",
+        "node CPU us/hb",
+        "node CPU",
+        "redis CPU us/hb",
+        "redis CPU",
+        "clients CPU",
+        "x redis capacity",
+        "redis commands per heartbeat",
+    ]
+    ctx.emit(
+        report.table(
+            "Heartbeats (one node process; CPU columns: fraction of one core)",
+            columns,
+            [
+                [
+                    r["path"],
+                    r["heartbeats_per_s"],
+                    r["errors"] + r["non_200"],
+                    r["node_cpu_us_per_heartbeat"],
+                    r["node_cpu_util"],
+                    r["redis_cpu_us_per_heartbeat"],
+                    r["redis_cpu_util"],
+                    r["clients_cpu_util"],
+                    r["vs_redis_capacity"],
+                    " ".join(f"{k}={v:g}" for k, v in r["redis_commands_per_heartbeat"].items()),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    ctx.emit(
+        f"raw Redis capacity for heartbeat.lua + schedule.lua: "
+        f"{report.fmt(floor['redis_capacity_per_s'])}/s on one Redis core "
+        f"(1 / Redis CPU per heartbeat); reached {report.fmt(floor['heartbeats_per_s'])}/s"
+    )
+    ws, rest = rows[0], rows[1]
+    targets = [
+        report.check(
+            "WebSocket heartbeats per node process",
+            ">= 20,000/s",
+            ws["heartbeats_per_s"],
+            "/s",
+            20_000,
+            True,
+            _busy(ws),
+        ),
+        report.check(
+            "REST heartbeats per node process",
+            ">= 4,000/s",
+            rest["heartbeats_per_s"],
+            "/s",
+            4_000,
+            True,
+            _busy(rest),
+        ),
+    ]
+    return {"config": asdict(ctx.profile.heartbeats), "rows": rows, "targets": targets}

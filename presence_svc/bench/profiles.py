@@ -1,0 +1,119 @@
+"""Sizes and durations of each scenario: `quick` (< 2 min), `full` (< 15 min), `smoke` (tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FanoutProfile:
+    studies: int
+    viewers: int  # per study, spread over the nodes
+    loads: tuple[int, ...]  # offered deliveries/s (events/s x viewers)
+    seconds: float  # per load, per target (nodes, then the bare baseline)
+    nodes: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatProfile:
+    # A node handles one message per socket at a time, so sockets (and REST connections) are
+    # the node's Redis operations in flight. 96 saturates one node; it also stays below 100, the
+    # size of redis-py's default asyncio pool, which fails the excess at once (the node then
+    # answers `unavailable`) on nodes that do not bound their pool themselves.
+    ws_sockets: int
+    ws_window: int  # heartbeats each socket sends before a ping (closed loop)
+    rest_connections: int
+    studies: int
+    seconds: float
+    floor_seconds: float
+    floor_batch: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class IdleProfile:
+    sockets: tuple[int, ...]  # cumulative sockets on one node, measured in turn
+    viewers_per_study: int
+    settle: float
+    baseline: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SweepProfile:
+    sessions: tuple[int, ...]
+    due: tuple[int, ...]  # sessions made due at once, each batch measured separately
+    sessions_per_study: int
+    empty_ticks: int
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    fanout: FanoutProfile
+    heartbeats: HeartbeatProfile
+    idle: IdleProfile
+    sweep: SweepProfile
+    client_workers: int = 2
+    # Hard bound on every worker process, whatever happens to the harness.
+    lifetime: float = 900.0
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(
+        name="quick",
+        fanout=FanoutProfile(studies=10, viewers=50, loads=(5_000, 10_000), seconds=5),
+        heartbeats=HeartbeatProfile(
+            ws_sockets=96,
+            ws_window=8,
+            rest_connections=64,
+            studies=16,
+            seconds=5,
+            floor_seconds=4,
+        ),
+        idle=IdleProfile(sockets=(1_000, 5_000), viewers_per_study=10, settle=1.0),
+        sweep=SweepProfile(
+            sessions=(100_000,), due=(1_000, 10_000), sessions_per_study=10, empty_ticks=200
+        ),
+        lifetime=600.0,
+    ),
+    "full": Profile(
+        name="full",
+        fanout=FanoutProfile(
+            studies=20, viewers=50, loads=(2_500, 5_000, 10_000, 20_000, 40_000), seconds=12
+        ),
+        heartbeats=HeartbeatProfile(
+            ws_sockets=96,
+            ws_window=16,
+            rest_connections=96,
+            studies=16,
+            seconds=12,
+            floor_seconds=10,
+        ),
+        idle=IdleProfile(sockets=(1_000, 5_000, 10_000), viewers_per_study=10, settle=2.0),
+        sweep=SweepProfile(
+            sessions=(100_000, 1_000_000),
+            due=(1_000, 10_000),
+            sessions_per_study=10,
+            empty_ticks=500,
+        ),
+        lifetime=1800.0,
+    ),
+    # Plumbing only (tests): tiny sizes, seconds not minutes; the figures mean nothing.
+    "smoke": Profile(
+        name="smoke",
+        fanout=FanoutProfile(studies=2, viewers=4, loads=(200,), seconds=1),
+        heartbeats=HeartbeatProfile(
+            ws_sockets=8,
+            ws_window=4,
+            rest_connections=4,
+            studies=2,
+            seconds=1,
+            floor_seconds=0.5,
+            floor_batch=20,
+        ),
+        idle=IdleProfile(sockets=(20, 40), viewers_per_study=5, settle=0.2),
+        sweep=SweepProfile(
+            sessions=(2_000,), due=(100, 200), sessions_per_study=10, empty_ticks=20
+        ),
+        lifetime=120.0,
+    ),
+}

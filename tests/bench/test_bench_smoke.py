@@ -1,0 +1,68 @@
+"""The benchmark harness end to end at tiny sizes: plumbing and bookkeeping, never speed.
+
+Real Redis, node, baseline and client processes, as in `make bench`, but for seconds. The
+figures of this profile mean nothing; what must hold is that every scenario writes well-formed
+JSON and that the fan-out loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from presence_svc.bench.harness import SCENARIO_NAMES, BenchOptions, run
+from presence_svc.bench.profiles import PROFILES
+
+pytestmark = [pytest.mark.redis, pytest.mark.multinode, pytest.mark.timeout(90)]
+
+TARGET_KEYS = {"name", "goal", "measured", "unit", "met", "note"}
+
+
+def _load(folder: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((folder / f"{name}.json").read_text())
+    return data
+
+
+def test_smoke_profile_writes_results(real_redis_url: str, tmp_path: Path) -> None:
+    summary = run(
+        BenchOptions(
+            profile=PROFILES["smoke"], out_root=tmp_path, redis_url=real_redis_url, quiet=True
+        )
+    )
+    folder = tmp_path / summary["run_id"]
+    assert (folder / "report.txt").read_text().count("===") == 2 * len(SCENARIO_NAMES)
+
+    written = _load(folder, "summary")
+    assert written["scenarios"] == list(SCENARIO_NAMES)
+    assert written["environment"]["cores"] >= 1
+    assert written["targets"] and all(set(t) == TARGET_KEYS for t in written["targets"])
+
+    fanout = _load(folder, "fanout")
+    assert {r["target"] for r in fanout["rows"]} == {"node", "baseline"}
+    for row in fanout["rows"]:
+        assert row["expected"] > 0
+        assert row["received"] == row["expected"], row
+        assert row["lost"] == 0 and row["duplicated"] == 0 and row["misrouted"] == 0, row
+        assert set(row["latency_ms"]) == {"p50", "p90", "p99", "p999", "max"}
+        assert row["latency_ms"]["p50"] is not None
+        assert row["server_cpu_us_per_delivery"] is not None
+
+    heartbeats = _load(folder, "heartbeats")
+    assert [r["path"] for r in heartbeats["rows"]] == ["WebSocket", "REST", "raw Redis (floor)"]
+    for row in heartbeats["rows"]:
+        assert row["heartbeats"] > 0 and row["errors"] == 0 and row["non_200"] == 0, row
+        assert "evalsha" in row["redis_commands_per_heartbeat"]
+
+    idle = _load(folder, "idle")
+    assert [r["sockets"] for r in idle["rows"] if r["server"] == "node"] == [20, 40]
+    assert all(r["failed"] == 0 and r["rss_per_socket_kib"] is not None for r in idle["rows"])
+
+    sweep = _load(folder, "sweep")
+    due = [r for r in sweep["rows"] if "due" in r]
+    assert [r["due"] for r in due] == [100, 200]
+    assert all(r["events"] == r["due"] for r in due)
+    empty = next(r for r in sweep["rows"] if r["kind"] == "nothing due")
+    assert empty["tick_ms"]["p50"] is not None
