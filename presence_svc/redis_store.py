@@ -12,9 +12,11 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from presence_svc.batch import Batcher, Command
 from presence_svc.keys import Keys
 from presence_svc.models import (
     CursorUpdate,
@@ -66,6 +68,10 @@ class _DueStudy:
     schedule_key: str
     study_id: str
     score: bytes
+
+
+def _call(script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Command:
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def _lease(study_id: str, user_id: str, holder: Holder) -> str:
@@ -132,6 +138,7 @@ class RedisStore:
         self._redis = redis
         self._keys = keys
         self._scripts = Scripts.register(redis)
+        self._batch = Batcher(redis, self._scripts.sources())
         self._idle_ms = round(thresholds.idle_after * 1000)
         self._away_ms = round(thresholds.away_after * 1000)
         self._expire_ms = round(thresholds.expire_after * 1000)
@@ -149,13 +156,16 @@ class RedisStore:
     ) -> Session:
         """Record a heartbeat (held by `holder`, if given) and schedule the study's next sweep."""
         sk = self._keys.study(study_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            if holder is not None:
-                # Listed before it holds anything, so a node dying in between leaves no ghost.
-                pipe.sadd(self._keys.node_leases(holder.node_id), _lease(study_id, user_id, holder))
-            # Scheduling must follow the state change: lua/schedule.lua has the race it closes.
-            await self._scripts.heartbeat(
-                keys=[
+        commands: list[Command] = []
+        if holder is not None:
+            # Listed before it holds anything, so a node dying in between leaves no ghost.
+            commands.append(
+                ("SADD", self._keys.node_leases(holder.node_id), _lease(study_id, user_id, holder))
+            )
+        commands.append(
+            _call(
+                self._scripts.heartbeat,
+                [
                     sk.session(user_id),
                     sk.index,
                     sk.meta,
@@ -163,7 +173,7 @@ class RedisStore:
                     sk.conns(user_id),
                     sk.leaving,
                 ],
-                args=[
+                [
                     user_id,
                     study_id,
                     now_ms,
@@ -175,10 +185,11 @@ class RedisStore:
                     cursor.move_path or "",
                     holder.connection_id if holder is not None else "",
                 ],
-                client=pipe,
             )
-            await self._schedule(study_id, now_ms + self._idle_ms, now_ms, pipe)
-            replies = await pipe.execute()
+        )
+        # Scheduling must follow the state change: lua/schedule.lua has the race it closes.
+        commands.append(self._schedule(study_id, now_ms + self._idle_ms, now_ms))
+        replies = await self._batch.run(commands)
         session_id, chapter, move, status, beat, joined, _events = replies[-2]
         return Session(
             session_id=_text(session_id),
@@ -195,17 +206,16 @@ class RedisStore:
     async def leave(self, user_id: str, study_id: str, now_ms: int) -> bool:
         """End the session and publish user_left; False if there was no session."""
         sk = self._keys.study(study_id)
-        ended = await self._scripts.leave(
-            keys=[
-                sk.session(user_id),
-                sk.index,
-                sk.meta,
-                sk.channel,
-                sk.conns(user_id),
-                sk.leaving,
-            ],
-            args=[user_id, now_ms, iso_from_ms(now_ms), EMPTY_STUDY_TTL_MS],
-        )
+        keys = [
+            sk.session(user_id),
+            sk.index,
+            sk.meta,
+            sk.channel,
+            sk.conns(user_id),
+            sk.leaving,
+        ]
+        args = [user_id, now_ms, iso_from_ms(now_ms), EMPTY_STUDY_TTL_MS]
+        [ended] = await self._batch.run([_call(self._scripts.leave, keys, args)])
         return bool(ended)
 
     @_reachable
@@ -216,20 +226,23 @@ class RedisStore:
         """
         if not leases:
             return 0
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for lease in leases:
-                sk = self._keys.study(lease.study_id)
-                await self._scripts.release(
-                    keys=[sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
-                    args=[lease.user_id, lease.holder.connection_id, leave_at_ms],
-                    client=pipe,
-                )
-                await self._schedule(lease.study_id, leave_at_ms, now_ms, pipe)
-                pipe.srem(
+        commands: list[Command] = []
+        for lease in leases:
+            sk = self._keys.study(lease.study_id)
+            commands += [
+                _call(
+                    self._scripts.release,
+                    [sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
+                    [lease.user_id, lease.holder.connection_id, leave_at_ms],
+                ),
+                self._schedule(lease.study_id, leave_at_ms, now_ms),
+                (
+                    "SREM",
                     self._keys.node_leases(lease.holder.node_id),
                     _lease(lease.study_id, lease.user_id, lease.holder),
-                )
-            replies = await pipe.execute()
+                ),
+            ]
+        replies = await self._batch.run(commands)
         return sum(int(reply) for reply in replies[0::3])
 
     @_reachable
@@ -307,9 +320,8 @@ class RedisStore:
         users = {_text(m) for m in await self._redis.zrange(sk.index, 0, -1)}
         for _ in range(SNAPSHOT_ATTEMPTS):
             named = sorted(users)
-            reply = await self._scripts.snapshot(
-                keys=[sk.index, sk.meta, *(sk.session(u) for u in named)], args=named
-            )
+            keys = [sk.index, sk.meta, *(sk.session(u) for u in named)]
+            [reply] = await self._batch.run([_call(self._scripts.snapshot, keys, named)])
             if reply[0] == 1:
                 return _presence(study_id, int(reply[1]), reply[2:])
             users.update(_text(m) for m in reply[1])
@@ -390,9 +402,9 @@ class RedisStore:
             client=pipe,
         )
 
-    async def _schedule(self, study_id: str, due_ms: int, now_ms: int, pipe: Any) -> None:
-        await self._scripts.schedule(
-            keys=[self._keys.schedule(study_id)], args=[study_id, due_ms, now_ms], client=pipe
+    def _schedule(self, study_id: str, due_ms: int, now_ms: int) -> Command:
+        return _call(
+            self._scripts.schedule, [self._keys.schedule(study_id)], [study_id, due_ms, now_ms]
         )
 
     def _reschedule(self, due: _DueStudy, applied: list[Any], pipe: Any) -> Any:

@@ -29,6 +29,10 @@ class Scripts:
     renew_node: AsyncScript
     claim_dead_nodes: AsyncScript
 
+    def sources(self) -> list[str]:
+        """Every script's text, as loaded into Redis."""
+        return [getattr(self, name).script for name in self.__dataclass_fields__]
+
     @classmethod
     def register(cls, redis: Any) -> Scripts:
         names = cls.__dataclass_fields__

@@ -155,3 +155,36 @@ def test_error_message_never_contains_the_token(verifier: TokenVerifier) -> None
 )
 def test_bearer_header_parsing(header: str | None, token: str | None) -> None:
     assert bearer(header) == token
+
+
+def test_an_accepted_token_is_remembered_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "c" * 40
+    verifier = TokenVerifier(secret)
+    token = issue_token("alice", secret, ttl=60)
+    assert verifier.user_id(token) == "alice"
+
+    def no_second_check(*args: object, **kwargs: object) -> object:
+        raise AssertionError("verified twice")
+
+    monkeypatch.setattr(jwt, "decode", no_second_check)
+    assert verifier.user_id(token) == "alice"
+
+    # Past its expiry the remembered answer is not used: the token is checked (and refused).
+    def expired(*args: object, **kwargs: object) -> object:
+        raise jwt.ExpiredSignatureError("Signature has expired")
+
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    monkeypatch.setattr(jwt, "decode", expired)
+    with pytest.raises(AuthError, match="expired"):
+        verifier.user_id(token)
+
+
+def test_the_remembered_tokens_are_bounded() -> None:
+    secret = "c" * 40
+    verifier = TokenVerifier(secret, cache_size=3)
+    tokens = [issue_token(f"u{n}", secret, ttl=60) for n in range(5)]
+    for token in tokens:
+        verifier.user_id(token)
+    assert len(verifier._accepted) == 3
+    assert list(verifier._accepted) == tokens[2:]

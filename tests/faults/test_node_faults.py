@@ -10,9 +10,10 @@ from typing import Any
 
 import httpx
 import redis
+import redis.asyncio as aioredis
 
 from presence_svc.keys import Keys
-from presence_svc.publisher import StudyEventPublisher
+from presence_svc.publisher import AsyncStudyEventPublisher
 from tests.faults.conftest import GRACE, LEASE_TTL, SWEEP, NodeFactory, record, study, token
 from tests.support.clients import Watcher
 from tests.support.processes import NodeProcess, RedisServer
@@ -115,18 +116,24 @@ async def test_slow_reader_is_dropped_without_delaying_others(
     # A reader that stops reading: its client buffers little, so the node's queue fills.
     slow = await Watcher.open(a.ws_url, sid, token("slow"), max_queue=1)
     slow._reader.cancel()
-    client = redis.Redis.from_url(redis_server.url)
-    publisher = StudyEventPublisher(client, key_prefix="faults")
+    client = aioredis.Redis.from_url(redis_server.url)
+    publisher = AsyncStudyEventPublisher(client, key_prefix="faults")
     payload = "x" * 32_768
+    count = 400
     started = time.monotonic()
-    for n in range(300):
-        publisher.publish(sid, "study.bulk", {"n": n, "t": time.time(), "blob": payload})
-    await fast.wait_until(lambda w: len(w.messages) == 300, within=20, what="300 events")
-    record("slow reader", "300 x 32 KiB events to the fast reader", time.monotonic() - started)
-    assert [m["data"]["n"] for m in fast.messages] == list(range(300))
+    # 16 MiB in about a second: far more than the slow socket's buffers, paced so that a
+    # reader that keeps up (the fast one) never has 16 events queued.
+    for n in range(count):
+        await publisher.publish(sid, "study.bulk", {"n": n, "t": time.time(), "blob": payload})
+        if n % 10 == 9:
+            await asyncio.sleep(0.02)
+    await fast.wait_until(lambda w: len(w.messages) == count, within=20, what="all events")
+    record("slow reader", f"{count} x 32 KiB events to the fast reader", time.monotonic() - started)
+    assert [m["data"]["n"] for m in fast.messages] == list(range(count))
+    assert not fast.closed
     health = await healthz(a)
     assert health["slow_consumers"] == 1
-    client.close()
+    await client.aclose()
     # Drain what the slow client buffered: the node closed it with 1013.
     code = None
     try:
@@ -135,7 +142,7 @@ async def test_slow_reader_is_dropped_without_delaying_others(
     except Exception:
         code = slow.ws.close_code
     assert code == 1013
-    await fast.close()
+    await asyncio.gather(fast.close(), slow.close())
 
 
 async def test_reconnect_storm_and_no_leaks(redis_server: RedisServer, nodes: NodeFactory) -> None:
@@ -155,6 +162,7 @@ async def test_reconnect_storm_and_no_leaks(redis_server: RedisServer, nodes: No
     b.signal(signal.SIGTERM)
     started = time.monotonic()
     await asyncio.gather(*(s.wait_until(lambda s: s.closed, within=10) for s in sockets))
+    await asyncio.gather(*(s.close() for s in sockets))
     moved = await asyncio.gather(*(hold(a, sid, u) for u in users))
     took = time.monotonic() - started
     record("reconnect storm", f"{len(users)} sockets moved to another node", took)

@@ -1,0 +1,108 @@
+"""Automatic pipelining: Redis calls issued by concurrent tasks travel in shared pipelines.
+
+A heartbeat is two or three commands; sending each heartbeat as its own round trip costs
+Python CPU per call on the node and per request on Redis. The batcher queues each operation
+(an ordered list of commands) and sends everything queued since the last flush as one
+pipeline, with a few pipelines in flight at most: the busier the node, the larger the batches.
+
+The commands of one operation stay together and in order. Scripts are called by SHA; when
+Redis answers NOSCRIPT (it restarted or its scripts were flushed) they are loaded again and
+the operations that hit it are sent once more, which is why an operation must be safe to
+repeat after a partial run (ours are: their plain commands are idempotent, and no script
+runs when it is missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+Command = tuple[Any, ...]
+
+MAX_IN_FLIGHT = 4
+MAX_BATCH = 1024  # operations per pipeline
+
+
+class Batcher:
+    def __init__(self, redis: Any, scripts: Sequence[str]) -> None:
+        self._redis = redis
+        self._scripts = list(scripts)  # sources, loaded again after NOSCRIPT
+        self._queue: list[tuple[list[Command], asyncio.Future[list[Any]]]] = []
+        self._in_flight = 0
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, commands: list[Command]) -> list[Any]:
+        """Send one operation's commands (in order, in a shared pipeline); their replies.
+
+        A command's error reply is raised (the first, if several failed).
+        """
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((commands, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # Let every task that is ready in this loop iteration add its operation first.
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._queue and self._in_flight < MAX_IN_FLIGHT:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            self._in_flight += 1
+            task = asyncio.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        if self._queue and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _send(self, batch: list[tuple[list[Command], asyncio.Future[list[Any]]]]) -> None:
+        try:
+            replies = await self._execute([commands for commands, _ in batch])
+            missing = [i for i, reply in enumerate(replies) if _noscript(reply)]
+            if missing:
+                for source in self._scripts:
+                    await self._redis.script_load(source)
+                again = await self._execute([batch[i][0] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            error = next((r for r in reply if isinstance(r, Exception)), None)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(reply)
+
+    async def _execute(self, operations: list[list[Command]]) -> list[list[Any]]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for commands in operations:
+                for command in commands:
+                    pipe.execute_command(*command)
+            flat = await pipe.execute(raise_on_error=False)
+        out: list[list[Any]] = []
+        position = 0
+        for commands in operations:
+            out.append(flat[position : position + len(commands)])
+            position += len(commands)
+        return out
+
+
+def _noscript(replies: list[Any]) -> bool:
+    return any(isinstance(reply, NoScriptError) for reply in replies)

@@ -1,0 +1,93 @@
+"""Automatic pipelining: concurrent operations share pipelines, keep their order, fail alone."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import pytest
+from redis.exceptions import ResponseError
+
+import presence_svc.batch as batch_module
+from presence_svc.batch import Batcher
+
+SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+class CountingPipelines:
+    """Wraps a client to count the pipelines the batcher sends."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self.pipelines = 0
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        self.pipelines += 1
+        return self.redis.pipeline(transaction=transaction)
+
+    async def script_load(self, source: str) -> Any:
+        return await self.redis.script_load(source)
+
+
+async def test_concurrent_operations_share_one_pipeline(any_redis: Any, key_prefix: str) -> None:
+    counting = CountingPipelines(any_redis)
+    batcher = Batcher(counting, [])
+    key = f"{key_prefix}:n"
+    replies = await asyncio.gather(
+        *(batcher.run([("INCRBY", key, 1), ("GET", key)]) for _ in range(100))
+    )
+    assert counting.pipelines == 1
+    # Each operation's commands ran back to back: GET sees its own INCRBY.
+    assert sorted(int(incr) for incr, _ in replies) == list(range(1, 101))
+    assert all(int(got) == int(incr) for incr, got in replies)
+
+
+async def test_pipelines_in_flight_are_bounded(
+    any_redis: Any, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_module, "MAX_BATCH", 10)
+    counting = CountingPipelines(any_redis)
+    batcher = Batcher(counting, [])
+    replies = await asyncio.gather(
+        *(batcher.run([("INCRBY", f"{key_prefix}:m", 1)]) for _ in range(95))
+    )
+    assert sorted(int(r) for [r] in replies) == list(range(1, 96))
+    assert counting.pipelines == 10
+
+
+async def test_an_error_reply_fails_only_its_operation(any_redis: Any, key_prefix: str) -> None:
+    batcher = Batcher(any_redis, [])
+    await any_redis.set(f"{key_prefix}:text", "not a number")
+    good, bad = await asyncio.gather(
+        batcher.run([("INCRBY", f"{key_prefix}:ok", 5)]),
+        batcher.run([("INCRBY", f"{key_prefix}:text", 1)]),
+        return_exceptions=True,
+    )
+    assert good == [5]
+    assert isinstance(bad, ResponseError)
+
+
+async def test_missing_scripts_are_loaded_and_the_operation_retried(
+    any_redis: Any, key_prefix: str
+) -> None:
+    # A script this server has never seen (never SCRIPT FLUSH a Redis others may share).
+    source = f"-- {key_prefix}\n{SCRIPT}"
+    sha = hashlib.sha1(source.encode()).hexdigest()
+    assert await any_redis.script_exists(sha) == [False]
+    batcher = Batcher(any_redis, [source])
+    key = f"{key_prefix}:s"
+    [value] = await batcher.run([("EVALSHA", sha, 1, key, 7)])
+    assert value == 7 and int(await any_redis.get(key)) == 7  # ran once, not twice
+
+
+async def test_a_lost_connection_fails_every_waiting_operation() -> None:
+    class Broken:
+        def pipeline(self, transaction: bool = True) -> Any:
+            raise ConnectionError("gone")
+
+    batcher = Batcher(Broken(), [])
+    results = await asyncio.gather(
+        *(batcher.run([("PING",)]) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, ConnectionError) for r in results)
