@@ -7,6 +7,7 @@ key or slot takes every study's scheduling traffic.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -37,18 +38,10 @@ class Keys:
     prefix: str
 
     def study(self, study_id: str) -> StudyKeys:
-        base = f"{self.prefix}:{{{study_id}}}:"
-        return StudyKeys(
-            index=base + "index",
-            meta=base + "meta",
-            channel=base + "events",
-            leaving=base + "leaving",
-            session_prefix=base + "session:",
-            conns_prefix=base + "conns:",
-        )
+        return _study_keys(self.prefix, study_id)
 
     def channel(self, study_id: str) -> str:
-        return f"{self.prefix}:{{{study_id}}}:events"
+        return _study_keys(self.prefix, study_id).channel
 
     @property
     def live_nodes(self) -> str:
@@ -73,3 +66,17 @@ class Keys:
 
     def schedule_shards(self) -> list[str]:
         return [self.schedule_shard(n) for n in range(SCHEDULE_SHARDS)]
+
+
+@functools.lru_cache(maxsize=16_384)
+def _study_keys(prefix: str, study_id: str) -> StudyKeys:
+    # Hot studies are looked up on every heartbeat; the names never change.
+    base = f"{prefix}:{{{study_id}}}:"
+    return StudyKeys(
+        index=base + "index",
+        meta=base + "meta",
+        channel=base + "events",
+        leaving=base + "leaving",
+        session_prefix=base + "session:",
+        conns_prefix=base + "conns:",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -30,10 +31,16 @@ class Status(StrEnum):
     AWAY = "away"
 
 
+@functools.lru_cache(maxsize=64)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
 def iso_from_ms(ms: int) -> str:
     """ISO-8601 UTC with millisecond precision, e.g. 2026-01-12T08:00:00.123Z."""
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    # Formatting a date is slow and a busy node formats the same few seconds all the time.
+    second, millis = divmod(ms, 1000)
+    return f"{_iso_second(second)}{millis:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
+import os
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -178,7 +178,7 @@ class RedisStore:
                     study_id,
                     now_ms,
                     iso_from_ms(now_ms),
-                    uuid.uuid4().hex,
+                    os.urandom(16).hex(),  # the session id, should this be a new session
                     "1" if cursor.sets_chapter else "0",
                     cursor.chapter_id or "",
                     "1" if cursor.sets_move_path else "0",

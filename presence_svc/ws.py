@@ -15,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,22 @@ def _error(code: str, message: str, errors: list[dict[str, Any]] | None = None) 
 
 
 class _Connection:
-    """One socket's outgoing side: a bounded queue drained by a single writer task."""
+    """One socket's outgoing side: a bounded queue drained by a single writer task.
+
+    A deque and one waiter rather than an asyncio.Queue: idle sockets are the bulk of a node's
+    memory, and a Queue carries three more deques and an Event per socket.
+    """
+
+    __slots__ = (
+        "_floor",
+        "_limit",
+        "_on_overflow",
+        "_pending",
+        "_waiter",
+        "_writer",
+        "_ws",
+        "overflowed",
+    )
 
     def __init__(
         self,
@@ -61,7 +77,9 @@ class _Connection:
     ) -> None:
         self._ws = websocket
         self._on_overflow = on_overflow
-        self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(queue_size)
+        self._pending: deque[Outgoing] = deque()
+        self._limit = queue_size
+        self._waiter: asyncio.Future[None] | None = None
         self._floor = 0  # events with seq <= floor are already in the client's snapshot
         self._writer: asyncio.Task[None] | None = None
         self.overflowed = False
@@ -69,14 +87,16 @@ class _Connection:
     def deliver(self, event: Outgoing) -> None:
         if self.overflowed:
             return
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self._pending) >= self._limit:
             self.overflowed = True
             if self._on_overflow is not None:
                 self._on_overflow()
             if self._writer is not None:
                 self._writer.cancel()
+            return
+        self._pending.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def start(self, floor: int) -> None:
         self._floor = floor
@@ -85,7 +105,11 @@ class _Connection:
     async def _pump(self) -> None:
         try:
             while True:
-                event = await self._queue.get()
+                while not self._pending:
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    await self._waiter
+                self._waiter = None
+                event = self._pending.popleft()
                 if event.floor is not None:
                     self._floor = event.floor
                 elif event.seq is not None and event.seq <= self._floor:

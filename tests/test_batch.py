@@ -16,15 +16,20 @@ SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
 
 class CountingPipelines:
-    """Wraps a client to count the pipelines the batcher sends."""
+    """A client whose connection pool counts the connections the batcher takes (one per
+    pipeline it sends)."""
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self.pipelines = 0
+        self.connection_pool = self
 
-    def pipeline(self, transaction: bool = True) -> Any:
+    async def get_connection(self) -> Any:
         self.pipelines += 1
-        return self.redis.pipeline(transaction=transaction)
+        return await self.redis.connection_pool.get_connection()
+
+    async def release(self, connection: Any) -> None:
+        await self.redis.connection_pool.release(connection)
 
     async def script_load(self, source: str) -> Any:
         return await self.redis.script_load(source)
@@ -83,7 +88,9 @@ async def test_missing_scripts_are_loaded_and_the_operation_retried(
 
 async def test_a_lost_connection_fails_every_waiting_operation() -> None:
     class Broken:
-        def pipeline(self, transaction: bool = True) -> Any:
+        connection_pool = property(lambda self: self)
+
+        async def get_connection(self) -> Any:
             raise ConnectionError("gone")
 
     batcher = Batcher(Broken(), [])

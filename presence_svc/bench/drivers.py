@@ -92,37 +92,33 @@ class _Captured(Exception):
 
 
 class _Recorder:
-    """A RedisStore whose pipelines are recorded instead of sent.
+    """A RedisStore whose batched commands are recorded instead of sent.
 
     The floor replays exactly what the store sends for a heartbeat (scripts, keys, argument
     shapes), whatever the store's current version sends, minus the client-side work.
     """
 
     def __init__(self, url: str, prefix: str) -> None:
+        import hashlib
+
         import redis.asyncio as aioredis
 
         from presence_svc.redis_store import RedisStore
 
         self.client: Any = aioredis.Redis.from_url(url)
-        self.scripts: dict[str, Any] = {}  # sha -> source
-        self._commands: list[tuple[Any, ...]] = []
-        client: Any = self.client
-        real_pipeline = client.pipeline
-
-        def pipeline(*args: Any, **kwargs: Any) -> Any:
-            pipe: Any = real_pipeline(*args, **kwargs)
-
-            async def execute(raise_on_error: bool = True) -> list[Any]:
-                self._commands.extend(command for command, _ in pipe.command_stack)
-                self.scripts.update((s.sha, s.script) for s in pipe.scripts)
-                raise _Captured
-
-            pipe.execute = execute
-            return pipe
-
-        client.pipeline = pipeline
         # The service's defaults; only the idle threshold shows (in the schedule's due time).
         self.store = RedisStore(self.client, Keys(prefix), Thresholds(30.0, 300.0, 600.0))
+        batcher: Any = self.store._batch
+        self.scripts: dict[str, Any] = {
+            hashlib.sha1(source.encode()).hexdigest(): source for source in batcher._scripts
+        }
+        self._commands: list[tuple[Any, ...]] = []
+
+        async def execute(operations: list[list[tuple[Any, ...]]]) -> list[list[Any]]:
+            self._commands.extend(command for operation in operations for command in operation)
+            raise _Captured
+
+        batcher._execute = execute
 
     async def heartbeat(self, user_id: str, study_id: str, now_ms: int) -> list[tuple[Any, ...]]:
         self._commands = []
@@ -130,7 +126,7 @@ class _Recorder:
             await self.store.heartbeat(user_id, study_id, CursorUpdate(), now_ms)
         except _Captured:
             return self._commands
-        raise RuntimeError("RedisStore.heartbeat sent no pipeline; the floor cannot mirror it")
+        raise RuntimeError("RedisStore.heartbeat sent nothing; the floor cannot mirror it")
 
 
 async def redis_floor(
