@@ -5,9 +5,11 @@ Python CPU per call on the node and per request on Redis. The batcher queues eac
 (an ordered list of commands) and sends everything queued since the last flush as one
 pipeline, with a few pipelines in flight at most: the busier the node, the larger the batches.
 
-The commands of one operation stay together and in order. Scripts are called by SHA; when
-Redis answers NOSCRIPT (it restarted or its scripts were flushed) they are loaded again and
-the operations that hit it are sent once more, which is why an operation must be safe to
+The commands of one operation stay together and in order, and operations reach Redis in the
+order they were queued: a client's heartbeats need not wait for each other. Scripts are
+called by SHA; when Redis answers NOSCRIPT (it restarted or its scripts were flushed) they
+are loaded again and the operations that hit it are sent once more (after those queued
+meanwhile), which is why an operation must be safe to
 repeat after a partial run (ours are: their plain commands are idempotent, and no script
 runs when it is missing).
 """
@@ -37,6 +39,11 @@ class Batcher:
         self._in_flight = 0
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._write_lock = asyncio.Lock()
+        self._connection: Any = None
+        self._turn: asyncio.Future[None] | None = (
+            None  # done when the last batch's replies are read
+        )
 
     async def run(self, commands: list[Command]) -> list[Any]:
         """Send one operation's commands (in order, in a shared pipeline); their replies.
@@ -94,33 +101,63 @@ class Batcher:
                 future.set_result(reply)
 
     async def _execute(self, operations: list[list[Command]]) -> list[list[Any]]:
-        # Packed by hiredis in C and sent as one write on one pooled connection: redis-py's
+        # Packed by hiredis in C and written on the batcher's own connection: redis-py's
         # pipeline spends more CPU encoding commands than everything else in a heartbeat.
+        # Batches are written in the order they were queued (the lock is FIFO) and their
+        # replies read in that order, so operations run in Redis in the order they were
+        # queued, even with several batches in flight.
         commands = [command for operation in operations for command in operation]
         payload = b"".join([hiredis.pack_command(command) for command in commands])
-        pool = self._redis.connection_pool
-        connection = await pool.get_connection()
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            await connection.send_packed_command(payload, check_health=False)
+            async with self._write_lock:
+                if self._connection is None:
+                    self._connection = await self._redis.connection_pool.get_connection()
+                connection = self._connection
+                try:
+                    await connection.send_packed_command(payload, check_health=False)
+                except BaseException:
+                    await self._drop(connection)
+                    raise
+                previous, self._turn = self._turn, mine
+            if previous is not None:
+                await previous
+            if self._connection is not connection:
+                raise ConnectionError("the Redis connection was lost before these replies")
             flat: list[Any] = []
-            # One deadline for the whole batch: a timer per reply costs more than the reply.
-            async with asyncio.timeout(READ_TIMEOUT):
-                for _ in commands:
-                    try:
-                        flat.append(await connection.read_response(timeout=math.inf))
-                    except ResponseError as error:  # an error reply: the stream is intact
-                        flat.append(error)
-        except BaseException:
-            await connection.disconnect()
-            raise
+            try:
+                # One deadline for the whole batch: a timer per reply costs more than a reply.
+                async with asyncio.timeout(READ_TIMEOUT):
+                    for _ in commands:
+                        try:
+                            flat.append(await connection.read_response(timeout=math.inf))
+                        except ResponseError as error:  # an error reply: the stream is intact
+                            flat.append(error)
+            except BaseException:
+                await self._drop(connection)
+                raise
         finally:
-            await pool.release(connection)
+            if not mine.done():
+                mine.set_result(None)
         out: list[list[Any]] = []
         position = 0
         for commands in operations:
             out.append(flat[position : position + len(commands)])
             position += len(commands)
         return out
+
+    async def _drop(self, connection: Any) -> None:
+        # Replies still owed on it can no longer be matched to their commands.
+        if self._connection is connection:
+            self._connection = None
+            await connection.disconnect()
+            await self._redis.connection_pool.release(connection)
+
+    async def close(self) -> None:
+        """Give the batcher's connection back (at shutdown)."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await self._redis.connection_pool.release(connection)
 
 
 def _noscript(replies: list[Any]) -> bool:

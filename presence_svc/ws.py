@@ -25,7 +25,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from presence_svc.auth import AuthError, bearer
 from presence_svc.codec import Outgoing, json_text
 from presence_svc.http import validation_problems
-from presence_svc.models import ID_PATTERN, ClientMessage, HeartbeatMessage, iso_from_ms
+from presence_svc.models import (
+    ID_PATTERN,
+    ClientMessage,
+    CursorUpdate,
+    HeartbeatMessage,
+    iso_from_ms,
+)
 from presence_svc.node import Node
 from presence_svc.store import StoreUnavailable
 
@@ -35,6 +41,9 @@ CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_INTERNAL = 1011
 CLOSE_SLOW_CONSUMER = 1013
+
+HEARTBEATS_IN_FLIGHT = 16  # per socket; reading pauses beyond it
+HEARTBEAT_DRAIN_TIMEOUT = 5.0
 
 _STUDY_ID = re.compile(ID_PATTERN)
 _MESSAGES: TypeAdapter[Any] = TypeAdapter(ClientMessage)
@@ -66,6 +75,7 @@ class _Connection:
         "_waiter",
         "_writer",
         "_ws",
+        "heartbeats",
         "overflowed",
     )
 
@@ -81,6 +91,7 @@ class _Connection:
         self._limit = queue_size
         self._waiter: asyncio.Future[None] | None = None
         self._floor = 0  # events with seq <= floor are already in the client's snapshot
+        self.heartbeats: set[asyncio.Task[None]] = set()  # sent to the store, not yet done
         self._writer: asyncio.Task[None] | None = None
         self.overflowed = False
 
@@ -191,12 +202,32 @@ async def _serve(websocket: WebSocket, node: Node, user_id: str, study_id: str) 
     except WebSocketDisconnect:
         pass
     finally:
+        if conn.heartbeats:
+            # A heartbeat landing after the release would hold the session for a closed socket.
+            await asyncio.wait(conn.heartbeats, timeout=HEARTBEAT_DRAIN_TIMEOUT)
         await conn.stop()
         await node.fanout.remove(study_id, conn)
         await node.leases.release(connection_id)
         if websocket.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await websocket.close()
+
+
+async def _heartbeat(
+    node: Node,
+    conn: _Connection,
+    connection_id: str,
+    user_id: str,
+    study_id: str,
+    cursor: CursorUpdate,
+) -> None:
+    try:
+        await node.leases.heartbeat(connection_id, user_id, study_id, cursor)
+    except StoreUnavailable:
+        conn.deliver(_error("unavailable", "presence storage is unreachable"))
+    except Exception:
+        log.exception("heartbeat of %s in %s failed", user_id, study_id)
+        conn.deliver(_error("internal", "the heartbeat could not be recorded"))
 
 
 async def _read(
@@ -222,10 +253,15 @@ async def _read(
             conn.deliver(_error("invalid_message", "message not understood", problems))
             continue
         if isinstance(message, HeartbeatMessage):
-            try:
-                await node.leases.heartbeat(connection_id, user_id, study_id, message.cursor())
-            except StoreUnavailable:
-                conn.deliver(_error("unavailable", "presence storage is unreachable"))
+            # Not awaited, so the next frame is read meanwhile: the store applies a socket's
+            # heartbeats in the order they were sent (batch.py), and a few may be in flight.
+            task = asyncio.ensure_future(
+                _heartbeat(node, conn, connection_id, user_id, study_id, message.cursor())
+            )
+            conn.heartbeats.add(task)
+            task.add_done_callback(conn.heartbeats.discard)
+            if len(conn.heartbeats) >= HEARTBEATS_IN_FLIGHT:
+                await asyncio.wait(conn.heartbeats, return_when=asyncio.FIRST_COMPLETED)
         else:
             pong = {"type": "pong", "data": {"timestamp": _now_iso()}}
             conn.deliver(Outgoing(None, json_text(pong)))

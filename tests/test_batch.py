@@ -16,8 +16,7 @@ SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
 
 class CountingPipelines:
-    """A client whose connection pool counts the connections the batcher takes (one per
-    pipeline it sends)."""
+    """A client that counts the pipelines (writes) the batcher sends."""
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
@@ -25,8 +24,15 @@ class CountingPipelines:
         self.connection_pool = self
 
     async def get_connection(self) -> Any:
-        self.pipelines += 1
-        return await self.redis.connection_pool.get_connection()
+        connection = await self.redis.connection_pool.get_connection()
+        send = connection.send_packed_command
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.pipelines += 1
+            return await send(*args, **kwargs)
+
+        connection.send_packed_command = counted
+        return connection
 
     async def release(self, connection: Any) -> None:
         await self.redis.connection_pool.release(connection)
@@ -59,6 +65,19 @@ async def test_pipelines_in_flight_are_bounded(
     )
     assert sorted(int(r) for [r] in replies) == list(range(1, 96))
     assert counting.pipelines == 10
+
+
+async def test_operations_reach_redis_in_the_order_they_were_queued(
+    any_redis: Any, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small batches, several in flight: a client's writes must still land in order.
+    monkeypatch.setattr(batch_module, "MAX_BATCH", 3)
+    batcher = Batcher(any_redis, [])
+    key = f"{key_prefix}:last"
+    tasks = [asyncio.create_task(batcher.run([("SET", key, n)])) for n in range(200)]
+    await asyncio.gather(*tasks)
+    assert int(await any_redis.get(key)) == 199
+    await batcher.close()
 
 
 async def test_an_error_reply_fails_only_its_operation(any_redis: Any, key_prefix: str) -> None:

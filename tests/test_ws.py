@@ -849,3 +849,17 @@ async def test_real_server_client_messages(live_server: LiveServer) -> None:
         await ws.send(json.dumps({"type": "heartbeat", "chapter_id": "c2"}))
         moved = await next_message()
         assert (moved["type"], moved["data"]["seq"]) == ("presence.cursor_moved", 2)
+
+
+def test_heartbeats_sent_back_to_back_apply_in_order(app: App) -> None:
+    # The server reads the next frame before the previous heartbeat is stored; the store
+    # must still apply them in the order the socket sent them.
+    with app.open("s1") as ws:
+        join(ws)
+        for step in range(1, 41):
+            ws.send_json({"type": "heartbeat", "chapter_id": "ch1", "move_path": f"main.{step}"})
+        events = [receive_event(ws) for _ in range(40)]
+    assert events[0]["type"] == "presence.user_joined"
+    assert [e["type"] for e in events[1:]] == ["presence.cursor_moved"] * 39
+    assert [e["data"]["move_path"] for e in events] == [f"main.{n}" for n in range(1, 41)]
+    assert app.presence("s1")["users"][0]["move_path"] == "main.40"
