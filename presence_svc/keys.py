@@ -32,6 +32,17 @@ class StudyKeys:
     def conns(self, user_id: str) -> str:
         return self.conns_prefix + user_id
 
+    def of_session(self, user_id: str) -> list[str]:
+        """The KEYS of the scripts that change one session (heartbeat.lua, leave.lua)."""
+        return [
+            self.session_prefix + user_id,
+            self.index,
+            self.meta,
+            self.channel,
+            self.conns_prefix + user_id,
+            self.leaving,
+        ]
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:

@@ -165,14 +165,7 @@ class RedisStore:
         commands.append(
             _call(
                 self._scripts.heartbeat,
-                [
-                    sk.session(user_id),
-                    sk.index,
-                    sk.meta,
-                    sk.channel,
-                    sk.conns(user_id),
-                    sk.leaving,
-                ],
+                sk.of_session(user_id),
                 [
                     user_id,
                     study_id,
@@ -205,15 +198,7 @@ class RedisStore:
     @_reachable
     async def leave(self, user_id: str, study_id: str, now_ms: int) -> bool:
         """End the session and publish user_left; False if there was no session."""
-        sk = self._keys.study(study_id)
-        keys = [
-            sk.session(user_id),
-            sk.index,
-            sk.meta,
-            sk.channel,
-            sk.conns(user_id),
-            sk.leaving,
-        ]
+        keys = self._keys.study(study_id).of_session(user_id)
         args = [user_id, now_ms, iso_from_ms(now_ms), EMPTY_STUDY_TTL_MS]
         [ended] = await self._batch.run([_call(self._scripts.leave, keys, args)])
         return bool(ended)

@@ -72,6 +72,7 @@ class _Connection:
         "_limit",
         "_on_overflow",
         "_pending",
+        "_slot",
         "_waiter",
         "_writer",
         "_ws",
@@ -92,6 +93,7 @@ class _Connection:
         self._waiter: asyncio.Future[None] | None = None
         self._floor = 0  # events with seq <= floor are already in the client's snapshot
         self.heartbeats: set[asyncio.Task[None]] = set()  # sent to the store, not yet done
+        self._slot: asyncio.Future[None] | None = None  # the reader waits here when too many
         self._writer: asyncio.Task[None] | None = None
         self.overflowed = False
 
@@ -108,6 +110,20 @@ class _Connection:
         self._pending.append(event)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def track(self, heartbeat: asyncio.Task[None]) -> asyncio.Future[None] | None:
+        """Count a heartbeat in flight; a future to await first if the socket has too many."""
+        self.heartbeats.add(heartbeat)
+        heartbeat.add_done_callback(self._heartbeat_done)
+        if len(self.heartbeats) < HEARTBEATS_IN_FLIGHT:
+            return None
+        self._slot = asyncio.get_running_loop().create_future()
+        return self._slot
+
+    def _heartbeat_done(self, heartbeat: asyncio.Task[None]) -> None:
+        self.heartbeats.discard(heartbeat)
+        if self._slot is not None and not self._slot.done():
+            self._slot.set_result(None)
 
     def start(self, floor: int) -> None:
         self._floor = floor
@@ -258,10 +274,9 @@ async def _read(
             task = asyncio.ensure_future(
                 _heartbeat(node, conn, connection_id, user_id, study_id, message.cursor())
             )
-            conn.heartbeats.add(task)
-            task.add_done_callback(conn.heartbeats.discard)
-            if len(conn.heartbeats) >= HEARTBEATS_IN_FLIGHT:
-                await asyncio.wait(conn.heartbeats, return_when=asyncio.FIRST_COMPLETED)
+            full = conn.track(task)
+            if full is not None:
+                await full
         else:
             pong = {"type": "pong", "data": {"timestamp": _now_iso()}}
             conn.deliver(Outgoing(None, json_text(pong)))
