@@ -13,6 +13,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from presence_svc.auth import issue_token
+from presence_svc.logs import install_redaction
 from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
 
 
@@ -58,7 +59,9 @@ def _serve(args: argparse.Namespace) -> int:
         ws="websockets-sansio",
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout)),
+        ws_max_size=settings.ws_max_message_size,
     )
+    install_redaction()  # after uvicorn configured its loggers
     _DrainingServer(config, app).run()
     return 0
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ class Settings(BaseSettings):
     lease_ttl: float = Field(5.0, ge=0.5, le=300)
     # On SIGTERM: how long the node may take to close its sockets and release its leases.
     drain_timeout: float = Field(10.0, gt=0, le=600)
+    # Largest WebSocket message a client may send; a bigger one closes the socket with 1009.
+    ws_max_message_size: int = Field(65_536, ge=1024, le=16 * 1024 * 1024)
+    # Browser origins allowed to open WebSockets (comma-separated); empty allows any. Clients
+    # that send no Origin header (other backends) are not affected.
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Connections to Redis for commands (pub/sub has its own); callers beyond it wait.
     redis_max_connections: int = Field(50, ge=2, le=10_000)
     # Events a socket may have queued before it counts as a slow consumer and is closed.
@@ -43,6 +49,13 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("jwt_secret")
     @classmethod

@@ -1,7 +1,9 @@
 """`WS /ws/presence?study_id=...`: a study's snapshot, then its events, plus client messages.
 
-Close codes: 4400 bad request (study_id missing or invalid) and 4401 unauthorized (missing,
-invalid or expired token), both right after the handshake and before any study data; 1011 the
+Close codes: 4400 bad request (study_id missing or invalid), 4401 unauthorized (missing,
+invalid or expired token) and 4403 (an Origin not in PRESENCE_ALLOWED_ORIGINS), all right
+after the handshake and before any study data; 1009 a message over
+PRESENCE_WS_MAX_MESSAGE_SIZE; 1011 the
 node could not subscribe to or read the study; 1012 the node is shutting down (reconnect, the
 load balancer picks another node); 1013 the client read too slowly and its outgoing queue
 overflowed.
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN_ORIGIN = 4403
 CLOSE_INTERNAL = 1011
 CLOSE_SLOW_CONSUMER = 1013
 
@@ -171,6 +174,12 @@ async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
 
 async def presence_socket(websocket: WebSocket) -> None:
     node: Node = websocket.app.state.node
+    origin = websocket.headers.get("origin")
+    allowed = node.settings.allowed_origins
+    if allowed and origin is not None and origin.rstrip("/") not in allowed:
+        # Cross-site WebSocket hijacking: a page elsewhere riding on a user's token or cookie.
+        await _refuse(websocket, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed")
+        return
     token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
     try:
         user_id = node.verifier.user_id(token)

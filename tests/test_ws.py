@@ -863,3 +863,30 @@ def test_heartbeats_sent_back_to_back_apply_in_order(app: App) -> None:
     assert [e["type"] for e in events[1:]] == ["presence.cursor_moved"] * 39
     assert [e["data"]["move_path"] for e in events] == [f"main.{n}" for n in range(1, 41)]
     assert app.presence("s1")["users"][0]["move_path"] == "main.40"
+
+
+@pytest.mark.parametrize(
+    ("origin", "accepted"),
+    [
+        ("https://app.example", True),
+        ("https://app.example/", True),
+        (None, True),  # another backend: no Origin header
+        ("https://evil.example", False),
+        ("null", False),
+    ],
+)
+def test_allowed_origins(key_prefix: str, origin: str | None, accepted: bool) -> None:
+    settings = make_settings(key_prefix, allowed_origins="https://app.example,https://b.example")
+    headers = {"authorization": f"Bearer {token()}"}
+    if origin is not None:
+        headers["origin"] = origin
+    with (
+        TestClient(create_app(settings, redis=fakeredis.FakeAsyncRedis())) as client,
+        client.websocket_connect("/ws/presence?study_id=s1", headers=headers) as ws,
+    ):
+        if accepted:
+            assert receive(ws)["type"] == "connected"
+        else:
+            with pytest.raises(WebSocketDisconnect) as refused:
+                receive(ws)
+            assert refused.value.code == 4403

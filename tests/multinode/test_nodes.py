@@ -316,3 +316,16 @@ async def test_nodes_hold_a_study_subscription_only_while_they_have_its_sockets(
         assert subscribers() == 0
     finally:
         client.close()
+
+
+async def test_an_oversized_message_closes_only_its_socket_with_1009(cluster: Any) -> None:
+    (a, _, _), _, _ = cluster
+    sid = study()
+    bystander = await Watcher.open(a.ws_url, sid, token("bystander"))
+    sender = await Watcher.open(a.ws_url, sid, token("sender"))
+    await sender.ws.send('{"type": "ping", "pad": "' + "x" * 70_000 + '"}')
+    await sender.wait_until(lambda w: w.closed, what="close on an oversized message")
+    assert sender.close_code == 1009
+    await bystander.send({"type": "ping"})
+    await bystander.wait_until(lambda w: any(m["type"] == "pong" for m in w.messages))
+    await bystander.close()

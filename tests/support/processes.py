@@ -102,7 +102,8 @@ class RedisServer:
 class NodeProcess:
     """`presence-svc serve` as its own process, on a free port."""
 
-    def __init__(self, env: Mapping[str, str], log_dir: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_dir: Path, log_level: str = "warning") -> None:
+        self.log_level = log_level
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
@@ -123,7 +124,7 @@ class NodeProcess:
                 "--port",
                 str(self.port),
                 "--log-level",
-                "warning",
+                self.log_level,
             ],
             env=self._env,
             stdout=self._log,
