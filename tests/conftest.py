@@ -1,4 +1,8 @@
-"""Shared fixtures: Redis for tests (fake or real), unique key prefixes, clocks."""
+"""Shared fixtures: Redis (fake or real), unique key prefixes, clocks; the store tests' RedisStore.
+
+keys, store, tap and t0 serve test_redis_store.py and test_leases.py alike (a module may define
+its own fixture of the same name, as test_service.py does `store`).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from presence_svc.keys import Keys
+from presence_svc.redis_store import RedisStore
+from tests.support.events import EventTap
 from tests.support.processes import RedisServer
+from tests.support.store import THRESHOLDS
 
 HOW_TO_ENABLE = (
     "no real Redis: set PRESENCE_TEST_REDIS_URL, put redis-server on PATH, "
@@ -122,3 +130,31 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+# --- the store tests: a RedisStore under the test's prefix, and a tap on its channels ---------
+
+
+@pytest.fixture
+def keys(key_prefix: str) -> Keys:
+    return Keys(key_prefix)
+
+
+@pytest.fixture
+def store(any_redis: Any, keys: Keys) -> RedisStore:
+    return RedisStore(any_redis, keys, THRESHOLDS)
+
+
+@pytest.fixture
+async def tap(any_redis: Any, keys: Keys) -> AsyncIterator[EventTap]:
+    listener = EventTap(any_redis, keys)
+    await listener.start()
+    try:
+        yield listener
+    finally:
+        await listener.close()
+
+
+@pytest.fixture
+def t0(clock: FakeClock) -> int:
+    return clock.ms

@@ -15,6 +15,7 @@ import presence_svc.fanout as fanout_module
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import Fanout
 from presence_svc.keys import Keys
+from tests.support.tasks import stop
 
 WAIT = 5.0
 
@@ -39,15 +40,6 @@ class Recorder:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
         return self.events
-
-
-async def stop(task: asyncio.Task[Any]) -> None:
-    # Repeat the cancel: one can be lost inside redis-py on Python 3.11 (see app._stop).
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=0.1)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 class Harness:

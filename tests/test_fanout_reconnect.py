@@ -27,6 +27,7 @@ import presence_svc.fanout as fanout_module
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import DEAD_AFTER, PING_AFTER, Fanout
 from presence_svc.keys import Keys
+from tests.support.tasks import stop
 
 WAIT = 5.0
 LOST = "pub/sub connection lost"
@@ -87,12 +88,7 @@ class Harness:
         return int(count)
 
     async def close(self) -> None:
-        # Repeat the cancel: one can be lost inside redis-py on Python 3.11 (see app._stop).
-        while not self.task.done():
-            self.task.cancel()
-            await asyncio.wait([self.task], timeout=0.1)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        await stop(self.task)
         await self.fanout.close()
 
 

@@ -1,7 +1,7 @@
 """Presence bound to WebSocket connections: holds, releases, node liveness and reaping.
 
 The store-level tests run on fakeredis and on a real Redis (`any_redis`) with explicit times and
-check exactly which events were published (EventTap, adapted from test_redis_store.py: it
+check exactly which events were published (EventTap, from tests/support/events.py: it
 pattern-subscribes to the test's prefix and reads up to a marker it publishes itself, so
 "nothing was published" needs no timeout, and it asserts seq continuity on every channel).
 The LeaseKeeper tests drive a real PresenceService over RedisStore on fakeredis.
@@ -12,22 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import fakeredis
-import msgpack
 import pytest
 
 import presence_svc.redis_store as redis_store_module
-from presence_svc.codec import encode_envelope
 from presence_svc.keys import Keys
 from presence_svc.leases import LeaseKeeper
 from presence_svc.models import (
     CURSOR_MOVED,
-    EVENT_TYPES,
     USER_ACTIVE,
     USER_AWAY,
     USER_IDLE,
@@ -39,159 +35,33 @@ from presence_svc.models import (
     Session,
     Status,
     SweepReport,
-    Thresholds,
     iso_from_ms,
 )
 from presence_svc.redis_store import EMPTY_STUDY_TTL_MS, REAP_RETRY_MS, RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.store import StoreUnavailable
 from tests.conftest import FakeClock
+from tests.support.events import EventTap, kinds
+from tests.support.store import (
+    AWAY_MS,
+    EXPIRE_MS,
+    IDLE_MS,
+    NO_CURSOR,
+    THRESHOLDS,
+    both,
+    schedule_score,
+)
+from tests.support.tasks import stop
 
-IDLE_MS, AWAY_MS, EXPIRE_MS = 30_000, 300_000, 600_000
-THRESHOLDS = Thresholds(idle_after=30, away_after=300, expire_after=600)
 GRACE_MS = 10_000
 TTL_MS = 5_000
-
-NO_CURSOR = CursorUpdate()
-DATA_FIELDS = [
-    "session_id",
-    "user_id",
-    "study_id",
-    "chapter_id",
-    "move_path",
-    "status",
-    "timestamp",
-    "seq",
-]
-
-
-def both(chapter: str | None, move: str | None) -> CursorUpdate:
-    return CursorUpdate(chapter_id=chapter, move_path=move, sets_chapter=True, sets_move_path=True)
 
 
 def lease(study: str, user: str, conn: str, node: str = "n1") -> Lease:
     return Lease(study, user, Holder(node, conn))
 
 
-# --- listening to the study channels ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Event:
-    channel: str
-    type: str
-    data: dict[str, Any]
-    ts: int
-
-    @property
-    def user(self) -> str:
-        return str(self.data["user_id"])
-
-    @property
-    def study(self) -> str:
-        return str(self.data["study_id"])
-
-    @property
-    def seq(self) -> int:
-        return int(self.data["seq"])
-
-    @property
-    def status(self) -> str:
-        return str(self.data["status"])
-
-
-class EventTap:
-    """Every presence event published under the test's prefix, checked as it is read.
-
-    Each must be a well-formed envelope, byte-identical to codec.encode_envelope of its values,
-    on its study's channel, with a seq exactly one above the study's previous event.
-    """
-
-    def __init__(self, client: Any, keys: Keys) -> None:
-        self._client = client
-        self._keys = keys
-        self._pubsub = client.pubsub()
-        self._marker_channel = f"{keys.prefix}:tap-marker"
-        self.last_seq: dict[str, int] = {}
-
-    async def start(self) -> None:
-        await self._pubsub.psubscribe(f"{self._keys.prefix}:*")
-
-    async def close(self) -> None:
-        await self._pubsub.punsubscribe()
-        await self._pubsub.aclose()
-
-    async def drain(self) -> list[Event]:
-        """Every event published since the last drain, in publish order."""
-        marker = uuid.uuid4().hex.encode()
-        await self._client.publish(self._marker_channel, marker)
-        events: list[Event] = []
-        deadline = time.monotonic() + 10
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"marker not received; got {events}")
-            message = await self._pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=min(remaining, 1.0)
-            )
-            if message is None:
-                continue
-            channel = message["channel"].decode()
-            if channel == self._marker_channel:
-                if message["data"] == marker:
-                    return events
-                continue
-            events.append(self._check(channel, message["data"]))
-
-    def _check(self, channel: str, raw: bytes) -> Event:
-        envelope = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        assert list(envelope) == ["type", "data", "ts"], envelope
-        event_type, data, ts = envelope["type"], envelope["data"], envelope["ts"]
-        assert event_type in EVENT_TYPES, envelope
-        assert list(data) == DATA_FIELDS, envelope
-        assert data["timestamp"] == iso_from_ms(ts)
-        assert data["status"] in {s.value for s in Status}
-        assert channel == self._keys.channel(data["study_id"])
-        assert raw == encode_envelope(event_type, data, ts)
-        expected_seq = self.last_seq.get(channel, 0) + 1
-        assert data["seq"] == expected_seq, f"seq gap on {channel}: {envelope}"
-        self.last_seq[channel] = expected_seq
-        return Event(channel, event_type, data, ts)
-
-    def seq_of(self, study_id: str) -> int:
-        return self.last_seq.get(self._keys.channel(study_id), 0)
-
-
-def kinds(events: Sequence[Event]) -> list[tuple[str, str]]:
-    return [(e.type, e.user) for e in events]
-
-
 # --- fixtures and helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def keys(key_prefix: str) -> Keys:
-    return Keys(key_prefix)
-
-
-@pytest.fixture
-def store(any_redis: Any, keys: Keys) -> RedisStore:
-    return RedisStore(any_redis, keys, THRESHOLDS)
-
-
-@pytest.fixture
-async def tap(any_redis: Any, keys: Keys) -> AsyncIterator[EventTap]:
-    listener = EventTap(any_redis, keys)
-    await listener.start()
-    try:
-        yield listener
-    finally:
-        await listener.close()
-
-
-@pytest.fixture
-def t0(clock: FakeClock) -> int:
-    return clock.ms
 
 
 async def hold(
@@ -228,11 +98,6 @@ async def live_nodes(client: Any, keys: Keys) -> dict[str, int]:
 async def dead_nodes(client: Any, keys: Keys) -> dict[str, int]:
     rows = await client.zrange(keys.dead_nodes, 0, -1, withscores=True)
     return {m.decode(): int(score) for m, score in rows}
-
-
-async def schedule_score(client: Any, keys: Keys, study: str) -> int | None:
-    score = await client.zscore(keys.schedule(study), study)
-    return None if score is None else int(score)
 
 
 async def users_of(store: RedisStore, study: str) -> dict[str, Status]:
@@ -961,15 +826,6 @@ async def node(key_prefix: str, clock: FakeClock) -> AsyncIterator[Node]:
     finally:
         server.connected = True
         await client.aclose()
-
-
-async def stop(task: asyncio.Task[Any]) -> None:
-    # Repeat the cancel: one can be lost inside redis-py on Python 3.11 (see app._stop).
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=0.1)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 @contextlib.asynccontextmanager

@@ -1,34 +1,30 @@
 """The PresenceStore contract on RedisStore, on fakeredis and on a real Redis (`any_redis`).
 
 Every test listens to the study channels and checks exactly which events were published: an
-EventTap pattern-subscribes to the test's key prefix and, to know it has seen everything an
-operation published, publishes a marker of its own and reads up to it (Redis delivers a
-connection's subscriptions in publish order), so "nothing was published" needs no timeout.
+EventTap (tests/support/events.py) pattern-subscribes to the test's key prefix and, to know it
+has seen everything an operation published, publishes a marker of its own and reads up to it
+(Redis delivers a connection's subscriptions in publish order), so "nothing was published"
+needs no timeout. The fixtures keys, store, tap and t0 are in tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
-from presence_svc.codec import encode_envelope
 from presence_svc.keys import SCHEDULE_SHARDS, Keys
 from presence_svc.models import (
     CURSOR_MOVED,
-    EVENT_TYPES,
     USER_ACTIVE,
     USER_AWAY,
     USER_IDLE,
@@ -44,28 +40,17 @@ from presence_svc.models import (
 )
 from presence_svc.redis_store import EMPTY_STUDY_TTL_MS, RedisStore
 from presence_svc.store import StoreUnavailable
-from tests.conftest import FakeClock
+from tests.support.events import Event, EventTap, kinds
 from tests.support.processes import free_port
-
-IDLE_MS, AWAY_MS, EXPIRE_MS = 30_000, 300_000, 600_000
-THRESHOLDS = Thresholds(idle_after=30, away_after=300, expire_after=600)
-
-NO_CURSOR = CursorUpdate()
-DATA_FIELDS = [
-    "session_id",
-    "user_id",
-    "study_id",
-    "chapter_id",
-    "move_path",
-    "status",
-    "timestamp",
-    "seq",
-]
-
-
-def both(chapter: str | None, move: str | None) -> CursorUpdate:
-    """A heartbeat cursor that sets both fields."""
-    return CursorUpdate(chapter_id=chapter, move_path=move, sets_chapter=True, sets_move_path=True)
+from tests.support.store import (
+    AWAY_MS,
+    EXPIRE_MS,
+    IDLE_MS,
+    NO_CURSOR,
+    THRESHOLDS,
+    both,
+    schedule_score,
+)
 
 
 def chapter_only(chapter: str | None) -> CursorUpdate:
@@ -76,133 +61,7 @@ def move_only(move: str | None) -> CursorUpdate:
     return CursorUpdate(move_path=move, sets_move_path=True)
 
 
-# --- listening to the study channels ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Event:
-    channel: str
-    type: str
-    data: dict[str, Any]
-    ts: int
-
-    @property
-    def user(self) -> str:
-        return str(self.data["user_id"])
-
-    @property
-    def study(self) -> str:
-        return str(self.data["study_id"])
-
-    @property
-    def seq(self) -> int:
-        return int(self.data["seq"])
-
-    @property
-    def status(self) -> str:
-        return str(self.data["status"])
-
-
-class EventTap:
-    """Every event published under the test's prefix, checked as it is read.
-
-    Each message must be a well-formed presence envelope, byte-identical to what
-    codec.encode_envelope makes of the same values, published on the channel Keys names for
-    its study, with a timestamp matching its `ts` and a seq exactly one above the study's
-    previous event.
-    """
-
-    def __init__(self, client: Any, keys: Keys) -> None:
-        self._client = client
-        self._keys = keys
-        self._pubsub = client.pubsub()
-        self._marker_channel = f"{keys.prefix}:tap-marker"
-        self.last_seq: dict[str, int] = {}
-
-    async def start(self) -> None:
-        await self._pubsub.psubscribe(f"{self._keys.prefix}:*")
-
-    async def close(self) -> None:
-        await self._pubsub.punsubscribe()
-        await self._pubsub.aclose()
-
-    async def drain(self) -> list[Event]:
-        """Every event published since the last drain, in publish order."""
-        marker = uuid.uuid4().hex.encode()
-        await self._client.publish(self._marker_channel, marker)
-        events: list[Event] = []
-        deadline = time.monotonic() + 10
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"marker not received; got {events}")
-            message = await self._pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=min(remaining, 1.0)
-            )
-            if message is None:
-                continue
-            channel = message["channel"].decode()
-            if channel == self._marker_channel:
-                if message["data"] == marker:
-                    return events
-                continue
-            events.append(self._check(channel, message["data"]))
-
-    def _check(self, channel: str, raw: bytes) -> Event:
-        envelope = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        assert list(envelope) == ["type", "data", "ts"], envelope
-        event_type, data, ts = envelope["type"], envelope["data"], envelope["ts"]
-        assert event_type in EVENT_TYPES, envelope
-        assert list(data) == DATA_FIELDS, envelope
-        assert isinstance(ts, int)
-        assert data["timestamp"] == iso_from_ms(ts)
-        assert data["status"] in {s.value for s in Status}
-        assert channel == self._keys.channel(data["study_id"])
-        assert raw == encode_envelope(event_type, data, ts)
-        expected_seq = self.last_seq.get(channel, 0) + 1
-        assert data["seq"] == expected_seq, f"seq gap on {channel}: {envelope}"
-        self.last_seq[channel] = expected_seq
-        return Event(channel, event_type, data, ts)
-
-    def seq_of(self, study_id: str) -> int:
-        return self.last_seq.get(self._keys.channel(study_id), 0)
-
-
 # --- fixtures and helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def keys(key_prefix: str) -> Keys:
-    return Keys(key_prefix)
-
-
-@pytest.fixture
-def store(any_redis: Any, keys: Keys) -> RedisStore:
-    return RedisStore(any_redis, keys, THRESHOLDS)
-
-
-@pytest.fixture
-async def tap(any_redis: Any, keys: Keys) -> AsyncIterator[EventTap]:
-    listener = EventTap(any_redis, keys)
-    await listener.start()
-    try:
-        yield listener
-    finally:
-        await listener.close()
-
-
-@pytest.fixture
-def t0(clock: FakeClock) -> int:
-    return clock.ms
-
-
-def kinds(events: Sequence[Event]) -> list[tuple[str, str]]:
-    return [(e.type, e.user) for e in events]
-
-
-async def schedule_score(client: Any, keys: Keys, study_id: str) -> int | None:
-    score = await client.zscore(keys.schedule(study_id), study_id)
-    return None if score is None else int(score)
 
 
 async def whole_schedule(client: Any, keys: Keys) -> dict[str, int]:
