@@ -12,7 +12,7 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 
-from presence_svc.auth import issue_token
+from presence_svc.auth import ALL_STUDIES, issue_token
 from presence_svc.logs import install_redaction
 from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
 
@@ -72,7 +72,8 @@ def _token(args: argparse.Namespace) -> int:
         print("presence-svc: the secret must be at least 32 bytes long", file=sys.stderr)
         return 2
     try:
-        print(issue_token(args.user, secret, args.ttl))
+        studies = ALL_STUDIES if args.all_studies else args.study
+        print(issue_token(args.user, secret, args.ttl, studies))
     except ValueError as exc:
         print(f"presence-svc: {exc}", file=sys.stderr)
         return 2
@@ -97,6 +98,11 @@ def parser() -> argparse.ArgumentParser:
         "--secret", help="signing secret (default: $PRESENCE_JWT_SECRET, else the dev secret)"
     )
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    grants = token.add_mutually_exclusive_group()
+    grants.add_argument(
+        "--study", action="append", metavar="STUDY_ID", help="grant this study (repeatable)"
+    )
+    grants.add_argument("--all-studies", action="store_true", help='grant every study ("*")')
     token.set_defaults(run=_token)
 
     from presence_svc.bench.command import add_bench_command  # argparse only, no harness

@@ -1,6 +1,7 @@
 """REST endpoints: parse, authenticate, call the service, render JSON.
 
-Every error is JSON: `{"error": <code>, "detail": <message or list of problems>}`.
+Every error is JSON: `{"error": <code>, "detail": <message or list of problems>}`. A token is
+checked (401) before the request is validated (422) and the study grant (403) after.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from presence_svc.auth import AuthError, bearer
+from presence_svc.auth import AuthError, Principal, bearer
 from presence_svc.models import ID_PATTERN, HeartbeatRequest
 from presence_svc.node import Node
 from presence_svc.store import StoreUnavailable
@@ -41,11 +42,16 @@ def _node(request: Request) -> Node:
     return node
 
 
-def _user(request: Request) -> str:
+def _principal(request: Request) -> Principal:
     try:
-        return _node(request).verifier.user_id(bearer(request.headers.get("authorization")))
+        return _node(request).verifier.principal(bearer(request.headers.get("authorization")))
     except AuthError as exc:
         raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from None
+
+
+def _authorize(request: Request, principal: Principal, study_id: str) -> None:
+    if _node(request).settings.study_grant_required and not principal.may_access(study_id):
+        raise ApiError(403, "forbidden", f"the token grants no access to study {study_id!r}")
 
 
 def _study_id(request: Request) -> str:
@@ -60,7 +66,7 @@ def _study_id(request: Request) -> str:
 
 
 async def heartbeat(request: Request) -> Response:
-    user_id = _user(request)
+    principal = _principal(request)
     body = await request.body()
     try:
         payload = HeartbeatRequest.model_validate_json(body)
@@ -69,19 +75,25 @@ async def heartbeat(request: Request) -> Response:
         if any(p["type"] == "json_invalid" for p in problems):
             raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
         raise ApiError(422, "validation_error", problems) from None
-    session = await _node(request).service.heartbeat(user_id, payload.study_id, payload.cursor())
+    _authorize(request, principal, payload.study_id)
+    service = _node(request).service
+    session = await service.heartbeat(principal.user_id, payload.study_id, payload.cursor())
     return JSONResponse(session.to_json())
 
 
 async def get_presence(request: Request) -> Response:
-    _user(request)
-    presence = await _node(request).service.presence(_study_id(request))
+    principal = _principal(request)
+    study_id = _study_id(request)
+    _authorize(request, principal, study_id)
+    presence = await _node(request).service.presence(study_id)
     return JSONResponse(presence.to_json())
 
 
 async def leave(request: Request) -> Response:
-    user_id = _user(request)
-    await _node(request).service.leave(user_id, _study_id(request))
+    principal = _principal(request)
+    study_id = _study_id(request)
+    _authorize(request, principal, study_id)
+    await _node(request).service.leave(principal.user_id, study_id)
     return JSONResponse({"status": "success"})
 
 

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     lease_ttl: float = Field(5.0, ge=0.5, le=300)
     # On SIGTERM: how long the node may take to close its sockets and release its leases.
     drain_timeout: float = Field(10.0, gt=0, le=600)
+    # Whether a token must grant a study (its `studies` claim) to read or join it. Unset: yes
+    # with a real Redis, no in the embedded dev mode.
+    require_study_grant: bool | None = None
     # Largest WebSocket message a client may send; a bigger one closes the socket with 1009.
     ws_max_message_size: int = Field(65_536, ge=1024, le=16 * 1024 * 1024)
     # Browser origins allowed to open WebSockets (comma-separated); empty allows any. Clients
@@ -96,6 +99,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when no Redis URL is configured: one node on an in-process Redis."""
         return self.redis_url is None
+
+    @property
+    def study_grant_required(self) -> bool:
+        if self.require_study_grant is not None:
+            return self.require_study_grant
+        return not self.embedded
 
     @property
     def effective_jwt_secret(self) -> str:

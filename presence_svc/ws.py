@@ -1,8 +1,9 @@
 """`WS /ws/presence?study_id=...`: a study's snapshot, then its events, plus client messages.
 
 Close codes: 4400 bad request (study_id missing or invalid), 4401 unauthorized (missing,
-invalid or expired token) and 4403 (an Origin not in PRESENCE_ALLOWED_ORIGINS), all right
-after the handshake and before any study data; 1009 a message over
+invalid or expired token) and 4403 forbidden (an Origin not in PRESENCE_ALLOWED_ORIGINS, or
+a token without a grant for the study), all right after the handshake and before any study
+data; 1009 a message over
 PRESENCE_WS_MAX_MESSAGE_SIZE; 1011 the
 node could not subscribe to or read the study; 1012 the node is shutting down (reconnect, the
 load balancer picks another node); 1013 the client read too slowly and its outgoing queue
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
-CLOSE_FORBIDDEN_ORIGIN = 4403
+CLOSE_FORBIDDEN = 4403  # an Origin not allowed, or no grant for the study
 CLOSE_INTERNAL = 1011
 CLOSE_SLOW_CONSUMER = 1013
 
@@ -178,11 +179,11 @@ async def presence_socket(websocket: WebSocket) -> None:
     allowed = node.settings.allowed_origins
     if allowed and origin is not None and origin.rstrip("/") not in allowed:
         # Cross-site WebSocket hijacking: a page elsewhere riding on a user's token or cookie.
-        await _refuse(websocket, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed")
+        await _refuse(websocket, CLOSE_FORBIDDEN, "origin not allowed")
         return
     token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
     try:
-        user_id = node.verifier.user_id(token)
+        principal = node.verifier.principal(token)
     except AuthError as exc:
         await _refuse(websocket, CLOSE_UNAUTHORIZED, str(exc))
         return
@@ -190,6 +191,10 @@ async def presence_socket(websocket: WebSocket) -> None:
     if not _STUDY_ID.fullmatch(study_id):
         await _refuse(websocket, CLOSE_BAD_REQUEST, f"study_id must match {ID_PATTERN}")
         return
+    if node.settings.study_grant_required and not principal.may_access(study_id):
+        await _refuse(websocket, CLOSE_FORBIDDEN, "the token grants no access to this study")
+        return
+    user_id = principal.user_id
 
     await websocket.accept()
     node.open_sockets += 1

@@ -56,7 +56,7 @@ RECEIVE_TIMEOUT = 5.0
 
 
 def token(user: str = "alice", secret: str = SECRET) -> str:
-    return issue_token(user, secret)
+    return issue_token(user, secret, studies="*")
 
 
 def bearer(user: str = "alice") -> dict[str, str]:

@@ -113,7 +113,8 @@ async def _open(
     async def one(spec: list[Any]) -> WsClient:
         host, port, study_index, study_id, user_id = spec
         if kind == "node":
-            path = f"/ws/presence?study_id={study_id}&token={issue_token(user_id, secret, 3600)}"
+            token = issue_token(user_id, secret, 3600, studies="*")
+            path = f"/ws/presence?study_id={study_id}&token={token}"
         else:
             path = f"/viewer?study_id={study_id}"
         async with gate:
@@ -211,7 +212,7 @@ async def _rest_heartbeats(
     for user_id, study_id in users:
         body = json_text({"study_id": study_id}).encode()
         request = post_request(
-            host, port, "/presence/heartbeat", issue_token(user_id, secret, 3600), body
+            host, port, "/presence/heartbeat", issue_token(user_id, secret, 3600, studies="*"), body
         )
         _, proto = await loop.create_connection(functools.partial(HttpLoop, request), host, port)
         loops.append(proto)

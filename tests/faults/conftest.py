@@ -37,7 +37,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def token(user: str) -> str:
-    return issue_token(user, SECRET, ttl=600)
+    return issue_token(user, SECRET, ttl=600, studies="*")
 
 
 def study() -> str:

@@ -65,7 +65,7 @@ def cluster(real_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def token(user: str) -> str:
-    return issue_token(user, SECRET, ttl=600)
+    return issue_token(user, SECRET, ttl=600, studies="*")
 
 
 def study() -> str:
