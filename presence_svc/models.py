@@ -166,4 +166,13 @@ class HeartbeatMessage(_ClientShape):
     move_path: MovePath | None = None
 
 
-ClientMessage = Annotated[PingMessage | HeartbeatMessage, Field(discriminator="type")]
+class RefreshMessage(_ClientShape):
+    """A fresh token for an open socket, sent before the current one expires."""
+
+    type: Literal["refresh"]
+    token: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+
+
+ClientMessage = Annotated[
+    PingMessage | HeartbeatMessage | RefreshMessage, Field(discriminator="type")
+]

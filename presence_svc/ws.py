@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from presence_svc.auth import AuthError, bearer
+from presence_svc.auth import AuthError, Principal, bearer
 from presence_svc.codec import Outgoing, json_text
 from presence_svc.http import validation_problems
 from presence_svc.models import (
@@ -33,6 +33,7 @@ from presence_svc.models import (
     ClientMessage,
     CursorUpdate,
     HeartbeatMessage,
+    RefreshMessage,
     iso_from_ms,
 )
 from presence_svc.node import Node
@@ -72,6 +73,7 @@ class _Connection:
     """
 
     __slots__ = (
+        "_closing",
         "_floor",
         "_limit",
         "_on_overflow",
@@ -96,24 +98,31 @@ class _Connection:
         self._limit = queue_size
         self._waiter: asyncio.Future[None] | None = None
         self._floor = 0  # events with seq <= floor are already in the client's snapshot
+        self._closing: tuple[int, str] | None = None
         self.heartbeats: set[asyncio.Task[None]] = set()  # sent to the store, not yet done
         self._slot: asyncio.Future[None] | None = None  # the reader waits here when too many
         self._writer: asyncio.Task[None] | None = None
         self.overflowed = False
 
     def deliver(self, event: Outgoing) -> None:
-        if self.overflowed:
+        if self._closing is not None:
             return
         if len(self._pending) >= self._limit:
             self.overflowed = True
             if self._on_overflow is not None:
                 self._on_overflow()
-            if self._writer is not None:
-                self._writer.cancel()
+            self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
             return
         self._pending.append(event)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Stop sending and close the socket with `code` (the reader then sees it closed)."""
+        if self._closing is None:
+            self._closing = (code, reason)
+            if self._writer is not None:
+                self._writer.cancel()
 
     def track(self, heartbeat: asyncio.Task[None]) -> asyncio.Future[None] | None:
         """Count a heartbeat in flight; a future to await first if the socket has too many."""
@@ -132,6 +141,8 @@ class _Connection:
     def start(self, floor: int) -> None:
         self._floor = floor
         self._writer = asyncio.create_task(self._pump())
+        if self._closing is not None:
+            self._writer.cancel()
 
     async def _pump(self) -> None:
         try:
@@ -147,9 +158,9 @@ class _Connection:
                     continue
                 await self._ws.send_text(event.text)
         except asyncio.CancelledError:
-            if self.overflowed:
+            if self._closing is not None:
                 with contextlib.suppress(Exception):
-                    await self._ws.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+                    await self._ws.close(*self._closing)
             raise
         except Exception:  # the socket went away; the reader side sees the disconnect
             return
@@ -194,17 +205,38 @@ async def presence_socket(websocket: WebSocket) -> None:
     if node.settings.study_grant_required and not principal.may_access(study_id):
         await _refuse(websocket, CLOSE_FORBIDDEN, "the token grants no access to this study")
         return
-    user_id = principal.user_id
 
     await websocket.accept()
     node.open_sockets += 1
     try:
-        await _serve(websocket, node, user_id, study_id)
+        await _serve(websocket, node, principal, study_id)
     finally:
         node.open_sockets -= 1
 
 
-async def _serve(websocket: WebSocket, node: Node, user_id: str, study_id: str) -> None:
+class _Expiry:
+    """Closes the socket with 4401 when its token expires, unless a refresh pushed it back."""
+
+    def __init__(self, conn: _Connection, expires_at: float) -> None:
+        self._conn = conn
+        self._timer: asyncio.TimerHandle | None = None
+        self.move(expires_at)
+
+    def move(self, expires_at: float) -> None:
+        self.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, expires_at - time.time())
+        self._timer = loop.call_later(
+            delay, self._conn.close_with, CLOSE_UNAUTHORIZED, "token expired"
+        )
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+async def _serve(websocket: WebSocket, node: Node, principal: Principal, study_id: str) -> None:
+    user_id = principal.user_id
     conn = _Connection(websocket, node.settings.socket_queue_size, node.count_slow_consumer)
     try:
         await node.fanout.add(study_id, conn)
@@ -228,7 +260,11 @@ async def _serve(websocket: WebSocket, node: Node, user_id: str, study_id: str) 
         await websocket.send_text(json_text({"type": "connected", "data": connected}))
         await websocket.send_text(snapshot.text)
         conn.start(snapshot.floor or 0)
-        await _read(websocket, node, conn, connection_id, user_id, study_id)
+        expiry = _Expiry(conn, principal.expires_at)
+        try:
+            await _read(websocket, node, conn, expiry, principal, connection_id, study_id)
+        finally:
+            expiry.cancel()
     except WebSocketDisconnect:
         pass
     finally:
@@ -264,10 +300,12 @@ async def _read(
     websocket: WebSocket,
     node: Node,
     conn: _Connection,
+    expiry: _Expiry,
+    principal: Principal,
     connection_id: str,
-    user_id: str,
     study_id: str,
 ) -> None:
+    user_id = principal.user_id
     while True:
         frame = await websocket.receive()
         if frame["type"] == "websocket.disconnect":
@@ -291,6 +329,25 @@ async def _read(
             full = conn.track(task)
             if full is not None:
                 await full
+        elif isinstance(message, RefreshMessage):
+            conn.deliver(_refresh(node, expiry, principal, message.token, study_id))
         else:
             pong = {"type": "pong", "data": {"timestamp": _now_iso()}}
             conn.deliver(Outgoing(None, json_text(pong)))
+
+
+def _refresh(
+    node: Node, expiry: _Expiry, principal: Principal, token: str, study_id: str
+) -> Outgoing:
+    """Accept a fresh token for the same user (and, if required, the same study)."""
+    try:
+        fresh = node.verifier.principal(token)
+    except AuthError as exc:
+        return _error("invalid_token", str(exc))
+    if fresh.user_id != principal.user_id:
+        return _error("invalid_token", "the token is for another user")
+    if node.settings.study_grant_required and not fresh.may_access(study_id):
+        return _error("invalid_token", "the token grants no access to this study")
+    expiry.move(fresh.expires_at)
+    expires = iso_from_ms(int(fresh.expires_at * 1000))
+    return Outgoing(None, json_text({"type": "refreshed", "data": {"expires_at": expires}}))

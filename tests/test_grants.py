@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,3 +135,35 @@ def test_a_socket_with_a_grant_is_served(client: TestClient) -> None:
     with client.websocket_connect(url) as ws:
         assert ws.receive_json()["type"] == "connected"
         assert ws.receive_json()["type"] == "presence.snapshot"
+
+
+def short_lived(user: str = "alice") -> str:
+    # exp is whole seconds: this token expires within the next second or two.
+    return issue_token(user, SECRET, ttl=1, studies=["s1"])
+
+
+def test_a_socket_whose_token_expires_is_closed_with_4401(client: TestClient) -> None:
+    with client.websocket_connect(f"/ws/presence?study_id=s1&token={short_lived()}") as ws:
+        assert ws.receive_json()["type"] == "connected"
+        assert ws.receive_json()["type"] == "presence.snapshot"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()  # nothing else arrives before the close
+        assert closed.value.code == 4401
+
+
+def test_a_refreshed_socket_stays_open(client: TestClient) -> None:
+    with client.websocket_connect(f"/ws/presence?study_id=s1&token={short_lived()}") as ws:
+        ws.receive_json()
+        ws.receive_json()
+        ws.send_json({"type": "refresh", "token": issue_token("mallory", SECRET, studies="*")})
+        refused = ws.receive_json()
+        assert refused["type"] == "error"
+        assert refused["data"]["code"] == "invalid_token"
+        ws.send_json({"type": "refresh", "token": issue_token("alice", SECRET, studies=["s2"])})
+        assert ws.receive_json()["data"]["code"] == "invalid_token"
+        ws.send_json({"type": "refresh", "token": issue_token("alice", SECRET, 60, ["s1"])})
+        refreshed = ws.receive_json()
+        assert refreshed["type"] == "refreshed"
+        time.sleep(2.2)  # past the first token's expiry
+        ws.send_json({"type": "ping"})
+        assert ws.receive_json()["type"] == "pong"
