@@ -19,10 +19,15 @@ CURSOR_MOVED = "presence.cursor_moved"
 EVENT_TYPES = (USER_JOINED, USER_LEFT, USER_ACTIVE, USER_IDLE, USER_AWAY, CURSOR_MOVED)
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
-MOVE_PATH_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,511}$"
+# The seed's form, e.g. main.12.var2.3: the main line and a ply number, then any number of
+# variations, each a variation number and a ply within it (main.12.var2.3.var1.5 nests one).
+MOVE_PATH_PATTERN = r"^main(\.[0-9]{1,4}(\.var[0-9]{1,4}\.[0-9]{1,4})*)?$"
+MOVE_PATH_MAX_LENGTH = 512
 
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-MovePath = Annotated[str, StringConstraints(pattern=MOVE_PATH_PATTERN)]
+MovePath = Annotated[
+    str, StringConstraints(pattern=MOVE_PATH_PATTERN, max_length=MOVE_PATH_MAX_LENGTH)
+]
 
 
 class Status(StrEnum):

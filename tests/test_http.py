@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 
 from presence_svc.app import create_app
 from presence_svc.auth import issue_token
+from presence_svc.models import MOVE_PATH_MAX_LENGTH
 from presence_svc.settings import DEV_JWT_SECRET, Settings, load_settings
 from presence_svc.store import StoreUnavailable
 from presence_svc.sweeper import Sweeper
@@ -128,14 +129,16 @@ def assert_problems(response: Any) -> list[dict[str, Any]]:
 
 def test_heartbeat_returns_the_session(client: TestClient) -> None:
     before = datetime.now(UTC)
-    body = heartbeat(client, {"study_id": "study-1", "chapter_id": "ch1", "move_path": "e4.e5"})
+    body = heartbeat(
+        client, {"study_id": "study-1", "chapter_id": "ch1", "move_path": "main.1.var1.1"}
+    )
     after = datetime.now(UTC)
 
     assert set(body) == SESSION_FIELDS
     assert body["user_id"] == "alice"  # from the token, not the body
     assert body["study_id"] == "study-1"
     assert body["chapter_id"] == "ch1"
-    assert body["move_path"] == "e4.e5"
+    assert body["move_path"] == "main.1.var1.1"
     assert body["status"] == "active"
     assert re.fullmatch(r"[0-9a-f]{32}", body["session_id"])
     assert body["joined_at"] == body["last_heartbeat"]
@@ -162,7 +165,7 @@ def test_second_heartbeat_keeps_the_session_and_refreshes_its_time(client: TestC
 
 
 def test_heartbeat_null_clears_a_cursor_field_and_omitted_keeps_it(client: TestClient) -> None:
-    heartbeat(client, {"study_id": "s1", "chapter_id": "c1", "move_path": "e4"})
+    heartbeat(client, {"study_id": "s1", "chapter_id": "c1", "move_path": "main.1"})
     body = heartbeat(client, {"study_id": "s1", "move_path": None})
     assert body["chapter_id"] == "c1"
     assert body["move_path"] is None
@@ -191,7 +194,9 @@ def test_get_unknown_study_is_empty(client: TestClient) -> None:
 
 
 def test_get_after_heartbeats(client: TestClient) -> None:
-    alice = heartbeat(client, {"study_id": "s1", "chapter_id": "c1", "move_path": "d4"}, "alice")
+    alice = heartbeat(
+        client, {"study_id": "s1", "chapter_id": "c1", "move_path": "main.2"}, "alice"
+    )
     time.sleep(0.003)  # distinct joined_at, so the order is by join time
     bob = heartbeat(client, {"study_id": "s1"}, "bob")
     heartbeat(client, {"study_id": "other"}, "carol")
@@ -209,9 +214,9 @@ def test_seq_counts_events_not_heartbeats(client: TestClient) -> None:
     assert presence(client, "s1")["seq"] == 1
     heartbeat(client, {"study_id": "s1"})  # nothing changed: no event
     assert presence(client, "s1")["seq"] == 1
-    heartbeat(client, {"study_id": "s1", "move_path": "e4"})  # cursor_moved
+    heartbeat(client, {"study_id": "s1", "move_path": "main.1"})  # cursor_moved
     assert presence(client, "s1")["seq"] == 2
-    heartbeat(client, {"study_id": "s1", "move_path": "e4"})  # same cursor: no event
+    heartbeat(client, {"study_id": "s1", "move_path": "main.1"})  # same cursor: no event
     assert presence(client, "s1")["seq"] == 2
 
 
@@ -411,8 +416,40 @@ def test_invalid_body_is_422_with_problem_list(
     assert presence(client, "s1")["total"] == 0
 
 
+@pytest.mark.parametrize(
+    ("move_path", "valid"),
+    [
+        ("main", True),
+        ("main.12", True),
+        ("main.12.var2.3", True),
+        ("main.12.var2.3.var1.5", True),
+        ("main.", False),
+        ("main.12.var2", False),
+        ("main.x", False),
+        ("Main.1", False),
+        ("main.1.2", False),
+        ("var1.2", False),
+        ("main.12345", False),
+    ],
+)
+def test_move_path_grammar(client: TestClient, move_path: str, valid: bool) -> None:
+    response = client.post(
+        "/presence/heartbeat", json={"study_id": "s1", "move_path": move_path}, headers=auth()
+    )
+    assert response.status_code == (200 if valid else 422)
+    if not valid:
+        assert [p["loc"] for p in response.json()["detail"]] == [["move_path"]]
+
+
 def test_longest_valid_move_path_is_accepted(client: TestClient) -> None:
-    move_path = "e" * 512
+    move_path = "main.1" + ".var1.1" * 72  # 510 characters
+    assert len(move_path) <= MOVE_PATH_MAX_LENGTH < len(move_path + ".var1.1")
+    response = client.post(
+        "/presence/heartbeat",
+        json={"study_id": "s1", "move_path": move_path + ".var1.1"},
+        headers=auth(),
+    )
+    assert response.status_code == 422
     assert heartbeat(client, {"study_id": "s1", "move_path": move_path})["move_path"] == move_path
 
 

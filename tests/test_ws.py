@@ -160,7 +160,7 @@ def ping(ws: WebSocketTestSession) -> None:
 
 
 def test_connected_then_snapshot(app: App) -> None:
-    bob = app.heartbeat("s1", "bob", chapter_id="c1", move_path="e4")
+    bob = app.heartbeat("s1", "bob", chapter_id="c1", move_path="main.1")
     app.heartbeat("other", "carol")
     with app.open("s1", "alice") as ws:
         connected, snapshot = join(ws)
@@ -370,7 +370,7 @@ def test_heartbeat_over_the_socket_reaches_the_study_only(app: App) -> None:
     ):
         for ws in (mine, same_study, other_study):
             join(ws)
-        mine.send_json({"type": "heartbeat", "chapter_id": "c1", "move_path": "e4.e5"})
+        mine.send_json({"type": "heartbeat", "chapter_id": "c1", "move_path": "main.1.var1.1"})
         joined = receive_event(mine)
         assert receive_event(same_study) == joined
         # s1's event went out on the pub/sub connection before s2's: had it been misrouted to
@@ -388,7 +388,7 @@ def test_heartbeat_over_the_socket_reaches_the_study_only(app: App) -> None:
     assert data["user_id"] == "alice"
     assert data["study_id"] == "s1"
     assert data["chapter_id"] == "c1"
-    assert data["move_path"] == "e4.e5"
+    assert data["move_path"] == "main.1.var1.1"
     assert data["status"] == "active"
     assert data["seq"] == 1
     assert ISO_MS_Z.match(data["timestamp"])
@@ -407,16 +407,16 @@ def test_socket_heartbeat_is_for_the_sockets_user_and_study(app: App) -> None:
 def test_cursor_moved(app: App) -> None:
     with app.open("s1") as ws:
         _, snapshot = join(ws)
-        ws.send_json({"type": "heartbeat", "chapter_id": "c1", "move_path": "e4"})
+        ws.send_json({"type": "heartbeat", "chapter_id": "c1", "move_path": "main.1"})
         assert receive_event(ws)["type"] == "presence.user_joined"
-        ws.send_json({"type": "heartbeat", "move_path": "e4.e5"})
+        ws.send_json({"type": "heartbeat", "move_path": "main.1.var1.1"})
         moved = receive_event(ws)
         assert moved["type"] == "presence.cursor_moved"
         assert moved["data"]["chapter_id"] == "c1"  # omitted: kept
-        assert moved["data"]["move_path"] == "e4.e5"
+        assert moved["data"]["move_path"] == "main.1.var1.1"
         assert moved["data"]["seq"] == snapshot["seq"] + 2
         # Unchanged cursor: no event. Bob's join must be the very next event.
-        ws.send_json({"type": "heartbeat", "move_path": "e4.e5"})
+        ws.send_json({"type": "heartbeat", "move_path": "main.1.var1.1"})
         ws.send_json({"type": "heartbeat"})
         ping(ws)
         app.heartbeat("s1", "bob")
@@ -429,18 +429,18 @@ def test_cursor_moved(app: App) -> None:
         cleared = receive_event(ws)
         assert cleared["type"] == "presence.cursor_moved"
         assert cleared["data"]["chapter_id"] is None
-        assert cleared["data"]["move_path"] == "e4.e5"
+        assert cleared["data"]["move_path"] == "main.1.var1.1"
 
 
 def test_events_follow_the_snapshot_seq_one_by_one(app: App) -> None:
     app.heartbeat("s1", "bob")
     app.heartbeat("s1", "carol")
-    app.heartbeat("s1", "bob", move_path="d4")
+    app.heartbeat("s1", "bob", move_path="main.2")
     with app.open("s1") as ws:
         _, snapshot = join(ws)
         assert snapshot["seq"] == 3
         ws.send_json({"type": "heartbeat"})  # alice joins
-        app.heartbeat("s1", "bob", move_path="c4")
+        app.heartbeat("s1", "bob", move_path="main.3")
         app.client.delete("/presence/s1", headers=bearer("carol"))
         ws.send_json({"type": "heartbeat", "chapter_id": "c9"})
         seen = [receive_event(ws) for _ in range(4)]
@@ -755,7 +755,7 @@ async def test_real_server_lifecycle_arrives_once_in_seq_order(live_server: Live
         assert live_server.node.fanout.studies == 1
         async with httpx.AsyncClient(timeout=5) as http:
             session = await rest_heartbeat(
-                http, live_server.http, token("walker"), study_id=study, move_path="e4"
+                http, live_server.http, token("walker"), study_id=study, move_path="main.1"
             )
 
             def left(w: Watcher) -> bool:
@@ -786,7 +786,7 @@ async def test_real_server_lifecycle_arrives_once_in_seq_order(live_server: Live
     for event in events:
         assert event["data"]["session_id"] == session["session_id"]
         assert event["data"]["user_id"] == "walker"
-        assert event["data"]["move_path"] == "e4"
+        assert event["data"]["move_path"] == "main.1"
     # Nothing but the four events, and the same bytes to both sockets.
     assert by_header.messages == events
     assert by_query.raw == by_header.raw
