@@ -18,6 +18,7 @@ from presence_svc.fanout import Fanout
 from presence_svc.http import EXCEPTION_HANDLERS, ROUTES
 from presence_svc.keys import Keys
 from presence_svc.leases import LeaseKeeper
+from presence_svc.limits import KeyedBuckets
 from presence_svc.models import Thresholds
 from presence_svc.node import Node
 from presence_svc.redis_client import RedisClients, connect
@@ -60,6 +61,7 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
         sweeper=Sweeper(service, settings.sweep_interval),
         leases=LeaseKeeper(service, settings.lease_ttl),
         verifier=TokenVerifier(settings.effective_jwt_secret),
+        rest_heartbeats=KeyedBuckets(settings.rest_heartbeat_rate, settings.rest_heartbeat_burst),
     )
     return node
 

@@ -6,6 +6,7 @@ checked (401) before the request is validated (422) and the study grant (403) af
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -76,6 +77,11 @@ async def heartbeat(request: Request) -> Response:
             raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
         raise ApiError(422, "validation_error", problems) from None
     _authorize(request, principal, payload.study_id)
+    wait = _node(request).rest_heartbeats.take(principal.user_id)
+    if wait:
+        retry = str(max(1, math.ceil(wait)))
+        detail = f"more than {_node(request).settings.rest_heartbeat_rate:g} heartbeats a second"
+        raise ApiError(429, "rate_limited", detail, {"Retry-After": retry})
     service = _node(request).service
     session = await service.heartbeat(principal.user_id, payload.study_id, payload.cursor())
     return JSONResponse(session.to_json())

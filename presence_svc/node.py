@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from presence_svc.auth import TokenVerifier
@@ -11,6 +12,7 @@ from presence_svc.coalesce import Coalescer
 from presence_svc.codec import Outgoing
 from presence_svc.fanout import Fanout
 from presence_svc.leases import LeaseKeeper
+from presence_svc.limits import KeyedBuckets
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
 from presence_svc.sweeper import Sweeper
@@ -26,6 +28,8 @@ class Node:
     sweeper: Sweeper
     leases: LeaseKeeper
     verifier: TokenVerifier
+    rest_heartbeats: KeyedBuckets  # per user
+    sockets_by_user: Counter[str] = field(default_factory=Counter)
     draining: bool = False
     open_sockets: int = 0
     slow_consumers: int = 0  # sockets closed because they fell behind

@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     # Whether a token must grant a study (its `studies` claim) to read or join it. Unset: yes
     # with a real Redis, no in the embedded dev mode.
     require_study_grant: bool | None = None
+    # Messages one socket may send per second (token bucket); beyond it the socket is closed
+    # with 1008.
+    ws_message_rate: float = Field(50.0, gt=0)
+    ws_message_burst: int = Field(200, ge=1)
+    # WebSockets one user may hold open on one node; more are refused with 4429.
+    max_sockets_per_user: int = Field(32, ge=1)
+    # REST heartbeats one user may send per second to one node; beyond it 429 + Retry-After.
+    rest_heartbeat_rate: float = Field(10.0, gt=0)
+    rest_heartbeat_burst: int = Field(20, ge=1)
     # Largest WebSocket message a client may send; a bigger one closes the socket with 1009.
     ws_max_message_size: int = Field(65_536, ge=1024, le=16 * 1024 * 1024)
     # Browser origins allowed to open WebSockets (comma-separated); empty allows any. Clients

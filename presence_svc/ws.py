@@ -1,13 +1,13 @@
 """`WS /ws/presence?study_id=...`: a study's snapshot, then its events, plus client messages.
 
-Close codes: 4400 bad request (study_id missing or invalid), 4401 unauthorized (missing,
-invalid or expired token) and 4403 forbidden (an Origin not in PRESENCE_ALLOWED_ORIGINS, or
-a token without a grant for the study), all right after the handshake and before any study
-data; 1009 a message over
-PRESENCE_WS_MAX_MESSAGE_SIZE; 1011 the
-node could not subscribe to or read the study; 1012 the node is shutting down (reconnect, the
-load balancer picks another node); 1013 the client read too slowly and its outgoing queue
-overflowed.
+Close codes. Right after the handshake, before any study data: 4400 bad request (study_id
+missing or invalid), 4401 unauthorized (missing, invalid or expired token), 4403 forbidden
+(an Origin not in PRESENCE_ALLOWED_ORIGINS, or no grant for the study), 4429 the user already
+has PRESENCE_MAX_SOCKETS_PER_USER sockets on this node. Later: 4401 the token expired without
+a refresh; 1008 messages faster than PRESENCE_WS_MESSAGE_RATE allows; 1009 a message over
+PRESENCE_WS_MAX_MESSAGE_SIZE; 1011 the node could not subscribe to or read the study; 1012
+the node is shutting down (reconnect, the load balancer picks another node); 1013 the client
+read too slowly and its outgoing queue overflowed.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from presence_svc.auth import AuthError, Principal, bearer
 from presence_svc.codec import Outgoing, json_text
 from presence_svc.http import validation_problems
+from presence_svc.limits import TokenBucket
 from presence_svc.models import (
     ID_PATTERN,
     ClientMessage,
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403  # an Origin not allowed, or no grant for the study
+CLOSE_TOO_MANY_SOCKETS = 4429
+CLOSE_POLICY = 1008  # the client sends messages faster than allowed
 CLOSE_INTERNAL = 1011
 CLOSE_SLOW_CONSUMER = 1013
 
@@ -206,12 +209,20 @@ async def presence_socket(websocket: WebSocket) -> None:
         await _refuse(websocket, CLOSE_FORBIDDEN, "the token grants no access to this study")
         return
 
+    user_id = principal.user_id
+    if node.sockets_by_user[user_id] >= node.settings.max_sockets_per_user:
+        await _refuse(websocket, CLOSE_TOO_MANY_SOCKETS, "too many sockets for this user")
+        return
     await websocket.accept()
     node.open_sockets += 1
+    node.sockets_by_user[user_id] += 1
     try:
         await _serve(websocket, node, principal, study_id)
     finally:
         node.open_sockets -= 1
+        node.sockets_by_user[user_id] -= 1
+        if not node.sockets_by_user[user_id]:
+            del node.sockets_by_user[user_id]
 
 
 class _Expiry:
@@ -306,9 +317,13 @@ async def _read(
     study_id: str,
 ) -> None:
     user_id = principal.user_id
+    budget = TokenBucket(node.settings.ws_message_rate, node.settings.ws_message_burst)
     while True:
         frame = await websocket.receive()
         if frame["type"] == "websocket.disconnect":
+            return
+        if budget.take():
+            conn.close_with(CLOSE_POLICY, "message rate exceeded")
             return
         text = frame.get("text")
         if text is None:

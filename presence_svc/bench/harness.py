@@ -106,6 +106,12 @@ class Context:
             "PRESENCE_REDIS_URL": self.redis_url,
             "PRESENCE_JWT_SECRET": self.secret,
             "PRESENCE_KEY_PREFIX": prefix,
+            # Load generators are abusive clients by design: measure capacity, not the limits.
+            "PRESENCE_WS_MESSAGE_RATE": "1000000",
+            "PRESENCE_WS_MESSAGE_BURST": "1000000",
+            "PRESENCE_REST_HEARTBEAT_RATE": "1000000",
+            "PRESENCE_REST_HEARTBEAT_BURST": "1000000",
+            "PRESENCE_MAX_SOCKETS_PER_USER": "100000",
         }
         with contextlib.ExitStack() as stack:
             started = []

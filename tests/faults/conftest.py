@@ -76,6 +76,7 @@ def nodes(redis_server: RedisServer, tmp_path: Path) -> Iterator[NodeFactory]:
             "PRESENCE_LEASE_TTL": str(LEASE_TTL),
             "PRESENCE_LEAVE_GRACE": str(GRACE),
             "PRESENCE_DRAIN_TIMEOUT": str(DRAIN),
+            "PRESENCE_REST_HEARTBEAT_RATE": "1000",  # the traffic helper posts 20 a second
             **{f"PRESENCE_{key.upper()}": value for key, value in overrides.items()},
         }
         node = NodeProcess(env, tmp_path).start()
