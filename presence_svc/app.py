@@ -60,7 +60,7 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
         fanout=Fanout(clients.pubsub, keys, snapshots),
         sweeper=Sweeper(service, settings.sweep_interval),
         leases=LeaseKeeper(service, settings.lease_ttl),
-        verifier=TokenVerifier(settings.effective_jwt_secret),
+        verifier=TokenVerifier.from_settings(settings),
         rest_heartbeats=KeyedBuckets(settings.rest_heartbeat_rate, settings.rest_heartbeat_burst),
     )
     return node

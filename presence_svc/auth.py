@@ -10,10 +10,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import jwt
 
 from presence_svc.models import ID_PATTERN
+from presence_svc.settings import Settings
 
 ALGORITHM = "HS256"
 ALL_STUDIES = "*"
@@ -69,14 +72,55 @@ def issue_token(
 class TokenVerifier:
     """Verifies tokens, remembering the ones it accepted until they expire.
 
-    Checking an HMAC signature on every REST call is a large share of its CPU; a client sends
-    the same token until it renews it, so an accepted token is looked up instead.
+    Checking a signature on every REST call is a large share of its CPU; a client sends the
+    same token until it renews it, so an accepted token is looked up instead. One algorithm is
+    accepted (pinned), so `alg: none` and HMAC-with-a-public-key confusion are refused.
     """
 
-    def __init__(self, secret: str, cache_size: int = 10_000) -> None:
-        self._secret = secret
+    def __init__(
+        self,
+        key: str | bytes | None,
+        *,
+        algorithm: str = ALGORITHM,
+        jwks: jwt.PyJWKSet | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 0.0,
+        cache_size: int = 10_000,
+    ) -> None:
+        if (key is None) == (jwks is None):
+            raise ValueError("give a key or a JWKS, not both")
+        self._key = key
+        self._jwks = jwks
+        self._algorithm = algorithm
+        self._audience = audience
+        self._issuer = issuer
+        self._leeway = leeway
+        self._required = (
+            ["exp", "sub"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
+        )
         self._accepted: OrderedDict[str, Principal] = OrderedDict()
         self._cache_size = cache_size
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenVerifier:
+        """The verifier the PRESENCE_JWT_* settings describe (files are read once, here)."""
+        options: dict[str, Any] = {
+            "algorithm": settings.jwt_algorithm,
+            "audience": settings.jwt_audience,
+            "issuer": settings.jwt_issuer,
+            "leeway": settings.jwt_leeway,
+        }
+        if settings.jwt_algorithm.startswith("HS"):
+            return cls(settings.effective_jwt_secret, **options)
+        if settings.jwt_jwks_file is not None:
+            jwks = jwt.PyJWKSet.from_json(Path(settings.jwt_jwks_file).read_text())
+            return cls(None, jwks=jwks, **options)
+        assert settings.jwt_public_key is not None
+        pem = settings.jwt_public_key
+        if not pem.lstrip().startswith("-----BEGIN"):
+            pem = Path(pem).read_text()
+        return cls(pem, **options)
 
     def principal(self, token: str | None) -> Principal:
         """Who the token speaks for and what it grants, or AuthError."""
@@ -91,17 +135,34 @@ class TokenVerifier:
         """The user a token belongs to, or AuthError."""
         return self.principal(token).user_id
 
+    def _verification_key(self, token: str) -> Any:
+        if self._jwks is None:
+            return self._key
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        if kid is None and len(self._jwks.keys) == 1:
+            return self._jwks.keys[0]
+        try:
+            return self._jwks[str(kid)]
+        except KeyError:
+            raise AuthError("invalid token: unknown key id") from None
+
     def _verify(self, token: str) -> Principal:
         try:
             claims = jwt.decode(
                 token,
-                self._secret,
-                algorithms=[ALGORITHM],
-                options={"require": ["exp", "sub"]},
+                self._verification_key(token),
+                algorithms=[self._algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": self._required},
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
-        except jwt.InvalidTokenError as exc:
+        except (jwt.InvalidTokenError, jwt.exceptions.InvalidKeyError) as exc:
             raise AuthError(f"invalid token: {exc}") from None
         subject = claims["sub"]
         if not isinstance(subject, str) or not _ID.fullmatch(subject):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,6 +24,17 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     jwt_secret: str | None = None
+    # The one algorithm tokens may use (pinned: "none" and HS/RS confusion are refused).
+    jwt_algorithm: Literal["HS256", "HS384", "HS512", "RS256", "ES256"] = "HS256"
+    # For RS256/ES256: the PEM public key (the PEM text itself, or a file path), or a local
+    # JWKS file whose keys are picked by the token's `kid`.
+    jwt_public_key: str | None = None
+    jwt_jwks_file: str | None = None
+    # When set, tokens must carry this `aud` / `iss`.
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
+    jwt_leeway: float = Field(5.0, ge=0, le=300)
     idle_after: float = Field(30.0, gt=0)
     away_after: float = Field(300.0, gt=0)
     expire_after: float = Field(600.0, gt=0)
@@ -57,7 +68,15 @@ class Settings(BaseSettings):
     # Events a socket may have queued before it counts as a slow consumer and is closed.
     socket_queue_size: int = Field(1024, ge=16, le=1_000_000)
 
-    @field_validator("redis_url", "jwt_secret", mode="before")
+    @field_validator(
+        "redis_url",
+        "jwt_secret",
+        "jwt_public_key",
+        "jwt_jwks_file",
+        "jwt_audience",
+        "jwt_issuer",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -97,10 +116,21 @@ class Settings(BaseSettings):
                 f"PRESENCE_AWAY_AFTER ({self.away_after}) must be less than "
                 f"PRESENCE_EXPIRE_AFTER ({self.expire_after})"
             )
-        if self.redis_url is not None and self.jwt_secret is None:
+        if self.jwt_algorithm.startswith("HS"):
+            if self.jwt_public_key is not None or self.jwt_jwks_file is not None:
+                raise ValueError(
+                    f"PRESENCE_JWT_ALGORITHM={self.jwt_algorithm} verifies with "
+                    "PRESENCE_JWT_SECRET; unset PRESENCE_JWT_PUBLIC_KEY and PRESENCE_JWT_JWKS_FILE"
+                )
+            if self.redis_url is not None and self.jwt_secret is None:
+                raise ValueError(
+                    "PRESENCE_JWT_SECRET is required when PRESENCE_REDIS_URL is set; "
+                    "only the embedded dev mode has a built-in secret"
+                )
+        elif (self.jwt_public_key is None) == (self.jwt_jwks_file is None):
             raise ValueError(
-                "PRESENCE_JWT_SECRET is required when PRESENCE_REDIS_URL is set; "
-                "only the embedded dev mode has a built-in secret"
+                f"PRESENCE_JWT_ALGORITHM={self.jwt_algorithm} needs exactly one of "
+                "PRESENCE_JWT_PUBLIC_KEY and PRESENCE_JWT_JWKS_FILE"
             )
         return self
 
