@@ -184,7 +184,8 @@ async def snapshot_message(node: Node, study_id: str) -> Outgoing:
 
 async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
     await websocket.accept()
-    await websocket.close(code, reason)
+    # A close frame carries at most 123 bytes of reason.
+    await websocket.close(code, reason.encode()[:123].decode(errors="ignore"))
 
 
 async def presence_socket(websocket: WebSocket) -> None:

@@ -167,3 +167,12 @@ def test_a_refreshed_socket_stays_open(client: TestClient) -> None:
         time.sleep(2.2)  # past the first token's expiry
         ws.send_json({"type": "ping"})
         assert ws.receive_json()["type"] == "pong"
+
+
+def test_a_long_refusal_reason_is_cut_to_fit_a_close_frame(client: TestClient) -> None:
+    long_garbage = "x" * 3000 + "." + "y" * 3000 + "." + "z" * 3000
+    url = f"/ws/presence?study_id=s1&token={long_garbage}"
+    with client.websocket_connect(url) as ws, pytest.raises(WebSocketDisconnect) as refused:
+        ws.receive_text()
+    assert refused.value.code == 4401
+    assert len(refused.value.reason.encode()) <= 123
