@@ -19,6 +19,7 @@ from starlette.routing import Route
 from presence_svc.auth import AuthError, Principal, bearer
 from presence_svc.models import ID_PATTERN, HeartbeatRequest
 from presence_svc.node import Node
+from presence_svc.openapi import document_bytes
 from presence_svc.store import StoreUnavailable
 
 _STUDY_ID = re.compile(ID_PATTERN)
@@ -119,6 +120,11 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(report, status_code=200 if report["status"] == "ready" else 503)
 
 
+async def openapi(request: Request) -> Response:
+    # No token needed: the document describes the API, it holds no data.
+    return Response(document_bytes(), media_type="application/json")
+
+
 def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> Response:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
@@ -149,4 +155,5 @@ ROUTES = [
     Route("/presence/{study_id}", study_presence, methods=["GET", "DELETE"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
 ]
