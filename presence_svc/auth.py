@@ -20,6 +20,7 @@ from presence_svc.settings import Settings
 
 ALGORITHM = "HS256"
 ALL_STUDIES = "*"
+LATEST_EXPIRY = 253_402_300_799  # 9999-12-31T23:59:59Z
 _ID = re.compile(ID_PATTERN)
 
 
@@ -167,7 +168,10 @@ class TokenVerifier:
         subject = claims["sub"]
         if not isinstance(subject, str) or not _ID.fullmatch(subject):
             raise AuthError("token subject is not a valid user id")
-        principal = Principal(subject, _studies(claims.get("studies")), float(claims["exp"]))
+        # An exp past the year 9999 is as good as that date (and fits a float and a datetime).
+        # (PyJWT has already checked that int() takes it.)
+        expires_at = float(min(int(claims["exp"]), LATEST_EXPIRY))
+        principal = Principal(subject, _studies(claims.get("studies")), expires_at)
         self._accepted[token] = principal
         if len(self._accepted) > self._cache_size:
             self._accepted.popitem(last=False)

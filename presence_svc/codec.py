@@ -57,7 +57,7 @@ def decode_envelope(raw: bytes) -> Outgoing:
         raise EnvelopeError("envelope has no map 'data'")
     try:
         text = json_text({"type": event_type, "data": data})
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise EnvelopeError(f"data cannot be sent as JSON: {exc}") from None
     # Only presence events share the study's seq; other backends' events are relayed as they are.
     seq = data.get("seq") if event_type.startswith(PRESENCE_PREFIX) else None

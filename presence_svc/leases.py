@@ -72,7 +72,7 @@ class LeaseKeeper:
             await asyncio.sleep(self._interval)
             try:
                 await self._tick()
-            except StoreUnavailable as exc:
+            except Exception as exc:
                 log.warning("lease renewal failed: %s", exc)
 
     async def _tick(self) -> None:
