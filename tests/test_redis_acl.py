@@ -46,7 +46,7 @@ from presence_svc.leases import LeaseKeeper
 from presence_svc.publisher import StudyEventPublisher
 from presence_svc.service import PresenceService
 from tests.support.clients import Watcher, rest_heartbeat
-from tests.support.processes import NodeProcess, RedisServer, free_port
+from tests.support.processes import NodeProcess, RedisServer, free_port, terminate
 
 pytestmark = [pytest.mark.redis, pytest.mark.multinode]
 
@@ -532,13 +532,7 @@ class TlsRedisServer:
         raise TimeoutError("the TLS redis-server did not come up")
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, 5)
         if self._proc.stderr is not None:
             self._proc.stderr.close()
         self._dir.cleanup()
