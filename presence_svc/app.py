@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -19,7 +19,8 @@ from presence_svc.http import EXCEPTION_HANDLERS, ROUTES
 from presence_svc.keys import Keys
 from presence_svc.leases import LeaseKeeper
 from presence_svc.limits import KeyedBuckets
-from presence_svc.models import Thresholds
+from presence_svc.metrics import Metrics
+from presence_svc.models import SweepReport, Thresholds
 from presence_svc.node import Node
 from presence_svc.redis_client import RedisClients, connect
 from presence_svc.redis_store import RedisStore
@@ -37,8 +38,9 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
     """Wire a node's parts around open Redis clients."""
     keys = Keys(settings.key_prefix)
     thresholds = Thresholds(settings.idle_after, settings.away_after, settings.expire_after)
+    store = RedisStore(clients.commands, keys, thresholds)
     service = PresenceService(
-        RedisStore(clients.commands, keys, thresholds),
+        store,
         leave_grace=settings.leave_grace,
         lease_ttl=settings.lease_ttl,
     )
@@ -52,18 +54,47 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
     # Sockets of one study (connecting, or resynced after a Redis outage) share one read and
     # one encoded snapshot.
     snapshots = Coalescer(snapshot)
+    metrics = Metrics()
+
+    def swept(seconds: float, report: SweepReport) -> None:
+        metrics.sweep_duration.observe(seconds)
+        metrics.sweep_transitions.inc(report.events)
+
     node = Node(
         settings=settings,
         redis=clients.commands,
         service=service,
         snapshots=snapshots,
-        fanout=Fanout(clients.pubsub, keys, snapshots),
-        sweeper=Sweeper(service, settings.sweep_interval),
+        fanout=Fanout(clients.pubsub, keys, snapshots, metrics.delivered),
+        sweeper=Sweeper(service, settings.sweep_interval, swept),
         leases=LeaseKeeper(service, settings.lease_ttl),
         verifier=TokenVerifier.from_settings(settings),
         rest_heartbeats=KeyedBuckets(settings.rest_heartbeat_rate, settings.rest_heartbeat_burst),
+        metrics=metrics,
     )
+    _register_readings(node, store)
     return node
+
+
+def _register_readings(node: Node, store: RedisStore) -> None:
+    gauges: list[tuple[str, str, Callable[[], float]]] = [
+        ("presence_websocket_connections", "Open WebSockets.", lambda: node.open_sockets),
+        ("presence_subscribed_studies", "Study channels subscribed.", lambda: node.fanout.studies),
+        ("presence_leases_held", "Sessions this node's sockets hold.", lambda: node.leases.held),
+        ("presence_pubsub_connected", "1 while pub/sub is up.", lambda: node.fanout.connected),
+    ]
+    counters: list[tuple[str, str, Callable[[], float]]] = [
+        ("presence_events_published", "Events published.", lambda: store.events_published),
+        ("presence_redis_errors", "Redis unreachable on a call.", lambda: store.redis_errors),
+        ("presence_pubsub_reconnects", "Pub/sub reconnects.", lambda: node.fanout.reconnects),
+        ("presence_slow_consumers_dropped", "Sockets closed 1013.", lambda: node.slow_consumers),
+        ("presence_envelopes_dropped", "Invalid envelopes.", lambda: node.fanout.dropped_messages),
+        ("presence_dead_node_leases_released", "Reaped leases.", lambda: node.leases.released_dead),
+    ]
+    for name, documentation, read in gauges:
+        node.metrics.gauge(name, documentation, read)
+    for name, documentation, read in counters:
+        node.metrics.counter(name, documentation, read)
 
 
 async def _stop(tasks: list[asyncio.Task[None]]) -> None:

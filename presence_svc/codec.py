@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -31,6 +31,8 @@ class Outgoing:
     seq: int | None
     text: str
     floor: int | None = None
+    # The envelope's `ts`, when it has one: metadata for metrics, not part of the message.
+    published_ms: int | None = field(default=None, compare=False)
 
 
 def encode_envelope(event_type: str, data: dict[str, Any], ts_ms: int | None = None) -> bytes:
@@ -61,7 +63,12 @@ def decode_envelope(raw: bytes) -> Outgoing:
         raise EnvelopeError(f"data cannot be sent as JSON: {exc}") from None
     # Only presence events share the study's seq; other backends' events are relayed as they are.
     seq = data.get("seq") if event_type.startswith(PRESENCE_PREFIX) else None
-    return Outgoing(seq=seq if isinstance(seq, int) else None, text=text)
+    ts = envelope.get("ts")
+    return Outgoing(
+        seq=seq if isinstance(seq, int) else None,
+        text=text,
+        published_ms=ts if isinstance(ts, int) and not isinstance(ts, bool) else None,
+    )
 
 
 def json_text(message: dict[str, Any]) -> str:

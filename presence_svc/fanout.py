@@ -32,6 +32,7 @@ _POLL = 0.5
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.1, 5.0
 
 Resync = Callable[[str], Awaitable[Outgoing]]
+Observer = Callable[[Outgoing, int], None]  # an event, and how many local subscribers got it
 
 
 class Subscriber(Protocol):
@@ -48,8 +49,11 @@ class _Channel:
 
 
 class Fanout:
-    def __init__(self, redis: Any, keys: Keys, resync: Resync) -> None:
+    def __init__(
+        self, redis: Any, keys: Keys, resync: Resync, observe: Observer | None = None
+    ) -> None:
         self._redis = redis
+        self._observe = observe
         self._keys = keys
         self._resync = resync
         self._pubsub = redis.pubsub()
@@ -195,8 +199,11 @@ class Fanout:
             self.dropped_messages += 1
             log.warning("dropped a message on %s: %s", channel, exc)
             return
-        for subscriber in tuple(entry.subscribers):
+        subscribers = tuple(entry.subscribers)
+        for subscriber in subscribers:
             subscriber.deliver(event)
+        if self._observe is not None:
+            self._observe(event, len(subscribers))
 
     def _confirmed(self, channel: str) -> None:
         owed = self._unconfirmed.get(channel, 0) - 1

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from presence_svc.auth import AuthError, Principal, bearer
+from presence_svc.metrics import CONTENT_TYPE
 from presence_svc.models import ID_PATTERN, HeartbeatRequest
 from presence_svc.node import Node
 from presence_svc.openapi import document_bytes
@@ -68,6 +69,20 @@ def _study_id(request: Request) -> str:
 
 
 async def heartbeat(request: Request) -> Response:
+    counted = _node(request).metrics.heartbeats
+    try:
+        response = await _heartbeat(request)
+    except ApiError as exc:
+        counted.labels("rest", exc.code).inc()
+        raise
+    except StoreUnavailable:
+        counted.labels("rest", "unavailable").inc()
+        raise
+    counted.labels("rest", "ok").inc()
+    return response
+
+
+async def _heartbeat(request: Request) -> Response:
     principal = _principal(request)
     body = await request.body()
     try:
@@ -109,6 +124,10 @@ async def study_presence(request: Request) -> Response:
     if request.method == "DELETE":
         return await leave(request)
     return await get_presence(request)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_node(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def healthz(request: Request) -> Response:
@@ -154,6 +173,7 @@ ROUTES = [
     Route("/presence/heartbeat", heartbeat, methods=["POST"]),
     Route("/presence/{study_id}", study_presence, methods=["GET", "DELETE"]),
     Route("/healthz", healthz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
 ]

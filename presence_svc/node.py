@@ -13,6 +13,7 @@ from presence_svc.codec import Outgoing
 from presence_svc.fanout import Fanout
 from presence_svc.leases import LeaseKeeper
 from presence_svc.limits import KeyedBuckets
+from presence_svc.metrics import Metrics
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
 from presence_svc.sweeper import Sweeper
@@ -29,6 +30,7 @@ class Node:
     leases: LeaseKeeper
     verifier: TokenVerifier
     rest_heartbeats: KeyedBuckets  # per user
+    metrics: Metrics
     sockets_by_user: Counter[str] = field(default_factory=Counter)
     draining: bool = False
     open_sockets: int = 0

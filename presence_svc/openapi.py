@@ -195,6 +195,19 @@ def _paths() -> dict[str, Any]:
                 "responses": _responses(_ok("Alive.", _ref(HealthOut))),
             }
         },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics of this node (text exposition format)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The metrics.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/readyz": {
             "get": {
                 "operationId": "readyz",

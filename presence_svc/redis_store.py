@@ -58,6 +58,9 @@ def _reachable(
         try:
             return await method(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError) as exc:
+            store = args[0]
+            if isinstance(store, RedisStore):
+                store.redis_errors += 1
             raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
 
     return wrapper
@@ -139,6 +142,8 @@ class RedisStore:
         self._keys = keys
         self._scripts = Scripts.register(redis)
         self._batch = Batcher(redis, self._scripts.sources())
+        self.events_published = 0  # by this store's scripts (for the node's metrics)
+        self.redis_errors = 0  # calls that failed because Redis was unreachable
         self._idle_ms = round(thresholds.idle_after * 1000)
         self._away_ms = round(thresholds.away_after * 1000)
         self._expire_ms = round(thresholds.expire_after * 1000)
@@ -183,7 +188,8 @@ class RedisStore:
         # Scheduling must follow the state change: lua/schedule.lua has the race it closes.
         commands.append(self._schedule(study_id, now_ms + self._idle_ms, now_ms))
         replies = await self._batch.run(commands)
-        session_id, chapter, move, status, beat, joined, _events = replies[-2]
+        session_id, chapter, move, status, beat, joined, events = replies[-2]
+        self.events_published += int(events)
         return Session(
             session_id=_text(session_id),
             user_id=user_id,
@@ -201,6 +207,7 @@ class RedisStore:
         keys = self._keys.study(study_id).of_session(user_id)
         args = [user_id, now_ms, iso_from_ms(now_ms), EMPTY_STUDY_TTL_MS]
         [ended] = await self._batch.run([_call(self._scripts.leave, keys, args)])
+        self.events_published += int(ended)  # user_left, when there was a session
         return bool(ended)
 
     @_reachable
@@ -332,6 +339,7 @@ class RedisStore:
         done = [(d, a) for (d, _), a in zip(scanned, applies, strict=True) if a is not None]
         await self._run_each(done, lambda item, pipe: self._reschedule(item[0], item[1], pipe))
         events = sum(int(reply[0]) for _, reply in done)
+        self.events_published += events
         # A study whose scan was cut by sessions_per_window is already due again.
         more = more or any(reply[1] and int(_text(reply[1])) <= now_ms for _, reply in done)
         return SweepReport(studies=len(due), events=events, more_due=more)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
+from presence_svc.models import SweepReport
 from presence_svc.service import PresenceService
 
 log = logging.getLogger(__name__)
@@ -18,9 +20,15 @@ _MAX_BACKOFF = 10.0
 
 
 class Sweeper:
-    def __init__(self, service: PresenceService, interval: float) -> None:
+    def __init__(
+        self,
+        service: PresenceService,
+        interval: float,
+        observe: Callable[[float, SweepReport], None] | None = None,
+    ) -> None:
         self._service = service
         self._interval = interval
+        self._observe = observe
         self.last_success: float | None = None  # monotonic time of the last completed tick
 
     async def run(self) -> None:
@@ -40,6 +48,8 @@ class Sweeper:
                 continue
             failures = 0
             self.last_success = time.monotonic()
+            if self._observe is not None:
+                self._observe(self.last_success - started, report)
             if report.events:
                 log.debug("sweep: %d studies, %d events", report.studies, report.events)
             if report.more_due:

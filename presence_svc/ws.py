@@ -299,13 +299,18 @@ async def _heartbeat(
     study_id: str,
     cursor: CursorUpdate,
 ) -> None:
+    counted = node.metrics.heartbeats
     try:
         await node.leases.heartbeat(connection_id, user_id, study_id, cursor)
     except StoreUnavailable:
+        counted.labels("websocket", "unavailable").inc()
         conn.deliver(_error("unavailable", "presence storage is unreachable"))
     except Exception:
+        counted.labels("websocket", "internal").inc()
         log.exception("heartbeat of %s in %s failed", user_id, study_id)
         conn.deliver(_error("internal", "the heartbeat could not be recorded"))
+    else:
+        counted.labels("websocket", "ok").inc()
 
 
 async def _read(

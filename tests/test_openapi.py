@@ -51,6 +51,7 @@ DOCUMENTED = {
     ("get", "/healthz"): {200},
     ("get", "/readyz"): {200, 503},
     ("get", "/openapi.json"): {200},
+    ("get", "/metrics"): {200},
 }
 
 
@@ -246,6 +247,11 @@ def test_every_documented_response_is_real_and_conforms(
     seen.check("get", "/healthz", client.get("/healthz"))
     seen.check("get", "/readyz", client.get("/readyz"))
     seen.check("get", "/openapi.json", client.get("/openapi.json"))
+    metrics = client.get("/metrics")  # text, not JSON: checked by hand
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "presence_websocket_connections" in metrics.text
+    seen.seen.add(("get", "/metrics", 200))
 
     # 400, 401, 403, 404, 422
     seen.check("post", beat, client.post(beat, content=b"{not json", headers=auth()))
