@@ -86,7 +86,6 @@ class _Connection:
         "_writer",
         "_ws",
         "heartbeats",
-        "overflowed",
     )
 
     def __init__(
@@ -105,13 +104,16 @@ class _Connection:
         self.heartbeats: set[asyncio.Task[None]] = set()  # sent to the store, not yet done
         self._slot: asyncio.Future[None] | None = None  # the reader waits here when too many
         self._writer: asyncio.Task[None] | None = None
-        self.overflowed = False
+
+    @property
+    def overflowed(self) -> bool:
+        """True once the client fell so far behind that the socket is being closed (1013)."""
+        return self._closing is not None and self._closing[0] == CLOSE_SLOW_CONSUMER
 
     def deliver(self, event: Outgoing) -> None:
         if self._closing is not None:
             return
         if len(self._pending) >= self._limit:
-            self.overflowed = True
             if self._on_overflow is not None:
                 self._on_overflow()
             self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
