@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import WebSocketRoute
 
 from presence_svc.auth import TokenVerifier
@@ -24,6 +25,7 @@ from presence_svc.models import SweepReport, Thresholds
 from presence_svc.node import Node
 from presence_svc.redis_client import RedisClients, connect
 from presence_svc.redis_store import RedisStore
+from presence_svc.requestid import RequestIdMiddleware
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
 from presence_svc.sweeper import Sweeper
@@ -144,5 +146,7 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
     return Starlette(
         routes=[*ROUTES, WebSocketRoute("/ws/presence", presence_socket)],
         exception_handlers=EXCEPTION_HANDLERS,
+        # Request/connection ids for the logs and X-Request-ID (pure ASGI: nothing per message).
+        middleware=[Middleware(RequestIdMiddleware)],
         lifespan=lifespan,
     )

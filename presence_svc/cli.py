@@ -4,16 +4,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.config import LOGGING_CONFIG
 
 from presence_svc.auth import ALL_STUDIES, issue_token
-from presence_svc.logs import install_redaction
+from presence_svc.logs import configure_logging, install_redaction
 from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
 
 
@@ -36,6 +36,15 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _node_id(app: Starlette) -> str | None:
+    """The running node's id for log lines; None before start-up built the node."""
+    node = getattr(app.state, "node", None)
+    if node is None:
+        return None
+    node_id: str = node.leases.node_id
+    return node_id
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
@@ -44,15 +53,16 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from presence_svc.app import create_app
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = args.log_level or settings.log_level
     app = create_app(settings)
+    configure_logging(settings.log_format, level, node_id=lambda: _node_id(app))
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
-        log_level=args.log_level,
+        log_level=level,
+        # json: uvicorn's loggers keep the root's JSON handler instead of getting their own.
+        log_config=LOGGING_CONFIG if settings.log_format == "text" else None,
         lifespan="on",
         # Measured cheaper per message than the legacy `websockets` protocol; compressing every
         # small event cost more CPU than it saved (docs/performance.md).
@@ -88,7 +98,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="default: $PRESENCE_LOG_LEVEL, else info",
     )
     serve.set_defaults(run=_serve)
 

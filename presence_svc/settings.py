@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(50, ge=2, le=10_000)
     # Events a socket may have queued before it counts as a slow consumer and is closed.
     socket_queue_size: int = Field(1024, ge=16, le=1_000_000)
+    # `text` for a terminal; `json` (one object per line, with request/connection ids) for log
+    # shippers, which the container image sets.
+    log_format: Literal["text", "json"] = "text"
+    # The `--log-level` option of `serve` overrides it.
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator(
         "redis_url",
@@ -80,6 +85,16 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower_case_or_default(cls, value: object, info: ValidationInfo) -> object:
+        # Blank counts as unset, as for the optional settings above (tests blank PRESENCE_*).
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if not value:
+                return cls.model_fields[info.field_name or ""].default
+        return value
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
