@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.routing import WebSocketRoute
 
 from presence_svc.auth import TokenVerifier
+from presence_svc.cluster import is_cluster
 from presence_svc.coalesce import Coalescer
 from presence_svc.codec import Outgoing
 from presence_svc.fanout import Fanout
@@ -65,9 +66,10 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
     node = Node(
         settings=settings,
         redis=clients.commands,
+        store=store,
         service=service,
         snapshots=snapshots,
-        fanout=Fanout(clients.pubsub, keys, snapshots, metrics.delivered),
+        fanout=Fanout(clients.links, keys, snapshots, metrics.delivered),
         sweeper=Sweeper(service, settings.sweep_interval, swept),
         leases=LeaseKeeper(service, settings.lease_ttl),
         verifier=TokenVerifier.from_settings(settings),
@@ -119,7 +121,12 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        clients = RedisClients(redis, redis) if redis is not None else await connect(settings)
+        if redis is not None:
+            if is_cluster(redis):
+                await redis.initialize()  # the slot map, before anything is routed by it
+            clients = RedisClients.around(redis)
+        else:
+            clients = await connect(settings)
         node = build_node(settings, clients)
         app.state.node = node
         await node.leases.start()
@@ -140,8 +147,8 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
                 log.error("releasing leases at shutdown failed (peers will reap them): %s", exc)
             await _stop(tasks)
             await node.fanout.close()
-            if redis is None:
-                await clients.aclose()
+            await node.store.close()
+            await clients.aclose()
 
     return Starlette(
         routes=[*ROUTES, WebSocketRoute("/ws/presence", presence_socket)],

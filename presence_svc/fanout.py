@@ -1,13 +1,17 @@
-"""Cross-node fan-out: one Redis pub/sub connection per node, one channel per study.
+"""Cross-node fan-out: Redis pub/sub links, one channel per study.
 
 A study's channel is subscribed while the node has at least one local subscriber (socket) for
 it. Each message is decoded and turned into JSON text once, then handed to every local
 subscriber of the study.
 
-The connection is watched: a read error, or silence past `DEAD_AFTER` while pings go
-unanswered, replaces it with a new one (capped exponential backoff with jitter). Every channel
-is then subscribed again and, once Redis confirms, each study's subscribers get a fresh snapshot
-from `resync`, since events published meanwhile are lost to them.
+Channels travel on links (pub/sub connections): one per node on a single Redis; in cluster
+mode one per primary, carrying with `SSUBSCRIBE` the channels whose slot it owns (cluster.py),
+so a message never crosses the cluster bus. Each link is watched: a read error, or silence
+past `DEAD_AFTER` while pings go unanswered, replaces it with a new one (capped exponential
+backoff with jitter). Its channels are then subscribed again (on whichever primary owns them
+now) and, once Redis confirms, each study's subscribers get a fresh snapshot from `resync`,
+since events published meanwhile are lost to them. A slot that moves to another primary
+(`sunsubscribe` from the server) is followed the same way.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from presence_svc.keys import Keys
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT = 5.0
-PING_AFTER = 1.0  # seconds of silence before the node pings its pub/sub connection
-DEAD_AFTER = 3.0  # seconds of silence (pings unanswered) before the connection is replaced
+PING_AFTER = 1.0  # seconds of silence before the node pings a pub/sub link
+DEAD_AFTER = 3.0  # seconds of silence (pings unanswered) before the link is replaced
 _POLL = 0.5
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.1, 5.0
+_CONFIRMS = frozenset({"subscribe", "ssubscribe"})
+_MESSAGES = frozenset({"message", "smessage"})
 
 Resync = Callable[[str], Awaitable[Outgoing]]
 Observer = Callable[[Outgoing, int], None]  # an event, and how many local subscribers got it
@@ -40,9 +46,62 @@ class Subscriber(Protocol):
         """Take one event; must not block (queue it or drop the subscriber)."""
 
 
+class Links(Protocol):
+    """Where channels are subscribed: which shard carries a channel, and connections to it."""
+
+    sharded: bool  # SSUBSCRIBE (Redis Cluster) rather than SUBSCRIBE
+
+    def shard_of(self, channel: str) -> str: ...
+
+    def open(self, shard: str) -> Any:
+        """A new redis-py PubSub on `shard` that never reconnects on its own."""
+
+    async def refresh(self) -> None:
+        """Learn again which shard owns which channel."""
+
+    async def aclose(self) -> None:
+        """Close the clients the links were opened with (at shutdown)."""
+
+
+class SingleLinks:
+    """One Redis: every channel on the one link of the node."""
+
+    sharded = False
+
+    def __init__(self, redis: Any, owned: bool = False) -> None:
+        self._redis = redis
+        self._owned = owned
+
+    def shard_of(self, channel: str) -> str:
+        return ""
+
+    def open(self, shard: str) -> Any:
+        return self._redis.pubsub()
+
+    async def refresh(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self._redis.aclose()
+
+
+@dataclass(eq=False, slots=True)
+class _Link:
+    shard: str
+    pubsub: Any
+    channels: set[str] = field(default_factory=set)
+    # Subscribe confirmations still owed per channel; a channel is ready when none are.
+    unconfirmed: dict[str, int] = field(default_factory=dict)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    connected: bool = True
+    task: asyncio.Task[None] | None = None
+
+
 @dataclass(eq=False, slots=True)
 class _Channel:
     study_id: str
+    link: _Link
     subscribers: set[Subscriber] = field(default_factory=set)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     resync_due: bool = False
@@ -50,20 +109,18 @@ class _Channel:
 
 class Fanout:
     def __init__(
-        self, redis: Any, keys: Keys, resync: Resync, observe: Observer | None = None
+        self, links: Links | Any, keys: Keys, resync: Resync, observe: Observer | None = None
     ) -> None:
-        self._redis = redis
+        # A plain client (tests, the embedded Redis) means a single Redis.
+        self._links: Links = links if hasattr(links, "shard_of") else SingleLinks(links)
         self._observe = observe
         self._keys = keys
         self._resync = resync
-        self._pubsub = redis.pubsub()
+        self._by_shard: dict[str, _Link] = {}
         self._channels: dict[str, _Channel] = {}
-        # Subscribe confirmations still owed per channel; a channel is ready when none are.
-        self._unconfirmed: dict[str, int] = {}
         self._lock = asyncio.Lock()
-        self._wakeup = asyncio.Event()
-        self._resyncs: set[asyncio.Task[None]] = set()
-        self.connected = True
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._new_link = asyncio.Event()
         self.dropped_messages = 0
         self.reconnects = 0
 
@@ -71,6 +128,16 @@ class Fanout:
     def studies(self) -> int:
         """Number of study channels this node is subscribed to."""
         return len(self._channels)
+
+    @property
+    def links(self) -> int:
+        """Pub/sub connections open (one per shard in use)."""
+        return len(self._by_shard)
+
+    @property
+    def connected(self) -> bool:
+        """False while any pub/sub link is being replaced."""
+        return all(link.connected for link in self._by_shard.values())
 
     async def add(self, study_id: str, subscriber: Subscriber) -> None:
         """Start delivering the study's events to `subscriber`.
@@ -82,15 +149,15 @@ class Fanout:
         async with self._lock:
             entry = self._channels.get(channel)
             if entry is None:
-                entry = self._channels[channel] = _Channel(study_id)
-                self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
+                link = self._link(self._links.shard_of(channel))
+                entry = self._channels[channel] = _Channel(study_id, link)
                 try:
-                    await self._pubsub.subscribe(channel)
+                    await self._attach(link, [channel])
                 except BaseException:
                     del self._channels[channel]
-                    self._unconfirmed[channel] -= 1
+                    link.channels.discard(channel)
+                    link.unconfirmed[channel] -= 1
                     raise
-                self._wakeup.set()
             entry.subscribers.add(subscriber)
         try:
             await asyncio.wait_for(entry.ready.wait(), SUBSCRIBE_TIMEOUT)
@@ -109,29 +176,63 @@ class Fanout:
             if entry.subscribers:
                 return
             del self._channels[channel]
+            entry.link.channels.discard(channel)
             try:
-                await self._pubsub.unsubscribe(channel)
+                await self._send(entry.link, "unsubscribe", [channel])
             except Exception as exc:
-                # A broken connection is replaced without the channels no longer tracked.
+                # A broken link is replaced without the channels no longer tracked.
                 log.warning("unsubscribe %s failed: %s", channel, exc)
 
     async def run(self) -> None:
-        """Read the pub/sub connection until cancelled, replacing it whenever it fails."""
+        """Read every link, replacing those that fail, until cancelled (one task per link)."""
+        try:
+            while True:
+                self._new_link.clear()
+                for link in self._by_shard.values():
+                    if link.task is None:
+                        link.task = asyncio.create_task(self._serve(link), name="pubsub")
+                await self._new_link.wait()
+        finally:
+            await self._stop_links()
+
+    def _link(self, shard: str) -> _Link:
+        link = self._by_shard.get(shard)
+        if link is None:
+            link = self._by_shard[shard] = _Link(shard, self._links.open(shard))
+            self._new_link.set()  # run() starts its reader
+        return link
+
+    async def _attach(self, link: _Link, channels: list[str]) -> None:
+        for channel in channels:
+            link.channels.add(channel)
+            link.unconfirmed[channel] = link.unconfirmed.get(channel, 0) + 1
+        await self._send(link, "subscribe", channels)
+        link.wakeup.set()
+
+    async def _send(self, link: _Link, verb: str, channels: list[str]) -> None:
+        pubsub = link.pubsub
+        if self._links.sharded:
+            await getattr(pubsub, "s" + verb)(*channels)
+        else:
+            await getattr(pubsub, verb)(*channels)
+
+    async def _serve(self, link: _Link) -> None:
         backoff = _BACKOFF_FIRST
         while True:
             try:
-                await self._read()
+                await self._read(link)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.connected = False
-                log.error("pub/sub connection lost: %s", exc or type(exc).__name__)
+                link.connected = False
+                log.error("pub/sub connection lost%s: %s", _on(link), exc or type(exc).__name__)
             while True:
                 # Full jitter keeps a fleet of nodes from reconnecting in lockstep.
                 await asyncio.sleep(random.uniform(0, backoff))
                 backoff = min(backoff * 2, _BACKOFF_CAP)
                 try:
-                    await self._reconnect()
+                    if not await self._reconnect(link):
+                        return
                     break
                 except asyncio.CancelledError:
                     raise
@@ -139,56 +240,91 @@ class Fanout:
                     log.warning("pub/sub reconnect failed: %s", exc or type(exc).__name__)
             backoff = _BACKOFF_FIRST
 
-    async def _read(self) -> None:
+    async def _read(self, link: _Link) -> None:
         last_heard = time.monotonic()
         pinged = False
         while True:
-            if self._pubsub.connection is None:
+            pubsub = link.pubsub
+            if pubsub.connection is None:
                 # Nothing subscribed yet: there is no connection to read.
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                link.wakeup.clear()
+                await link.wakeup.wait()
                 last_heard = time.monotonic()
                 continue
-            message = await self._pubsub.get_message(timeout=_POLL)
+            message = await pubsub.get_message(timeout=_POLL)
             now = time.monotonic()
             if message is not None:
                 last_heard, pinged = now, False
-                self.connected = True
-                self._handle(message)
+                link.connected = True
+                self._handle(link, message)
             elif now - last_heard > DEAD_AFTER:
                 raise ConnectionError(f"no answer on pub/sub for {DEAD_AFTER:.0f}s")
             elif now - last_heard > PING_AFTER and not pinged:
-                await self._pubsub.ping()
+                await pubsub.ping()
                 pinged = True
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, link: _Link) -> bool:
+        """Replace a failed link; False if none of its channels belong on its shard any more."""
+        # In a cluster the link's primary may have failed over: channels go where they are
+        # owned now.
+        await self._links.refresh()
         async with self._lock:
-            old, self._pubsub = self._pubsub, self._redis.pubsub()
+            groups: dict[_Link, list[str]] = {}
+            staying = [c for c in link.channels if self._links.shard_of(c) == link.shard]
+            if staying:
+                old, link.pubsub = link.pubsub, self._links.open(link.shard)
+            else:
+                old = link.pubsub
+                if self._by_shard.get(link.shard) is link:
+                    del self._by_shard[link.shard]  # retired: a later add opens a new one
             try:
                 await old.aclose()
             except Exception as exc:
                 log.debug("closing the old pub/sub connection: %s", exc)
-            self._unconfirmed.clear()
-            channels = list(self._channels)
+            link.unconfirmed.clear()
+            channels, link.channels = list(link.channels), set()
             for channel in channels:
                 entry = self._channels[channel]
                 entry.resync_due = True
-                self._unconfirmed[channel] = 1
-            if channels:
-                await self._pubsub.subscribe(*channels)
+                entry.link = self._link(self._links.shard_of(channel))
+                groups.setdefault(entry.link, []).append(channel)
+            # Still listed on their link if this fails, so the next attempt resubscribes them.
+            for target, group in groups.items():
+                await self._attach(target, group)
         self.reconnects += 1
-        self.connected = True
-        log.warning("pub/sub reconnected; resubscribed %d studies", len(channels))
+        link.connected = True
+        log.warning("pub/sub reconnected%s; resubscribed %d studies", _on(link), len(channels))
+        return self._by_shard.get(link.shard) is link
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    async def _relocate(self, channel: str) -> None:
+        """Follow a channel whose slot moved to another primary."""
+        try:
+            await self._links.refresh()
+            async with self._lock:
+                entry = self._channels.get(channel)
+                if entry is None:
+                    return
+                entry.link.channels.discard(channel)
+                entry.resync_due = True
+                entry.link = self._link(self._links.shard_of(channel))
+                await self._attach(entry.link, [channel])
+            log.warning("study channel %s moved to shard %s", channel, entry.link.shard)
+        except Exception as exc:
+            log.error("could not follow channel %s to its new shard: %s", channel, exc)
+
+    def _handle(self, link: _Link, message: dict[str, Any]) -> None:
         kind = message["type"]
         channel = message["channel"]
         if isinstance(channel, bytes):
             channel = channel.decode()
-        if kind == "subscribe":
-            self._confirmed(channel)
+        if kind in _CONFIRMS:
+            self._confirmed(link, channel)
             return
-        if kind != "message":
+        if kind == "sunsubscribe" and channel in link.channels:
+            # Not asked for: the slot moved (or the primary became a replica).
+            self._spawn(self._relocate(channel))
+            return
+        if kind not in _MESSAGES:
             return
         entry = self._channels.get(channel)
         if entry is None:
@@ -205,21 +341,24 @@ class Fanout:
         if self._observe is not None:
             self._observe(event, len(subscribers))
 
-    def _confirmed(self, channel: str) -> None:
-        owed = self._unconfirmed.get(channel, 0) - 1
+    def _confirmed(self, link: _Link, channel: str) -> None:
+        owed = link.unconfirmed.get(channel, 0) - 1
         if owed > 0:
-            self._unconfirmed[channel] = owed
+            link.unconfirmed[channel] = owed
             return
-        self._unconfirmed.pop(channel, None)
+        link.unconfirmed.pop(channel, None)
         entry = self._channels.get(channel)
-        if entry is None:
+        if entry is None or entry.link is not link:
             return
         entry.ready.set()
         if entry.resync_due:
             entry.resync_due = False
-            task = asyncio.create_task(self._send_snapshot(entry))
-            self._resyncs.add(task)
-            task.add_done_callback(self._resyncs.discard)
+            self._spawn(self._send_snapshot(entry))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _send_snapshot(self, entry: _Channel) -> None:
         try:
@@ -231,7 +370,22 @@ class Fanout:
         for subscriber in tuple(entry.subscribers):
             subscriber.deliver(snapshot)
 
-    async def close(self) -> None:
-        for task in tuple(self._resyncs):
+    async def _stop_links(self) -> None:
+        tasks = [link.task for link in self._by_shard.values() if link.task is not None]
+        for link in self._by_shard.values():
+            link.task = None
+        for task in tasks:
             task.cancel()
-        await self._pubsub.aclose()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in tuple(self._tasks):
+            task.cancel()
+        await self._stop_links()
+        links, self._by_shard = list(self._by_shard.values()), {}
+        for link in links:
+            await link.pubsub.aclose()
+
+
+def _on(link: _Link) -> str:
+    return f" (shard {link.shard})" if link.shard else ""

@@ -14,6 +14,7 @@ from presence_svc.fanout import Fanout
 from presence_svc.leases import LeaseKeeper
 from presence_svc.limits import KeyedBuckets
 from presence_svc.metrics import Metrics
+from presence_svc.redis_store import RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
 from presence_svc.sweeper import Sweeper
@@ -23,6 +24,7 @@ from presence_svc.sweeper import Sweeper
 class Node:
     settings: Settings
     redis: Any
+    store: RedisStore
     service: PresenceService
     snapshots: Coalescer[Outgoing]  # study_id -> its presence.snapshot message
     fanout: Fanout

@@ -1,7 +1,8 @@
 """Publishing a backend's own study events to the WebSocket clients of that study.
 
-Any backend can do this with one `PUBLISH` (docs/redis-protocol.md); this module is the Python
-shortcut. Every node with watchers of the study relays the event to them unchanged, as
+Any backend can do this with one `PUBLISH` (on Redis Cluster: `SPUBLISH`, see
+docs/redis-protocol.md); this module is the Python shortcut, and picks the right one for the
+client it is given. Every node with watchers of the study relays the event to them unchanged, as
 `{"type": <event_type>, "data": <data>}`. Types under `presence.` belong to this service and
 are refused.
 
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import re
 from typing import Any
+
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
 
 from presence_svc.codec import PRESENCE_PREFIX, encode_envelope
 from presence_svc.keys import Keys
@@ -37,7 +41,7 @@ def study_event(study_id: str, event_type: str, data: dict[str, Any]) -> bytes:
 
 
 class StudyEventPublisher:
-    """Publishes with a synchronous `redis.Redis` client."""
+    """Publishes with a synchronous `redis.Redis` or `redis.cluster.RedisCluster` client."""
 
     def __init__(self, redis: Any, key_prefix: str = "presence") -> None:
         self._redis = redis
@@ -46,12 +50,16 @@ class StudyEventPublisher:
     def publish(self, study_id: str, event_type: str, data: dict[str, Any]) -> int:
         """Publish one event; returns how many nodes (subscriptions) received it."""
         payload = study_event(study_id, event_type, data)
-        receivers: int = self._redis.publish(self._keys.channel(study_id), payload)
+        channel = self._keys.channel(study_id)
+        if isinstance(self._redis, RedisCluster):
+            sharded: int = self._redis.spublish(channel, payload)
+            return sharded
+        receivers: int = self._redis.publish(channel, payload)
         return receivers
 
 
 class AsyncStudyEventPublisher:
-    """Publishes with a `redis.asyncio.Redis` client."""
+    """Publishes with a `redis.asyncio.Redis` or `redis.asyncio.cluster.RedisCluster` client."""
 
     def __init__(self, redis: Any, key_prefix: str = "presence") -> None:
         self._redis = redis
@@ -60,5 +68,9 @@ class AsyncStudyEventPublisher:
     async def publish(self, study_id: str, event_type: str, data: dict[str, Any]) -> int:
         """Publish one event; returns how many nodes (subscriptions) received it."""
         payload = study_event(study_id, event_type, data)
-        receivers: int = await self._redis.publish(self._keys.channel(study_id), payload)
+        channel = self._keys.channel(study_id)
+        if isinstance(self._redis, AsyncRedisCluster):
+            sharded: int = await self._redis.spublish(channel, payload)
+            return sharded
+        receivers: int = await self._redis.publish(channel, payload)
         return receivers

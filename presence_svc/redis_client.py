@@ -1,4 +1,4 @@
-"""Opening the node's Redis client: a real server (with retry) or the embedded dev Redis."""
+"""Opening the node's Redis clients: a real server or cluster (with retry), or the embedded one."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from presence_svc.cluster import ClusterLinks, is_cluster
+from presence_svc.fanout import Links, SingleLinks
 from presence_svc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,19 +38,26 @@ def embedded_redis() -> Any:
 
 @dataclass(frozen=True, slots=True)
 class RedisClients:
-    """The node's two clients: one for commands, one for its pub/sub connection.
+    """The node's client for commands, and the pub/sub links fan-out subscribes on.
 
-    The pub/sub client never reconnects on its own: redis-py would resubscribe silently and
+    Pub/sub connections never reconnect on their own: redis-py would resubscribe silently and
     the node would not know that events were lost meanwhile (fanout.py reconnects and resyncs).
     """
 
     commands: Any
-    pubsub: Any
+    links: Links
+    owns_commands: bool = True  # closed by aclose (a client handed to create_app is not)
+
+    @classmethod
+    def around(cls, commands: Any) -> RedisClients:
+        """Links for a client opened elsewhere (tests, the embedded Redis)."""
+        links: Links = ClusterLinks(commands) if is_cluster(commands) else SingleLinks(commands)
+        return cls(commands, links, owns_commands=False)
 
     async def aclose(self) -> None:
-        await self.commands.aclose()
-        if self.pubsub is not self.commands:
-            await self.pubsub.aclose()
+        await self.links.aclose()
+        if self.owns_commands:
+            await self.commands.aclose()
 
 
 async def connect(settings: Settings) -> RedisClients:
@@ -57,7 +68,9 @@ async def connect(settings: Settings) -> RedisClients:
             "state is lost on exit and no other node can share it"
         )
         embedded = embedded_redis()
-        return RedisClients(embedded, embedded)
+        return RedisClients(embedded, SingleLinks(embedded))
+    if settings.redis_cluster:
+        return await _connect_cluster(settings.redis_url, settings.redis_max_connections)
     # A bounded pool that makes callers wait for a free connection: a burst of thousands of
     # requests must queue, not open thousands of connections or fail. One quick retry, so a
     # request fails over to 503 in well under a second when Redis is down.
@@ -82,12 +95,42 @@ async def connect(settings: Settings) -> RedisClients:
                 socket_keepalive=True,
                 retry=Retry(NoBackoff(), 0),
             )
-            return RedisClients(client, pubsub)
+            return RedisClients(client, SingleLinks(pubsub, owned=True))
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             if attempt == CONNECT_ATTEMPTS:
                 await client.aclose()
                 raise RuntimeError(f"cannot reach Redis after {attempt} attempts: {exc}") from exc
             log.warning("Redis not reachable (attempt %d): %s; retrying", attempt, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+async def _connect_cluster(seed_url: str, max_connections: int) -> RedisClients:
+    # The cluster client routes plain commands by slot and follows MOVED/ASK itself; the
+    # batched calls and the pub/sub links use its slot map (cluster.py).
+    client = RedisCluster.from_url(
+        seed_url,
+        max_connections=max_connections,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+    )
+    delay = 0.2
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            await client.initialize()
+            await client.ping()
+            return RedisClients(client, ClusterLinks(client))
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
+            if attempt == CONNECT_ATTEMPTS:
+                await client.aclose()
+                raise RuntimeError(
+                    f"cannot reach the Redis Cluster after {attempt} attempts: {exc}"
+                ) from exc
+            log.warning("Redis Cluster not reachable (attempt %d): %s; retrying", attempt, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")

@@ -5,6 +5,7 @@ See docs/redis-protocol.md for the keys and fields; `lua/` for each operation.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -17,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_svc.batch import Batcher, Command
+from presence_svc.cluster import ClusterBatcher, is_cluster
 from presence_svc.keys import Keys
 from presence_svc.models import (
     CursorUpdate,
@@ -140,8 +142,13 @@ class RedisStore:
     ) -> None:
         self._redis = redis
         self._keys = keys
-        self._scripts = Scripts.register(redis)
-        self._batch = Batcher(redis, self._scripts.sources())
+        cluster = is_cluster(redis)
+        self._scripts = Scripts.register(redis, sharded=cluster)
+        self._batch: Batcher | ClusterBatcher = (
+            ClusterBatcher(redis, self._scripts.sources())
+            if cluster
+            else Batcher(redis, self._scripts.sources())
+        )
         self.events_published = 0  # by this store's scripts (for the node's metrics)
         self.redis_errors = 0  # calls that failed because Redis was unreachable
         self._idle_ms = round(thresholds.idle_after * 1000)
@@ -149,6 +156,10 @@ class RedisStore:
         self._expire_ms = round(thresholds.expire_after * 1000)
         self._studies_per_sweep = studies_per_sweep
         self._sessions_per_window = sessions_per_window
+
+    async def close(self) -> None:
+        """Give back the connections of the store's pipelining (at shutdown)."""
+        await self._batch.close()
 
     @_reachable
     async def heartbeat(
@@ -218,31 +229,35 @@ class RedisStore:
         """
         if not leases:
             return 0
-        commands: list[Command] = []
+        # One operation per lease: its commands run in this order, and in a cluster the
+        # leases' operations go to their shards side by side.
+        operations: list[list[Command]] = []
         for lease in leases:
             sk = self._keys.study(lease.study_id)
-            commands += [
-                _call(
-                    self._scripts.release,
-                    [sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
-                    [lease.user_id, lease.holder.connection_id, leave_at_ms],
-                ),
-                self._schedule(lease.study_id, leave_at_ms, now_ms),
-                (
-                    "SREM",
-                    self._keys.node_leases(lease.holder.node_id),
-                    _lease(lease.study_id, lease.user_id, lease.holder),
-                ),
-            ]
-        replies = await self._batch.run(commands)
-        return sum(int(reply) for reply in replies[0::3])
+            operations.append(
+                [
+                    _call(
+                        self._scripts.release,
+                        [sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
+                        [lease.user_id, lease.holder.connection_id, leave_at_ms],
+                    ),
+                    self._schedule(lease.study_id, leave_at_ms, now_ms),
+                    (
+                        "SREM",
+                        self._keys.node_leases(lease.holder.node_id),
+                        _lease(lease.study_id, lease.user_id, lease.holder),
+                    ),
+                ]
+            )
+        replies = await asyncio.gather(*(self._batch.run(op) for op in operations))
+        return sum(int(reply[0]) for reply in replies)
 
     @_reachable
     async def renew_node(self, node_id: str, now_ms: int) -> bool:
         """Prove the node alive (renewing all its leases); False if it had been declared dead."""
-        renewed = await self._scripts.renew_node(
-            keys=[self._keys.live_nodes, self._keys.dead_nodes], args=[node_id, now_ms]
-        )
+        keys = [self._keys.live_nodes, self._keys.dead_nodes]
+        call = _call(self._scripts.renew_node, keys, [node_id, now_ms])
+        [renewed] = await self._batch.run([call])
         return bool(renewed)
 
     @_reachable
@@ -250,20 +265,25 @@ class RedisStore:
         """Hold sessions again after the node was declared dead; False where one has ended."""
         if not leases:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for lease in leases:
-                sk = self._keys.study(lease.study_id)
-                pipe.sadd(
-                    self._keys.node_leases(lease.holder.node_id),
-                    _lease(lease.study_id, lease.user_id, lease.holder),
-                )
-                await self._scripts.acquire(
-                    keys=[sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
-                    args=[lease.user_id, lease.holder.connection_id],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
-        return [bool(reply) for reply in replies[1::2]]
+        operations: list[list[Command]] = []
+        for lease in leases:
+            sk = self._keys.study(lease.study_id)
+            operations.append(
+                [
+                    (
+                        "SADD",
+                        self._keys.node_leases(lease.holder.node_id),
+                        _lease(lease.study_id, lease.user_id, lease.holder),
+                    ),
+                    _call(
+                        self._scripts.acquire,
+                        [sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
+                        [lease.user_id, lease.holder.connection_id],
+                    ),
+                ]
+            )
+        replies = await asyncio.gather(*(self._batch.run(op) for op in operations))
+        return [bool(reply[1]) for reply in replies]
 
     @_reachable
     async def drop_node(self, node_id: str) -> None:
@@ -280,10 +300,9 @@ class RedisStore:
         Their sessions leave `grace_ms` after the lease ran out unless their users reconnect.
         A cleanup interrupted by the death of its own node is taken over after a while.
         """
-        claimed = await self._scripts.claim_dead_nodes(
-            keys=[self._keys.live_nodes, self._keys.dead_nodes],
-            args=[now_ms, lease_ttl_ms, REAP_RETRY_MS, REAP_NODES],
-        )
+        keys = [self._keys.live_nodes, self._keys.dead_nodes]
+        args = [now_ms, lease_ttl_ms, REAP_RETRY_MS, REAP_NODES]
+        [claimed] = await self._batch.run([_call(self._scripts.claim_dead_nodes, keys, args)])
         released = 0
         for i in range(0, len(claimed), 2):
             node_id, last_seen = _text(claimed[i]), int(float(_text(claimed[i + 1])))
@@ -331,13 +350,11 @@ class RedisStore:
         due, more = await self._due_studies(now_ms)
         if not due:
             return SweepReport()
-        scans = await self._run_each(due, lambda d, pipe: self._scan(d, now_ms, pipe))
+        scans = await self._run_each([self._scan(d, now_ms) for d in due])
         scanned = [(d, scan) for d, scan in zip(due, scans, strict=True) if scan is not None]
-        applies = await self._run_each(
-            scanned, lambda item, pipe: self._apply(item[0], item[1], now_ms, pipe)
-        )
+        applies = await self._run_each([self._apply(d, scan, now_ms) for d, scan in scanned])
         done = [(d, a) for (d, _), a in zip(scanned, applies, strict=True) if a is not None]
-        await self._run_each(done, lambda item, pipe: self._reschedule(item[0], item[1], pipe))
+        await self._run_each([self._reschedule(d, reply) for d, reply in done])
         events = sum(int(reply[0]) for _, reply in done)
         self.events_published += events
         # A study whose scan was cut by sessions_per_window is already due again.
@@ -365,22 +382,23 @@ class RedisStore:
             due.extend(_DueStudy(shard, _text(study), score) for study, score in hits)
         return due, more
 
-    def _scan(self, due: _DueStudy, now_ms: int, pipe: Any) -> Any:
+    def _scan(self, due: _DueStudy, now_ms: int) -> Command:
         sk = self._keys.study(due.study_id)
-        return self._scripts.sweep_scan(
-            keys=[sk.index, sk.meta, sk.leaving],
-            args=[now_ms, self._idle_ms, self._away_ms, self._expire_ms, self._sessions_per_window],
-            client=pipe,
+        return _call(
+            self._scripts.sweep_scan,
+            [sk.index, sk.meta, sk.leaving],
+            [now_ms, self._idle_ms, self._away_ms, self._expire_ms, self._sessions_per_window],
         )
 
-    def _apply(self, due: _DueStudy, scan: list[bytes], now_ms: int, pipe: Any) -> Any:
+    def _apply(self, due: _DueStudy, scan: list[bytes], now_ms: int) -> Command:
         sk = self._keys.study(due.study_id)
         idle_wm, away_wm, expire_wm, *raw_users = scan
         users = [_text(u) for u in raw_users]
         per_user = [key for u in users for key in (sk.session(u), sk.conns(u))]
-        return self._scripts.sweep_apply(
-            keys=[sk.index, sk.meta, sk.channel, sk.leaving, *per_user],
-            args=[
+        return _call(
+            self._scripts.sweep_apply,
+            [sk.index, sk.meta, sk.channel, sk.leaving, *per_user],
+            [
                 now_ms,
                 iso_from_ms(now_ms),
                 self._idle_ms,
@@ -392,7 +410,6 @@ class RedisStore:
                 EMPTY_STUDY_TTL_MS,
                 *users,
             ],
-            client=pipe,
         )
 
     def _schedule(self, study_id: str, due_ms: int, now_ms: int) -> Command:
@@ -400,24 +417,23 @@ class RedisStore:
             self._scripts.schedule, [self._keys.schedule(study_id)], [study_id, due_ms, now_ms]
         )
 
-    def _reschedule(self, due: _DueStudy, applied: list[Any], pipe: Any) -> Any:
-        return self._scripts.reschedule(
-            keys=[due.schedule_key], args=[due.study_id, due.score, applied[1]], client=pipe
+    def _reschedule(self, due: _DueStudy, applied: list[Any]) -> Command:
+        return _call(
+            self._scripts.reschedule, [due.schedule_key], [due.study_id, due.score, applied[1]]
         )
 
-    async def _run_each(self, items: Sequence[Any], queue: Any) -> list[Any]:
-        """Pipeline one call per item; a failing item is logged and yields None."""
-        if not items:
-            return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for item in items:
-                await queue(item, pipe)
-            replies = await pipe.execute(raise_on_error=False)
+    async def _run_each(self, commands: Sequence[Command]) -> list[Any]:
+        """Run each command as its own operation; a failing one is logged and yields None."""
+        replies = await asyncio.gather(
+            *(self._batch.run([command]) for command in commands), return_exceptions=True
+        )
         out: list[Any] = []
         for reply in replies:
-            if isinstance(reply, Exception):
+            if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
+                raise reply
+            if isinstance(reply, BaseException):
                 log.error("sweep step failed: %s", reply)
                 out.append(None)
             else:
-                out.append(reply)
+                out.append(reply[0])
         return out

@@ -8,11 +8,18 @@ from typing import Any
 
 from redis.commands.core import AsyncScript
 
+_PUBLISH_LINE = "local PUBLISH = 'PUBLISH'\n"
 
-def script_source(name: str) -> str:
-    """The full text sent to Redis for `lua/<name>.lua`."""
+
+def script_source(name: str, sharded: bool = False) -> str:
+    """The full text sent to Redis for `lua/<name>.lua` (publishing with SPUBLISH if sharded)."""
     folder = resources.files("presence_svc") / "lua"
-    return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+    prelude = (folder / "_lib.lua").read_text()
+    if _PUBLISH_LINE not in prelude:
+        raise RuntimeError("lua/_lib.lua no longer declares PUBLISH as scripts.py expects")
+    if sharded:
+        prelude = prelude.replace(_PUBLISH_LINE, "local PUBLISH = 'SPUBLISH'\n")
+    return prelude + "\n" + (folder / f"{name}.lua").read_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +41,7 @@ class Scripts:
         return [getattr(self, name).script for name in self.__dataclass_fields__]
 
     @classmethod
-    def register(cls, redis: Any) -> Scripts:
+    def register(cls, redis: Any, sharded: bool = False) -> Scripts:
+        """Every script, for calls by SHA; `sharded` for Redis Cluster's sharded pub/sub."""
         names = cls.__dataclass_fields__
-        return cls(**{name: redis.register_script(script_source(name)) for name in names})
+        return cls(**{name: redis.register_script(script_source(name, sharded)) for name in names})

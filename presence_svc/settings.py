@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PRESENCE_", extra="ignore", frozen=True)
 
     redis_url: str | None = None
+    # PRESENCE_REDIS_URL names a seed node of a Redis Cluster (7+): commands go to the shards
+    # that own their keys and fan-out uses sharded pub/sub.
+    redis_cluster: bool = False
     jwt_secret: str | None = None
     # The one algorithm tokens may use (pinned: "none" and HS/RS confusion are refused).
     jwt_algorithm: Literal["HS256", "HS384", "HS512", "RS256", "ES256"] = "HS256"
@@ -121,6 +124,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _thresholds_rise(self) -> Settings:
+        if self.redis_cluster and self.redis_url is None:
+            raise ValueError("PRESENCE_REDIS_CLUSTER needs PRESENCE_REDIS_URL (a seed node)")
         if not self.idle_after < self.away_after:
             raise ValueError(
                 f"PRESENCE_IDLE_AFTER ({self.idle_after}) must be less than "

@@ -6,6 +6,7 @@ its own fixture of the same name, as test_service.py does `store`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -16,10 +17,12 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from presence_svc.keys import Keys
 from presence_svc.redis_store import RedisStore
-from tests.support.events import EventTap
+from tests.support.cluster import LocalCluster
+from tests.support.events import ClusterEventTap, EventTap
 from tests.support.processes import RedisServer
 from tests.support.store import THRESHOLDS
 
@@ -87,18 +90,53 @@ def cleanup_real_redis(real_redis_url: str, key_prefix: str) -> Iterator[str]:
     _delete_prefix(real_redis_url, key_prefix)
 
 
-@pytest.fixture(params=["fake", "real"])
-async def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Any]:
-    """An asyncio Redis client: fakeredis (with Lua) or a real server."""
-    if request.param == "fake":
-        client: Any = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    else:
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """Seed URL of a local 3-master Redis Cluster (redis-server binaries on free ports)."""
+    configured = os.environ.get("PRESENCE_TEST_CLUSTER_URL")
+    if configured:
+        yield configured
+        return
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.skip("no Redis Cluster: put redis-server and redis-cli on PATH")
+    cluster = LocalCluster().start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+async def _delete_prefix_cluster(client: RedisCluster, prefix: str) -> None:
+    for node in client.get_primaries():
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", target_nodes=node)]
+        for key in keys:
+            await client.delete(key)
+
+
+@contextlib.asynccontextmanager
+async def open_redis(kind: str, request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[Any]:
+    """An asyncio client of kind fake (fakeredis with Lua), real (a server) or cluster."""
+    client: Any
+    if kind == "fake":
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    elif kind == "real":
         url: str = request.getfixturevalue("cleanup_real_redis")
         client = aioredis.Redis.from_url(url)
+    else:
+        client = RedisCluster.from_url(request.getfixturevalue("cluster_url"))
     try:
         yield client
     finally:
+        if kind == "cluster":
+            await _delete_prefix_cluster(client, prefix)
         await client.aclose()
+
+
+@pytest.fixture(params=["fake", "real", "cluster"])
+async def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Any]:
+    """An asyncio Redis client: fakeredis (with Lua), a real server, or a Redis Cluster."""
+    async with open_redis(request.param, request, key_prefix) as client:
+        yield client
 
 
 @pytest.fixture
@@ -141,13 +179,23 @@ def keys(key_prefix: str) -> Keys:
 
 
 @pytest.fixture
-def store(any_redis: Any, keys: Keys) -> RedisStore:
-    return RedisStore(any_redis, keys, THRESHOLDS)
+async def store(any_redis: Any, keys: Keys) -> AsyncIterator[RedisStore]:
+    opened = RedisStore(any_redis, keys, THRESHOLDS)
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture
-async def tap(any_redis: Any, keys: Keys) -> AsyncIterator[EventTap]:
-    listener = EventTap(any_redis, keys)
+async def tap(
+    any_redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[EventTap | ClusterEventTap]:
+    listener: EventTap | ClusterEventTap
+    if isinstance(any_redis, RedisCluster):
+        listener = ClusterEventTap(any_redis, keys, monkeypatch)
+    else:
+        listener = EventTap(any_redis, keys)
     await listener.start()
     try:
         yield listener

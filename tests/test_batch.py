@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,6 +12,15 @@ from redis.exceptions import ResponseError
 
 import presence_svc.batch as batch_module
 from presence_svc.batch import Batcher
+from tests.conftest import open_redis
+
+
+@pytest.fixture(params=["fake", "real"])
+async def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Any]:
+    """Single-Redis clients only: this module tests what a cluster has per shard."""
+    async with open_redis(request.param, request, key_prefix) as client:
+        yield client
+
 
 SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 

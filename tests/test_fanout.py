@@ -15,7 +15,16 @@ import presence_svc.fanout as fanout_module
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import Fanout
 from presence_svc.keys import Keys
+from tests.conftest import open_redis
 from tests.support.tasks import stop
+
+
+@pytest.fixture(params=["fake", "real"])
+async def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Any]:
+    """Single-Redis clients only: this module tests what a cluster has per shard."""
+    async with open_redis(request.param, request, key_prefix) as client:
+        yield client
+
 
 WAIT = 5.0
 

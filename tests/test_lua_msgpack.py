@@ -6,12 +6,23 @@ operation scripts) and checks the bytes it returns with msgpack-python.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
 import msgpack
 import pytest
 from redis.exceptions import ResponseError
+
+from tests.conftest import open_redis
+
+
+@pytest.fixture(params=["fake", "real"])
+async def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Any]:
+    """Single-Redis clients only: this module tests what a cluster has per shard."""
+    async with open_redis(request.param, request, key_prefix) as client:
+        yield client
+
 
 LIB = (resources.files("presence_svc") / "lua" / "_lib.lua").read_text()
 

@@ -99,18 +99,18 @@ def hook_before(
 ) -> None:
     """Run `action` just before sweep step `step` (0 scan, 1 apply, 2 reschedule) of `store`.
 
-    This reaches into RedisStore._run_each (each sweep step is one pipelined call of it), the
+    This reaches into RedisStore._run_each (each sweep step is one call of it), the
     one way to put another node's work deterministically between the steps of a sweep.
     """
     original = store._run_each
     calls = 0
 
-    async def run_each(items: Sequence[Any], queue: Any) -> list[Any]:
+    async def run_each(commands: Sequence[Any]) -> list[Any]:
         nonlocal calls
         if calls == step:
             await action()
         calls += 1
-        return await original(items, queue)
+        return await original(commands)
 
     monkeypatch.setattr(store, "_run_each", run_each)
 

@@ -4,6 +4,9 @@
 -- strings and maps with a fixed key order.
 
 local MP_NIL = {}
+-- SPUBLISH on Redis Cluster (scripts.py swaps this line): a sharded channel stays on its slot's
+-- shard instead of being broadcast over the cluster bus.
+local PUBLISH = 'PUBLISH'
 
 local function mp_uint(n, width)
   local out = {}
@@ -89,7 +92,7 @@ local function emit(meta_key, channel, event_type, s, now_iso, now_ms)
     'seq', seq,
   })
   local envelope = mp_map({'type', event_type, 'data', data, 'ts', now_ms})
-  redis.call('PUBLISH', channel, envelope.mp_raw)
+  redis.call(PUBLISH, channel, envelope.mp_raw)
   return seq
 end
 

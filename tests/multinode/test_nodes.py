@@ -1,5 +1,8 @@
 """Several `presence-svc serve` processes on one real Redis, with real WebSocket clients.
 
+Every test runs twice: on a single Redis, and on a local 3-master Redis Cluster
+(PRESENCE_REDIS_CLUSTER, sharded pub/sub).
+
 Watchers sit on one node, heartbeats arrive through others; every event must reach every
 watcher exactly once, in seq order, within a sweep interval of its due time.
 """
@@ -17,12 +20,14 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from presence_svc.auth import issue_token
 from presence_svc.keys import Keys
 from presence_svc.publisher import StudyEventPublisher
 from tests.conftest import _delete_prefix
 from tests.support.clients import Watcher, rest_heartbeat
+from tests.support.cluster import cluster_key_stats
 from tests.support.processes import NodeProcess
 
 pytestmark = pytest.mark.multinode
@@ -35,11 +40,39 @@ GRACE, LEASE_TTL = 1.0, 1.0
 SLACK = 1.0
 
 
-@pytest.fixture(scope="module")
-def cluster(real_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+class Backend:
+    """The Redis the nodes share: a single server, or a cluster given by a seed node."""
+
+    def __init__(self, url: str, is_cluster: bool) -> None:
+        self.url = url
+        self.is_cluster = is_cluster
+
+    def client(self) -> Any:
+        return (
+            RedisCluster.from_url(self.url) if self.is_cluster else redis.Redis.from_url(self.url)
+        )
+
+    def subscribers(self, client: Any, channel: str) -> int:
+        """Subscriptions to a study channel (sharded ones in a cluster)."""
+        if self.is_cluster:
+            node = client.get_node_from_key(channel)
+            [(_, sharded)] = client.pubsub_shardnumsub(channel, target_nodes=node)
+            return int(sharded)
+        count: int = client.pubsub_numsub(channel)[0][1]
+        return count
+
+
+@pytest.fixture(scope="module", params=["single", "cluster"])
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    on_cluster = request.param == "cluster"
+    url: str = request.getfixturevalue("cluster_url" if on_cluster else "real_redis_url")
+    backend = Backend(url, on_cluster)
     prefix = f"test-multinode-{uuid.uuid4().hex[:8]}"
     env = {
-        "PRESENCE_REDIS_URL": real_redis_url,
+        "PRESENCE_REDIS_URL": url,
+        "PRESENCE_REDIS_CLUSTER": "true" if on_cluster else "false",
         "PRESENCE_JWT_SECRET": SECRET,
         "PRESENCE_KEY_PREFIX": prefix,
         "PRESENCE_IDLE_AFTER": str(IDLE),
@@ -54,14 +87,27 @@ def cluster(real_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
     try:
         for node in nodes:
             node.start()
-        yield nodes, prefix, real_redis_url
+        yield nodes, prefix, backend
     finally:
         for node in nodes:
             node.stop()
         for node in nodes:
             text = node.log_text()
             assert "Traceback" not in text, text
-        _delete_prefix(real_redis_url, prefix)
+        if on_cluster:
+            client = backend.client()
+            try:
+                # Every key and channel of one operation shared a slot: no master refused one.
+                stats = cluster_key_stats(client, prefix)
+                assert stats["crossslot_errors"] == 0, stats
+                for key in client.scan_iter(
+                    match=f"{prefix}:*", target_nodes=RedisCluster.PRIMARIES
+                ):
+                    client.delete(key)
+            finally:
+                client.close()
+        else:
+            _delete_prefix(url, prefix)
 
 
 def token(user: str) -> str:
@@ -266,13 +312,13 @@ async def test_concurrent_heartbeats_through_two_nodes(cluster: Any) -> None:
 
 
 async def test_backend_events_are_relayed_unchanged_by_every_node(cluster: Any) -> None:
-    (a, _, c), prefix, url = cluster
+    (a, _, c), prefix, backend = cluster
     sid = study()
     watchers = [
         await Watcher.open(a.ws_url, sid, token("viewer-a")),
         await Watcher.open(c.ws_url, sid, token("viewer-c")),
     ]
-    client = redis.Redis.from_url(url)
+    client = backend.client()
     try:
         data = {"chapter_id": "ch1", "name": "Najdorf", "moves": [1, 2, 3], "seq": 99}
         receivers = StudyEventPublisher(client, key_prefix=prefix).publish(
@@ -290,14 +336,13 @@ async def test_backend_events_are_relayed_unchanged_by_every_node(cluster: Any) 
 async def test_nodes_hold_a_study_subscription_only_while_they_have_its_sockets(
     cluster: Any,
 ) -> None:
-    (a, b, _), prefix, url = cluster
+    (a, b, _), prefix, backend = cluster
     sid = study()
     channel = Keys(prefix).channel(sid)
-    client = redis.Redis.from_url(url)
+    client = backend.client()
 
     def subscribers() -> int:
-        count: int = client.pubsub_numsub(channel)[0][1]
-        return count
+        return backend.subscribers(client, channel)
 
     try:
         assert subscribers() == 0

@@ -1,0 +1,141 @@
+"""A throw-away Redis Cluster: three masters from redis-server binaries on free loopback ports."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.support.processes import free_port, terminate
+
+MASTERS = 3
+
+
+class LocalCluster:
+    """`redis-cli --cluster create` over three fresh `redis-server --cluster-enabled` processes."""
+
+    def __init__(self, masters: int = MASTERS) -> None:
+        server = shutil.which("redis-server")
+        cli = shutil.which("redis-cli")
+        if server is None or cli is None:
+            raise FileNotFoundError("redis-server and redis-cli must be on PATH")
+        self._server, self._cli = server, cli
+        self.ports = [free_port() for _ in range(masters)]
+        # The bus port defaults to port + 10000, which may be taken or past 65535.
+        self._bus_ports = [free_port() for _ in range(masters)]
+        self._dir = tempfile.TemporaryDirectory(prefix="presence-cluster-")
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """A seed node's URL, as PRESENCE_REDIS_URL takes it."""
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> LocalCluster:
+        for port, bus_port in zip(self.ports, self._bus_ports, strict=True):
+            folder = Path(self._dir.name) / str(port)
+            folder.mkdir()
+            self._procs.append(
+                subprocess.Popen(
+                    [
+                        self._server,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        str(bus_port),
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(folder),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for port in self.ports:
+            self._wait(lambda p=port: self.client(p).ping(), f"redis-server on {port}")
+        subprocess.run(
+            [
+                self._cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        for port in self.ports:
+            self._wait(lambda p=port: self._ready(p), f"cluster state ok on {port}")
+        return self
+
+    def client(self, port: int) -> redis.Redis:
+        """A plain client of one node (close it after use)."""
+        return redis.Redis(port=port, socket_connect_timeout=0.5)
+
+    def _ready(self, port: int) -> bool:
+        with self.client(port) as client:
+            info = client.cluster("INFO")
+            return (
+                b"cluster_state:ok" in info
+                if isinstance(info, bytes)
+                else (info.get("cluster_state") == "ok")
+            )
+
+    def error_stats(self) -> dict[int, dict[str, object]]:
+        """`INFO errorstats` of every master: which error replies it has sent."""
+        stats: dict[int, dict[str, object]] = {}
+        for port in self.ports:
+            with self.client(port) as client:
+                stats[port] = dict(client.info("errorstats"))
+        return stats
+
+    def _wait(self, check: object, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(proc.poll() is not None for proc in self._procs):
+                raise RuntimeError(f"a cluster redis-server exited while waiting for {what}")
+            try:
+                if check():  # type: ignore[operator]
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{what}: not ready after {timeout}s")
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            terminate(proc, 5)
+        self._dir.cleanup()
+
+
+def cluster_key_stats(client: Any, prefix: str) -> dict[str, int]:
+    """Across the masters of `client` (a sync RedisCluster): CROSSSLOT errors ever replied, and
+    how many masters hold keys under `prefix` (the data is spread, not on one shard)."""
+    crossslot = 0
+    holding = 0
+    for node in client.get_primaries():
+        stats = client.info("errorstats", target_nodes=node)
+        crossslot += int(stats.get("errorstat_CROSSSLOT", {}).get("count", 0))
+        if next(iter(client.scan_iter(match=f"{prefix}:*", count=1000, target_nodes=node)), None):
+            holding += 1
+    return {"crossslot_errors": crossslot, "masters_with_keys": holding}
