@@ -171,6 +171,13 @@ class ClusterLinks:
         """The name (host:port) of the primary that owns the channel's slot."""
         return str(self._cluster.nodes_manager.get_node_from_slot(key_slot(channel.encode())).name)
 
+    def batches(self, channels: list[str]) -> list[list[str]]:
+        """One group per slot: an SSUBSCRIBE naming channels of two slots fails (CROSSSLOT)."""
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        return list(by_slot.values())
+
     def open(self, shard: str) -> Any:
         """A new pub/sub connection to `shard` that never reconnects on its own."""
         client = self._clients.get(shard)

@@ -53,6 +53,9 @@ class Links(Protocol):
 
     def shard_of(self, channel: str) -> str: ...
 
+    def batches(self, channels: list[str]) -> list[list[str]]:
+        """`channels` split into groups that one (S)SUBSCRIBE command may name together."""
+
     def open(self, shard: str) -> Any:
         """A new redis-py PubSub on `shard` that never reconnects on its own."""
 
@@ -74,6 +77,9 @@ class SingleLinks:
 
     def shard_of(self, channel: str) -> str:
         return ""
+
+    def batches(self, channels: list[str]) -> list[list[str]]:
+        return [channels]
 
     def open(self, shard: str) -> Any:
         return self._redis.pubsub()
@@ -211,10 +217,9 @@ class Fanout:
 
     async def _send(self, link: _Link, verb: str, channels: list[str]) -> None:
         pubsub = link.pubsub
-        if self._links.sharded:
-            await getattr(pubsub, "s" + verb)(*channels)
-        else:
-            await getattr(pubsub, verb)(*channels)
+        send = getattr(pubsub, "s" + verb if self._links.sharded else verb)
+        for batch in self._links.batches(channels):
+            await send(*batch)
 
     async def _serve(self, link: _Link) -> None:
         backoff = _BACKOFF_FIRST

@@ -106,6 +106,15 @@ def test_redis_url_without_secret_is_rejected(monkeypatch: pytest.MonkeyPatch) -
         load_settings()
 
 
+def test_cluster_needs_a_seed_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRESENCE_REDIS_CLUSTER", "true")
+    with pytest.raises(SettingsError, match="PRESENCE_REDIS_CLUSTER needs PRESENCE_REDIS_URL"):
+        load_settings()
+    monkeypatch.setenv("PRESENCE_REDIS_URL", "redis://127.0.0.1:7000")
+    monkeypatch.setenv("PRESENCE_JWT_SECRET", "x" * 32)
+    assert load_settings().redis_cluster is True
+
+
 def test_short_secret_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PRESENCE_JWT_SECRET", "too-short")
     with pytest.raises(SettingsError, match="PRESENCE_JWT_SECRET"):
