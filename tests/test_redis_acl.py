@@ -46,6 +46,7 @@ from presence_svc.leases import LeaseKeeper
 from presence_svc.publisher import StudyEventPublisher
 from presence_svc.service import PresenceService
 from tests.support.clients import Watcher, rest_heartbeat
+from tests.support.cluster import LocalCluster
 from tests.support.processes import NodeProcess, RedisServer, free_port, terminate
 
 pytestmark = [pytest.mark.redis, pytest.mark.multinode]
@@ -594,3 +595,71 @@ async def test_a_node_connects_over_tls_with_the_url_alone(
     with pytest.raises(RedisConnectionError):
         anonymous.ping()
     anonymous.close()
+
+
+# --- Redis Cluster: the node block plus its cluster lines, on every master --------------------
+
+CLUSTER_MARKER = "# presence-svc ACL: presence-node on Redis Cluster"
+
+
+def cluster_lines() -> list[list[str]]:
+    """The document's extra `ACL SETUSER` lines for nodes on Redis Cluster."""
+    text = SECURITY_DOC.read_text()
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
+        lines = block.splitlines()
+        if lines and lines[0].strip() == CLUSTER_MARKER:
+            return [line.split() for line in lines[1:] if line.strip()]
+    raise AssertionError(f"docs/security.md has no block starting with {CLUSTER_MARKER!r}")
+
+
+@pytest.fixture
+def acl_cluster() -> Iterator[LocalCluster]:
+    """A private cluster (this test rewrites its users)."""
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.skip("needs redis-server and redis-cli on PATH")
+    cluster = LocalCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_a_node_on_a_cluster_runs_on_the_node_acl_and_its_cluster_lines(
+    acl_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    secret = password()
+    for port in acl_cluster.ports:
+        with acl_cluster.client(port) as admin:
+            apply_acl(admin, NODE_USER, secret)
+            for words in cluster_lines():
+                cast(Any, admin).execute_command(*words)
+            admin.acl_log_reset()
+            admin.config_resetstat()
+    env = {
+        **node_env(node_url("redis", acl_cluster.ports[0], secret)),
+        "PRESENCE_REDIS_CLUSTER": "1",
+    }
+    node = NodeProcess(env, tmp_path).start()
+    # Enough studies that every master owns some of them.
+    studies = [f"study-{uuid.uuid4().hex[:8]}" for _ in range(12)]
+    try:
+        watchers = [await Watcher.open(node.ws_url, s, token("watcher", *studies)) for s in studies]
+        async with httpx.AsyncClient() as http:
+            for study in studies:
+                await rest_heartbeat(http, node.base_url, token("alice", study), study_id=study)
+        for watcher in watchers:
+            await wait_for(watcher, "presence.user_joined", "alice")
+            await wait_for(watcher, "presence.user_idle", "alice")  # swept on its shard
+        for watcher in watchers:
+            await watcher.close()
+    finally:
+        node.stop()
+    check_node_log(node, secret)
+    ran: set[str] = set()
+    for port in acl_cluster.ports:
+        with acl_cluster.client(port) as admin:
+            assert acl_denials(admin) == [], port
+            ran |= commands_run(admin)
+    extra = {rule[1:].lower() for words in cluster_lines() for rule in words[3:] if rule[0] == "+"}
+    assert extra <= ran, f"granted for a cluster but never run: {extra - ran}"
+    assert not {"publish", "subscribe"} & ran, "a cluster node used unsharded pub/sub"
