@@ -86,6 +86,7 @@ def _register_readings(node: Node, store: RedisStore) -> None:
         ("presence_subscribed_studies", "Study channels subscribed.", lambda: node.fanout.studies),
         ("presence_leases_held", "Sessions this node's sockets hold.", lambda: node.leases.held),
         ("presence_pubsub_connected", "1 while pub/sub is up.", lambda: node.fanout.connected),
+        ("presence_pubsub_links", "Pub/sub connections open.", lambda: node.fanout.links),
     ]
     counters: list[tuple[str, str, Callable[[], float]]] = [
         ("presence_events_published", "Events published.", lambda: store.events_published),

@@ -83,6 +83,7 @@ def test_deliveries_latency_gauges_and_sweeps(client: TestClient) -> None:
             ws.receive_json()
         assert value(client, "presence_websocket_connections") == 2
         assert value(client, "presence_subscribed_studies") == 1
+        assert value(client, "presence_pubsub_links") == 1
         client.post("/presence/heartbeat", json={"study_id": "s1"}, headers=auth("alice"))
         for ws in (first, second):
             assert ws.receive_json()["type"] == "presence.user_joined"
