@@ -6,14 +6,12 @@ See docs/redis-protocol.md for the keys and fields; `lua/` for each operation.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,41 +29,15 @@ from presence_svc.models import (
     Thresholds,
     iso_from_ms,
 )
+from presence_svc.redis_calls import call, lease_member, reachable, text
+from presence_svc.redis_nodes import RedisNodes
 from presence_svc.scripts import Scripts
-from presence_svc.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 # How long an empty study keeps its seq (so watchers never see it go backwards meanwhile).
 EMPTY_STUDY_TTL_MS = 24 * 3600 * 1000
 SNAPSHOT_ATTEMPTS = 5
-# Dead-node cleanup: nodes claimed per call, leases released per round trip, and how long a
-# claimed cleanup may stay unfinished before another node takes it over.
-REAP_NODES = 10
-REAP_BATCH = 500
-REAP_RETRY_MS = 30_000
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _reachable(
-    method: Callable[P, Coroutine[Any, Any, R]],
-) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Report a lost or timed-out Redis connection as StoreUnavailable."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            store = args[0]
-            if isinstance(store, RedisStore):
-                store.redis_errors += 1
-            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
-
-    return wrapper
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,34 +47,12 @@ class _DueStudy:
     score: bytes
 
 
-def _call(script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Command:
-    return ("EVALSHA", script.sha, len(keys), *keys, *args)
-
-
-def _lease(study_id: str, user_id: str, holder: Holder) -> str:
-    # Ids never contain spaces (models.ID_PATTERN), so a space separates them unambiguously.
-    return f"{study_id} {user_id} {holder.connection_id}"
-
-
-def _parse_lease(node_id: str, raw: bytes) -> Lease | None:
-    parts = _text(raw).split(" ")
-    if len(parts) != 3:
-        log.error("ignoring malformed lease %r of node %s", raw, node_id)
-        return None
-    study_id, user_id, connection_id = parts
-    return Lease(study_id, user_id, Holder(node_id, connection_id))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _session_from_hash(fields: Sequence[bytes] | dict[bytes, bytes]) -> Session:
     """A session from an HGETALL reply: a flat list (from Lua) or a dict (from redis-py)."""
     if isinstance(fields, dict):
-        h = {_text(k): _text(v) for k, v in fields.items()}
+        h = {text(k): text(v) for k, v in fields.items()}
     else:
-        h = {_text(fields[i]): _text(fields[i + 1]) for i in range(0, len(fields), 2)}
+        h = {text(fields[i]): text(fields[i + 1]) for i in range(0, len(fields), 2)}
     return Session(
         session_id=h["session_id"],
         user_id=h["user_id"],
@@ -149,6 +99,10 @@ class RedisStore:
             if cluster
             else Batcher(redis, self._scripts.sources())
         )
+        # Looked up at each call, so whatever `release` the store has then is what reaping uses.
+        self._nodes = RedisNodes(
+            redis, keys, self._scripts, self._batch, lambda *lease: self.release(*lease)
+        )
         self.events_published = 0  # by this store's scripts (for the node's metrics)
         self.redis_errors = 0  # calls that failed because Redis was unreachable
         self._idle_ms = round(thresholds.idle_after * 1000)
@@ -161,7 +115,7 @@ class RedisStore:
         """Give back the connections of the store's pipelining (at shutdown)."""
         await self._batch.close()
 
-    @_reachable
+    @reachable
     async def heartbeat(
         self,
         user_id: str,
@@ -176,10 +130,14 @@ class RedisStore:
         if holder is not None:
             # Listed before it holds anything, so a node dying in between leaves no ghost.
             commands.append(
-                ("SADD", self._keys.node_leases(holder.node_id), _lease(study_id, user_id, holder))
+                (
+                    "SADD",
+                    self._keys.node_leases(holder.node_id),
+                    lease_member(study_id, user_id, holder),
+                )
             )
         commands.append(
-            _call(
+            call(
                 self._scripts.heartbeat,
                 sk.of_session(user_id),
                 [
@@ -202,26 +160,26 @@ class RedisStore:
         session_id, chapter, move, status, beat, joined, events = replies[-2]
         self.events_published += int(events)
         return Session(
-            session_id=_text(session_id),
+            session_id=text(session_id),
             user_id=user_id,
             study_id=study_id,
-            chapter_id=_text(chapter) or None,
-            move_path=_text(move) or None,
-            status=Status(_text(status)),
+            chapter_id=text(chapter) or None,
+            move_path=text(move) or None,
+            status=Status(text(status)),
             last_heartbeat_ms=int(beat),
             joined_at_ms=int(joined),
         )
 
-    @_reachable
+    @reachable
     async def leave(self, user_id: str, study_id: str, now_ms: int) -> bool:
         """End the session and publish user_left; False if there was no session."""
         keys = self._keys.study(study_id).of_session(user_id)
         args = [user_id, now_ms, iso_from_ms(now_ms), EMPTY_STUDY_TTL_MS]
-        [ended] = await self._batch.run([_call(self._scripts.leave, keys, args)])
+        [ended] = await self._batch.run([call(self._scripts.leave, keys, args)])
         self.events_published += int(ended)  # user_left, when there was a session
         return bool(ended)
 
-    @_reachable
+    @reachable
     async def release(self, leases: Sequence[Lease], leave_at_ms: int, now_ms: int) -> int:
         """Connections stop holding sessions; unheld sessions leave at `leave_at_ms`.
 
@@ -236,7 +194,7 @@ class RedisStore:
             sk = self._keys.study(lease.study_id)
             operations.append(
                 [
-                    _call(
+                    call(
                         self._scripts.release,
                         [sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
                         [lease.user_id, lease.holder.connection_id, leave_at_ms],
@@ -245,79 +203,38 @@ class RedisStore:
                     (
                         "SREM",
                         self._keys.node_leases(lease.holder.node_id),
-                        _lease(lease.study_id, lease.user_id, lease.holder),
+                        lease_member(lease.study_id, lease.user_id, lease.holder),
                     ),
                 ]
             )
         replies = await asyncio.gather(*(self._batch.run(op) for op in operations))
         return sum(int(reply[0]) for reply in replies)
 
-    @_reachable
+    @reachable
     async def renew_node(self, node_id: str, now_ms: int) -> bool:
         """Prove the node alive (renewing all its leases); False if it had been declared dead."""
-        keys = [self._keys.live_nodes, self._keys.dead_nodes]
-        call = _call(self._scripts.renew_node, keys, [node_id, now_ms])
-        [renewed] = await self._batch.run([call])
-        return bool(renewed)
+        return await self._nodes.renew(node_id, now_ms)
 
-    @_reachable
+    @reachable
     async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
         """Hold sessions again after the node was declared dead; False where one has ended."""
-        if not leases:
-            return []
-        operations: list[list[Command]] = []
-        for lease in leases:
-            sk = self._keys.study(lease.study_id)
-            operations.append(
-                [
-                    (
-                        "SADD",
-                        self._keys.node_leases(lease.holder.node_id),
-                        _lease(lease.study_id, lease.user_id, lease.holder),
-                    ),
-                    _call(
-                        self._scripts.acquire,
-                        [sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
-                        [lease.user_id, lease.holder.connection_id],
-                    ),
-                ]
-            )
-        replies = await asyncio.gather(*(self._batch.run(op) for op in operations))
-        return [bool(reply[1]) for reply in replies]
+        return await self._nodes.reacquire(leases)
 
-    @_reachable
+    @reachable
     async def drop_node(self, node_id: str) -> None:
         """Forget a node that stopped cleanly (after releasing its leases)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(self._keys.live_nodes, node_id)
-            pipe.delete(self._keys.node_leases(node_id))
-            await pipe.execute()
+        await self._nodes.drop(node_id)
 
-    @_reachable
+    @reachable
     async def reap_dead_nodes(self, now_ms: int, lease_ttl_ms: int, grace_ms: int) -> int:
         """Release the leases of nodes silent for `lease_ttl_ms`; returns leases released.
 
         Their sessions leave `grace_ms` after the lease ran out unless their users reconnect.
         A cleanup interrupted by the death of its own node is taken over after a while.
         """
-        keys = [self._keys.live_nodes, self._keys.dead_nodes]
-        args = [now_ms, lease_ttl_ms, REAP_RETRY_MS, REAP_NODES]
-        [claimed] = await self._batch.run([_call(self._scripts.claim_dead_nodes, keys, args)])
-        released = 0
-        for i in range(0, len(claimed), 2):
-            node_id, last_seen = _text(claimed[i]), int(float(_text(claimed[i + 1])))
-            leave_at = max(last_seen + lease_ttl_ms, now_ms - grace_ms) + grace_ms
-            key = self._keys.node_leases(node_id)
-            # Read, release, then remove: a reaper dying midway leaves the rest for the next.
-            while batch := await self._redis.srandmember(key, REAP_BATCH):
-                leases = [_parse_lease(node_id, raw) for raw in batch]
-                await self.release([lease for lease in leases if lease], leave_at, now_ms)
-                await self._redis.srem(key, *batch)
-                released += len(batch)
-            await self._redis.zrem(self._keys.dead_nodes, node_id)
-        return released
+        return await self._nodes.reap(now_ms, lease_ttl_ms, grace_ms)
 
-    @_reachable
+    @reachable
     async def presence(self, study_id: str) -> StudyPresence:
         """Sessions of the study and the seq they reflect.
 
@@ -328,23 +245,23 @@ class RedisStore:
         client applying the following events in order converges from.
         """
         sk = self._keys.study(study_id)
-        users = {_text(m) for m in await self._redis.zrange(sk.index, 0, -1)}
+        users = {text(m) for m in await self._redis.zrange(sk.index, 0, -1)}
         for _ in range(SNAPSHOT_ATTEMPTS):
             named = sorted(users)
             keys = [sk.index, sk.meta, *(sk.session(u) for u in named)]
-            [reply] = await self._batch.run([_call(self._scripts.snapshot, keys, named)])
+            [reply] = await self._batch.run([call(self._scripts.snapshot, keys, named)])
             if reply[0] == 1:
                 return _presence(study_id, int(reply[1]), reply[2:])
-            users.update(_text(m) for m in reply[1])
+            users.update(text(m) for m in reply[1])
         seq = int(await self._redis.hget(sk.meta, "seq") or 0)
         members = await self._redis.zrange(sk.index, 0, -1)
         async with self._redis.pipeline(transaction=False) as pipe:
             for member in members:
-                pipe.hgetall(sk.session(_text(member)))
+                pipe.hgetall(sk.session(text(member)))
             hashes = await pipe.execute()
         return _presence(study_id, seq, hashes)
 
-    @_reachable
+    @reachable
     async def sweep(self, now_ms: int) -> SweepReport:
         """One bounded sweep tick: due studies from the schedule, then scan, apply, reschedule."""
         due, more = await self._due_studies(now_ms)
@@ -358,7 +275,7 @@ class RedisStore:
         events = sum(int(reply[0]) for _, reply in done)
         self.events_published += events
         # A study whose scan was cut by sessions_per_window is already due again.
-        more = more or any(reply[1] and int(_text(reply[1])) <= now_ms for _, reply in done)
+        more = more or any(reply[1] and int(text(reply[1])) <= now_ms for _, reply in done)
         return SweepReport(studies=len(due), events=events, more_due=more)
 
     async def _due_studies(self, now_ms: int) -> tuple[list[_DueStudy], bool]:
@@ -379,12 +296,12 @@ class RedisStore:
         more = False
         for shard, hits in zip(shards, replies, strict=True):
             more = more or len(hits) >= self._studies_per_sweep
-            due.extend(_DueStudy(shard, _text(study), score) for study, score in hits)
+            due.extend(_DueStudy(shard, text(study), score) for study, score in hits)
         return due, more
 
     def _scan(self, due: _DueStudy, now_ms: int) -> Command:
         sk = self._keys.study(due.study_id)
-        return _call(
+        return call(
             self._scripts.sweep_scan,
             [sk.index, sk.meta, sk.leaving],
             [now_ms, self._idle_ms, self._away_ms, self._expire_ms, self._sessions_per_window],
@@ -393,9 +310,9 @@ class RedisStore:
     def _apply(self, due: _DueStudy, scan: list[bytes], now_ms: int) -> Command:
         sk = self._keys.study(due.study_id)
         idle_wm, away_wm, expire_wm, *raw_users = scan
-        users = [_text(u) for u in raw_users]
+        users = [text(u) for u in raw_users]
         per_user = [key for u in users for key in (sk.session(u), sk.conns(u))]
-        return _call(
+        return call(
             self._scripts.sweep_apply,
             [sk.index, sk.meta, sk.channel, sk.leaving, *per_user],
             [
@@ -413,12 +330,12 @@ class RedisStore:
         )
 
     def _schedule(self, study_id: str, due_ms: int, now_ms: int) -> Command:
-        return _call(
+        return call(
             self._scripts.schedule, [self._keys.schedule(study_id)], [study_id, due_ms, now_ms]
         )
 
     def _reschedule(self, due: _DueStudy, applied: list[Any]) -> Command:
-        return _call(
+        return call(
             self._scripts.reschedule, [due.schedule_key], [due.study_id, due.score, applied[1]]
         )
 

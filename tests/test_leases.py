@@ -19,7 +19,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-import presence_svc.redis_store as redis_store_module
+import presence_svc.redis_nodes as redis_nodes_module
 from presence_svc.keys import Keys
 from presence_svc.leases import LeaseKeeper
 from presence_svc.models import (
@@ -37,7 +37,8 @@ from presence_svc.models import (
     SweepReport,
     iso_from_ms,
 )
-from presence_svc.redis_store import EMPTY_STUDY_TTL_MS, REAP_RETRY_MS, RedisStore
+from presence_svc.redis_nodes import REAP_RETRY_MS
+from presence_svc.redis_store import EMPTY_STUDY_TTL_MS, RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.store import StoreUnavailable
 from tests.conftest import FakeClock
@@ -659,7 +660,7 @@ async def test_an_unfinished_cleanup_is_taken_over_after_the_retry_time(
     await tap.drain()
 
     # The first reaper claims n1, releases one batch of one lease, then dies.
-    monkeypatch.setattr(redis_store_module, "REAP_BATCH", 1)
+    monkeypatch.setattr(redis_nodes_module, "REAP_BATCH", 1)
     calls = 0
     real_release = crashing.release
 
@@ -678,7 +679,7 @@ async def test_an_unfinished_cleanup_is_taken_over_after_the_retry_time(
     assert await any_redis.scard(keys.node_leases("n1")) == 2
     first_leaves = await pending_leaves(any_redis, keys, "s1")
     assert list(first_leaves.values()) == [t0 + TTL_MS + GRACE_MS]
-    monkeypatch.setattr(redis_store_module, "REAP_BATCH", 500)
+    monkeypatch.setattr(redis_nodes_module, "REAP_BATCH", 500)
 
     # Not stale yet: nobody else takes it.
     assert await store.reap_dead_nodes(claimed_at + REAP_RETRY_MS - 1, TTL_MS, GRACE_MS) == 0
