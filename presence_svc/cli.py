@@ -1,5 +1,6 @@
 """`presence-svc serve` runs a node; `presence-svc token` mints a token for scripting;
-`presence-svc bench` runs the benchmark harness (docs/performance.md)."""
+`presence-svc bench` runs the benchmark harness (docs/performance.md); `presence-svc capacity`
+sizes a deployment from its figures (docs/capacity.md)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
     from presence_svc.bench.command import add_bench_command  # argparse only, no harness
 
     add_bench_command(commands)
+    from presence_svc.bench.capacity import add_capacity_command  # arithmetic only
+
+    add_capacity_command(commands)
     return root
 
 
