@@ -1,6 +1,7 @@
-"""The capacity model (presence_svc.bench.capacity): its arithmetic on inputs small enough to
-check by hand, reading a results folder as the harness writes it, the binding constraint and
-the ranking of limits, and the `presence-svc capacity` command. No Redis, nothing timed."""
+"""The capacity model (presence_svc.bench.capacity and its capacity_* modules): its arithmetic
+on inputs small enough to check by hand, reading a results folder as the harness writes it, the
+binding constraint and the ranking of limits, and the `presence-svc capacity` command. No Redis,
+nothing timed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from presence_svc.bench import capacity as cap
+from presence_svc.bench import capacity_inputs, capacity_model, capacity_plan, capacity_sizes
 from presence_svc.cli import main
 from presence_svc.codec import encode_envelope, json_text
 
@@ -20,7 +22,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "capacity.md"
 
 # Small, round workload: 1000 users in 100 studies (10 each), 0.1 heartbeat/s + 0.1 cursor
 # move/s per user, stays of 1000 s and one idle spell per 1000 s per user.
-SMALL = cap.Workload(
+SMALL = capacity_model.Workload(
     users=1000,
     studies=100,
     heartbeat_interval=10.0,
@@ -32,7 +34,7 @@ SMALL = cap.Workload(
 
 # Round costs: 1000 us per heartbeat on the node, nothing else, 1 MiB per socket.
 ROUND = dataclasses.replace(
-    cap.DEFAULT_MEASURED,
+    capacity_inputs.DEFAULT_MEASURED,
     ws_node_us_per_hb=1000.0,
     node_us_per_delivery=0.0,
     sweep_node_us_per_transition=0.0,
@@ -46,23 +48,23 @@ ROUND = dataclasses.replace(
 
 def test_distinct_nodes_by_hand() -> None:
     # 3 viewers on 2 nodes: a node misses all three with probability 1/8.
-    assert cap.distinct_nodes(3, 2) == pytest.approx(2 * (1 - 1 / 8))  # 1.75
-    assert cap.distinct_nodes(2, 4) == pytest.approx(4 * (1 - (3 / 4) ** 2))  # 1.75
-    assert cap.distinct_nodes(1, 500) == pytest.approx(1.0)
-    assert cap.distinct_nodes(7, 1) == pytest.approx(1.0)
-    assert cap.distinct_nodes(0, 10) == 0.0
-    assert cap.distinct_nodes(10_000, 10) == pytest.approx(10.0)
+    assert capacity_model.distinct_nodes(3, 2) == pytest.approx(2 * (1 - 1 / 8))  # 1.75
+    assert capacity_model.distinct_nodes(2, 4) == pytest.approx(4 * (1 - (3 / 4) ** 2))  # 1.75
+    assert capacity_model.distinct_nodes(1, 500) == pytest.approx(1.0)
+    assert capacity_model.distinct_nodes(7, 1) == pytest.approx(1.0)
+    assert capacity_model.distinct_nodes(0, 10) == 0.0
+    assert capacity_model.distinct_nodes(10_000, 10) == pytest.approx(10.0)
     # Study affinity: one node per study, whatever its size.
-    assert cap.spread(3, 2, affinity=True) == 1.0
-    assert cap.spread(3, 2, affinity=False) == pytest.approx(1.75)
+    assert capacity_model.spread(3, 2, affinity=True) == 1.0
+    assert capacity_model.spread(3, 2, affinity=False) == pytest.approx(1.75)
 
 
 def test_traffic_by_hand() -> None:
-    u = cap.per_user(SMALL)
+    u = capacity_model.per_user(SMALL)
     assert u.heartbeats == pytest.approx(0.2)
     assert u.joins == pytest.approx(0.001)
     assert u.idles == pytest.approx(0.001)
-    t = cap.traffic(SMALL, nodes=1)
+    t = capacity_model.traffic(SMALL, nodes=1)
     assert t.heartbeats == pytest.approx(200)  # 1000 x (1/10 + 0.1)
     assert t.cursor_moves == pytest.approx(100)
     assert t.joins == pytest.approx(1) and t.idles == pytest.approx(1)
@@ -72,24 +74,29 @@ def test_traffic_by_hand() -> None:
     assert t.deliveries == pytest.approx(1040)  # every event to the 10 sockets of its study
     # One node: every event is pushed to it once.
     assert t.node_receives == pytest.approx(104)
-    assert cap.traffic(SMALL, nodes=2).nodes_per_event == pytest.approx(cap.distinct_nodes(10, 2))
+    assert capacity_model.traffic(SMALL, nodes=2).nodes_per_event == pytest.approx(
+        capacity_model.distinct_nodes(10, 2)
+    )
 
 
 def test_skewed_studies_split_users() -> None:
     w = dataclasses.replace(SMALL, hot_studies=2, hot_study_viewers=100)
-    assert cap.tiers(w) == [cap.Tier(98, 800 / 98), cap.Tier(2, 100.0)]
-    t = cap.traffic(w, nodes=1)
+    assert capacity_model.tiers(w) == [
+        capacity_model.Tier(98, 800 / 98),
+        capacity_model.Tier(2, 100.0),
+    ]
+    t = capacity_model.traffic(w, nodes=1)
     # Deliveries grow with the square of a study's size: sum over studies of events x viewers.
-    per_user = cap.per_user(w).events
+    per_user = capacity_model.per_user(w).events
     expected = 800 * per_user * (800 / 98) + 200 * per_user * 100
     assert t.deliveries == pytest.approx(expected)
     with pytest.raises(ValueError, match="hot studies take more users"):
-        cap.validate(dataclasses.replace(SMALL, hot_studies=10, hot_study_viewers=100))
+        capacity_model.validate(dataclasses.replace(SMALL, hot_studies=10, hot_study_viewers=100))
 
 
 def test_costs_split_the_measured_figures() -> None:
     m = dataclasses.replace(
-        cap.DEFAULT_MEASURED,
+        capacity_inputs.DEFAULT_MEASURED,
         node_us_per_delivery=40.0,
         fanout_viewers=50,
         fanout_nodes=2,
@@ -97,7 +104,7 @@ def test_costs_split_the_measured_figures() -> None:
         fanout_redis_idle_cpu=0.002,
         fanout_events_per_s=100.0,
     )
-    c = cap.costs(m, dataclasses.replace(SMALL, receive_share=0.3))
+    c = capacity_model.costs(m, dataclasses.replace(SMALL, receive_share=0.3))
     # 25 sockets shared each event a node received: 30 % of 40 us x 25 once, 70 % per socket.
     assert c.node_receive == pytest.approx(300.0)
     assert c.node_delivery == pytest.approx(28.0)
@@ -108,7 +115,7 @@ def test_costs_split_the_measured_figures() -> None:
 
 
 def test_the_default_figures_are_the_latest_full_run() -> None:
-    m = cap.DEFAULT_MEASURED
+    m = capacity_inputs.DEFAULT_MEASURED
     assert "20261128T085706Z-full" in m.source and "2a3b92e" in m.source
     assert m.redis_us_per_event == pytest.approx((0.03 - 0.002) / 200.1 * 1e6)
     assert m.sockets_per_event_and_node == 25
@@ -117,25 +124,27 @@ def test_the_default_figures_are_the_latest_full_run() -> None:
 
 def test_sizes_by_hand() -> None:
     # *3 $3 SET $1 k $1 v
-    assert cap.resp_command("SET", "k", "v") == len("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
-    assert cap.pubsub_message_bytes("ch", 5) == len(
+    assert capacity_sizes.resp_command("SET", "k", "v") == len(
+        "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+    )
+    assert capacity_sizes.pubsub_message_bytes("ch", 5) == len(
         "*3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$5\r\n12345\r\n"
     )
-    assert cap.ws_frame_bytes(125) == 127
-    assert cap.ws_frame_bytes(126) == 130
-    assert cap.ws_frame_bytes(70_000) == 70_010
-    sizes = cap.measure_sizes()
-    event_type, data = cap.typical_cursor_moved()
-    assert sizes.envelope == len(encode_envelope(event_type, data, cap.TYPICAL_MS))
+    assert capacity_sizes.ws_frame_bytes(125) == 127
+    assert capacity_sizes.ws_frame_bytes(126) == 130
+    assert capacity_sizes.ws_frame_bytes(70_000) == 70_010
+    sizes = capacity_sizes.measure_sizes()
+    event_type, data = capacity_sizes.typical_cursor_moved()
+    assert sizes.envelope == len(encode_envelope(event_type, data, capacity_sizes.TYPICAL_MS))
     assert sizes.json_text == len(json_text({"type": event_type, "data": data}).encode())
     assert sizes.cursor_request > sizes.heartbeat_request > 0
 
 
 def test_largest_study_search() -> None:
-    assert cap.largest_study(lambda v: v * 0.01, 1.0) == 100
-    assert cap.largest_study(lambda v: v * v / 10_000, 1.0) == 100
-    assert cap.largest_study(lambda v: v * 0.01, 0.005) == 0
-    assert cap.largest_study(lambda v: 0.0, 1.0, ceiling=1000) == 1000
+    assert capacity_plan.largest_study(lambda v: v * 0.01, 1.0) == 100
+    assert capacity_plan.largest_study(lambda v: v * v / 10_000, 1.0) == 100
+    assert capacity_plan.largest_study(lambda v: v * 0.01, 0.005) == 0
+    assert capacity_plan.largest_study(lambda v: 0.0, 1.0, ceiling=1000) == 1000
 
 
 # --- the plan and its binding constraint --------------------------------------------------
@@ -145,7 +154,7 @@ def test_memory_binds_when_sockets_are_expensive() -> None:
     # 200 heartbeats/s x 1000 us = 0.2 cores -> 1 process at 0.5; 1 MiB sockets in
     # 0.5 x 100 MiB -> 50 sockets per process -> 20 processes.
     w = dataclasses.replace(SMALL, node_memory_mib=100.0, affinity=True, receive_share=0.0)
-    n = cap.plan_nodes(ROUND, w, cap.measure_sizes())
+    n = capacity_plan.plan_nodes(ROUND, w, capacity_sizes.measure_sizes())
     assert n.cores_heartbeats == pytest.approx(0.2)
     assert n.by_cpu == 1
     assert n.sockets_per_node_limit == 50
@@ -157,7 +166,7 @@ def test_cpu_binds_when_heartbeats_are_expensive() -> None:
     # 200 heartbeats/s x 10,000 us = 2 cores -> 4 processes at 0.5; memory wants 1.
     m = dataclasses.replace(ROUND, ws_node_us_per_hb=10_000.0, kib_per_socket=1.0)
     w = dataclasses.replace(SMALL, node_memory_mib=100.0, affinity=True, receive_share=0.0)
-    n = cap.plan_nodes(m, w, cap.measure_sizes())
+    n = capacity_plan.plan_nodes(m, w, capacity_sizes.measure_sizes())
     assert (n.by_cpu, n.by_memory) == (4, 1)
     assert (n.processes, n.binding) == (4, "CPU")
     assert n.cpu_per_node == pytest.approx(0.5)
@@ -166,15 +175,20 @@ def test_cpu_binds_when_heartbeats_are_expensive() -> None:
 def test_node_count_is_a_fixed_point_of_the_spread() -> None:
     # At random, more nodes mean more nodes per event and more CPU: the plan must cover the CPU
     # it needs at its own size.
-    p = cap.plan(cap.DEFAULT_MEASURED, cap.Workload())
+    p = capacity_plan.plan(capacity_inputs.DEFAULT_MEASURED, capacity_model.Workload())
     n = p.nodes
-    assert n.processes == max(cap.ceil(n.cores / 0.6), n.by_memory)
-    assert cap.ceil(sum(cap.node_cores(p.measured, p.workload, n.processes)) / 0.6) == n.by_cpu
+    assert n.processes == max(capacity_plan.ceil(n.cores / 0.6), n.by_memory)
+    assert (
+        capacity_plan.ceil(sum(capacity_plan.node_cores(p.measured, p.workload, n.processes)) / 0.6)
+        == n.by_cpu
+    )
     assert n.cpu_per_node <= 0.6 + 1e-9
     assert p.redis.cpu_per_primary <= 0.6 + 1e-9
-    assert p.traffic.nodes_per_event == pytest.approx(cap.distinct_nodes(10, n.processes))
+    assert p.traffic.nodes_per_event == pytest.approx(
+        capacity_model.distinct_nodes(10, n.processes)
+    )
     # Affinity sends each event to one node: fewer processes and primaries.
-    q = cap.plan(cap.DEFAULT_MEASURED, cap.Workload(affinity=True))
+    q = capacity_plan.plan(capacity_inputs.DEFAULT_MEASURED, capacity_model.Workload(affinity=True))
     assert q.traffic.nodes_per_event == pytest.approx(1.0)
     assert q.nodes.processes < n.processes and q.redis.primaries < p.redis.primaries
 
@@ -182,18 +196,24 @@ def test_node_count_is_a_fixed_point_of_the_spread() -> None:
 def test_per_study_loads_add_up_to_the_fleets() -> None:
     # The hot-study limits use the per-study formulas; summed over all studies they must give
     # the fleets' totals (the sweep's polling of the schedule shards aside).
-    w = cap.Workload(hot_studies=50, hot_study_viewers=300)
-    p = cap.plan(cap.DEFAULT_MEASURED, w)
-    n, u, c = p.nodes.processes, cap.per_user(w), cap.costs(p.measured, w)
-    studies = [(t.studies, t.viewers, cap.spread(t.viewers, n, w.affinity)) for t in cap.tiers(w)]
-    node = sum(k * cap.study_node_cores(v, d, u, c) for k, v, d in studies)
-    redis = sum(k * cap.study_redis_cores(v, d, u, c) for k, v, d in studies)
+    w = capacity_model.Workload(hot_studies=50, hot_study_viewers=300)
+    p = capacity_plan.plan(capacity_inputs.DEFAULT_MEASURED, w)
+    n, u, c = p.nodes.processes, capacity_model.per_user(w), capacity_model.costs(p.measured, w)
+    studies = [
+        (t.studies, t.viewers, capacity_model.spread(t.viewers, n, w.affinity))
+        for t in capacity_model.tiers(w)
+    ]
+    node = sum(k * capacity_model.study_node_cores(v, d, u, c) for k, v, d in studies)
+    redis = sum(k * capacity_model.study_redis_cores(v, d, u, c) for k, v, d in studies)
     assert node == pytest.approx(p.nodes.cores)
     assert redis + p.redis.cores_polls == pytest.approx(p.redis.cores)
 
 
 def test_limits_are_ranked_and_a_hot_study_comes_first() -> None:
-    p = cap.plan(cap.DEFAULT_MEASURED, cap.Workload(hot_studies=100, hot_study_viewers=1000))
+    p = capacity_plan.plan(
+        capacity_inputs.DEFAULT_MEASURED,
+        capacity_model.Workload(hot_studies=100, hot_study_viewers=1000),
+    )
     ks = [x.breaks_at for x in p.limits]
     assert ks == sorted(ks)
     first = p.limits[0]
@@ -343,7 +363,7 @@ def _fake_results(folder: Path) -> None:
 def test_read_results_picks_the_right_rows(tmp_path: Path) -> None:
     folder = tmp_path / "20261201T000000Z-full"
     _fake_results(folder)
-    m = cap.read_results(folder)
+    m = capacity_inputs.read_results(folder)
     assert m.source == f"bench results {folder} (code abc1234)"
     assert not m.fallbacks
     assert (m.ws_node_us_per_hb, m.ws_redis_us_per_hb, m.ws_commands_per_hb) == (60, 22, 5)
@@ -368,18 +388,18 @@ def test_missing_scenarios_keep_the_built_in_figures(tmp_path: Path) -> None:
     _fake_results(folder)
     (folder / "idle.json").unlink()
     (folder / "sweep.json").unlink()
-    m = cap.read_results(folder)
-    assert m.kib_per_socket == cap.DEFAULT_MEASURED.kib_per_socket
+    m = capacity_inputs.read_results(folder)
+    assert m.kib_per_socket == capacity_inputs.DEFAULT_MEASURED.kib_per_socket
     assert "kib_per_socket" in m.fallbacks and "sweep_redis_us_per_transition" in m.fallbacks
     assert "ws_node_us_per_hb" not in m.fallbacks
     with pytest.raises(FileNotFoundError):
-        cap.read_results(tmp_path / "nowhere")
+        capacity_inputs.read_results(tmp_path / "nowhere")
 
 
 def test_overrides() -> None:
     m, w = cap.apply_overrides(
-        cap.DEFAULT_MEASURED,
-        cap.Workload(),
+        capacity_inputs.DEFAULT_MEASURED,
+        capacity_model.Workload(),
         ["receive_share=0", "kib_per_socket=10", "affinity=true", "users=2_000"],
     )
     assert (w.receive_share, w.affinity, w.users) == (0.0, True, 2000)
