@@ -12,6 +12,12 @@ are loaded again and the operations that hit it are sent once more (after those 
 meanwhile), which is why an operation must be safe to
 repeat after a partial run (ours are: their plain commands are idempotent, and no script
 runs when it is missing).
+
+Replies are parsed by a hiredis reader fed straight from the connection's stream, many per
+read; redis-py's `read_response` costs several microseconds of Python per reply, which was
+the largest single item of a heartbeat's CPU. Error replies become the same exception types
+redis-py raises (its parser's `parse_error`). Connections without a plain asyncio stream
+(fakeredis) are read through `read_response`, one reply at a time, as before.
 """
 
 from __future__ import annotations
@@ -22,46 +28,132 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 Command = tuple[Any, ...]
+_Operation = tuple[list[Command], "asyncio.Future[list[Any]]"]
 
 MAX_IN_FLIGHT = 4
 MAX_BATCH = 1024  # operations per pipeline
 READ_TIMEOUT = 10.0  # seconds for all replies of one pipeline
+READ_SIZE = 65536
+
+_MORE = object()  # what the hiredis reader answers while no whole reply is buffered
+
+
+_PUSH: type | None = getattr(hiredis, "PushNotification", None)  # hiredis >= 3.2
+
+
+class _RawReplies:
+    """A hiredis reader fed from one redis-py connection's asyncio stream."""
+
+    __slots__ = ("_parser", "_reader", "stream")
+
+    def __init__(self, connection: Any, stream: asyncio.StreamReader) -> None:
+        self.stream = stream
+        self._parser = connection._parser
+        encoder = connection.encoder
+        if encoder.decode_responses:
+            self._reader = hiredis.Reader(
+                protocolError=InvalidResponse,
+                replyError=connection._parser.parse_error,
+                notEnoughData=_MORE,
+                encoding=encoder.encoding,
+                errors=encoder.encoding_errors,
+            )
+        else:
+            self._reader = hiredis.Reader(
+                protocolError=InvalidResponse,
+                replyError=connection._parser.parse_error,
+                notEnoughData=_MORE,
+            )
+
+    @classmethod
+    def of(cls, connection: Any) -> _RawReplies | None:
+        """A raw reader for `connection`, or None where only `read_response` will do."""
+        stream = getattr(connection, "_reader", None)
+        parser = getattr(connection, "_parser", None)
+        if not isinstance(stream, asyncio.StreamReader) or parser is None:
+            return None  # not a socket (fakeredis), or not connected
+        if not hasattr(parser, "parse_error"):
+            return None
+        if str(getattr(connection, "protocol", 2)) != "2" and (
+            _PUSH is None or not hasattr(parser, "handle_push_response")
+        ):
+            return None  # RESP3 push messages could not be told from replies
+        return cls(connection, stream)
+
+    async def read(self, count: int) -> tuple[list[Any], bool]:
+        """The next `count` replies, and whether any of them is an error reply."""
+        replies: list[Any] = []
+        failed = False
+        gets = self._reader.gets
+        while True:
+            reply = gets()
+            if reply is _MORE:
+                try:
+                    data = await self.stream.read(READ_SIZE)
+                except OSError as exc:
+                    raise RedisConnectionError(f"Error while reading from Redis: {exc}") from exc
+                if not data:
+                    raise RedisConnectionError("Connection closed by server.")
+                self._reader.feed(data)
+                continue
+            # As redis-py's read_response: a connection-level error fails the whole stream, and
+            # a RESP3 push message (no reply to anything) goes to the parser's handlers.
+            if _PUSH is not None and type(reply) is _PUSH:
+                await self._parser.handle_push_response(reply)
+                continue
+            if isinstance(reply, Exception):
+                if isinstance(reply, RedisConnectionError):
+                    raise reply
+                failed = True
+            elif type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
+                raise reply[0]
+            replies.append(reply)
+            if len(replies) == count:
+                return replies, failed
 
 
 class Batcher:
     def __init__(self, redis: Any, scripts: Sequence[str]) -> None:
         self._redis = redis
         self._scripts = list(scripts)  # sources, loaded again after NOSCRIPT
-        self._queue: list[tuple[list[Command], asyncio.Future[list[Any]]]] = []
+        self._queue: list[_Operation] = []
         self._in_flight = 0
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
         self._connection: Any = None
+        self._raw: _RawReplies | None = None  # for self._connection, when it can be read raw
         self._turn: asyncio.Future[None] | None = (
             None  # done when the last batch's replies are read
         )
 
-    async def run(self, commands: list[Command]) -> list[Any]:
-        """Send one operation's commands (in order, in a shared pipeline); their replies.
+    def run(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
+        """Send one operation's commands (in order, in a shared pipeline); await their replies.
 
-        A command's error reply is raised (the first, if several failed).
+        A command's error reply is raised (the first, if several failed). The operation is
+        queued by this call, not when the future is awaited; a future rather than a coroutine
+        spares every operation a coroutine frame to create and resume.
         """
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
         self._queue.append((commands, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Let every task that is ready in this loop iteration add its operation first.
-            asyncio.get_running_loop().call_soon(self._flush)
-        return await future
+            loop.call_soon(self._flush)
+        return future
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         while self._queue and self._in_flight < MAX_IN_FLIGHT:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            if len(self._queue) <= MAX_BATCH:
+                batch, self._queue = self._queue, []
+            else:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             self._in_flight += 1
             task = asyncio.create_task(self._send(batch))
             self._tasks.add(task)
@@ -74,15 +166,25 @@ class Batcher:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _send(self, batch: list[tuple[list[Command], asyncio.Future[list[Any]]]]) -> None:
+    async def _send(self, batch: list[_Operation]) -> None:
         try:
-            replies = await self._execute([commands for commands, _ in batch])
+            flat, failed = await self._execute([commands for commands, _ in batch])
+            if not failed:
+                position = 0
+                for commands, future in batch:
+                    end = position + len(commands)
+                    if not future.done():
+                        future.set_result(flat[position:end])
+                    position = end
+                return
+            replies = _split([commands for commands, _ in batch], flat)
             missing = [i for i, reply in enumerate(replies) if _noscript(reply)]
             if missing:
                 for source in self._scripts:
                     await self._redis.script_load(source)
-                again = await self._execute([batch[i][0] for i in missing])
-                for i, reply in zip(missing, again, strict=True):
+                operations = [batch[i][0] for i in missing]
+                again, _ = await self._execute(operations)
+                for i, reply in zip(missing, _split(operations, again), strict=True):
                     replies[i] = reply
         except BaseException as exc:
             for _, future in batch:
@@ -100,14 +202,16 @@ class Batcher:
             else:
                 future.set_result(reply)
 
-    async def _execute(self, operations: list[list[Command]]) -> list[list[Any]]:
+    async def _execute(self, operations: list[list[Command]]) -> tuple[list[Any], bool]:
+        """Every reply of `operations`, in order, and whether any is an error reply."""
         # Packed by hiredis in C and written on the batcher's own connection: redis-py's
         # pipeline spends more CPU encoding commands than everything else in a heartbeat.
         # Batches are written in the order they were queued (the lock is FIFO) and their
         # replies read in that order, so operations run in Redis in the order they were
         # queued, even with several batches in flight.
-        commands = [command for operation in operations for command in operation]
-        payload = b"".join([hiredis.pack_command(command) for command in commands])
+        pack = hiredis.pack_command
+        payload = b"".join([pack(command) for operation in operations for command in operation])
+        count = sum([len(operation) for operation in operations])
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             async with self._write_lock:
@@ -124,32 +228,39 @@ class Batcher:
                 await previous
             if self._connection is not connection:
                 raise ConnectionError("the Redis connection was lost before these replies")
-            flat: list[Any] = []
             try:
                 # One deadline for the whole batch: a timer per reply costs more than a reply.
                 async with asyncio.timeout(READ_TIMEOUT):
-                    for _ in commands:
-                        try:
-                            flat.append(await connection.read_response(timeout=math.inf))
-                        except ResponseError as error:  # an error reply: the stream is intact
-                            flat.append(error)
+                    return await self._read(connection, count)
             except BaseException:
                 await self._drop(connection)
                 raise
         finally:
             if not mine.done():
                 mine.set_result(None)
-        out: list[list[Any]] = []
-        position = 0
-        for commands in operations:
-            out.append(flat[position : position + len(commands)])
-            position += len(commands)
-        return out
+
+    async def _read(self, connection: Any, count: int) -> tuple[list[Any], bool]:
+        raw = self._raw
+        if raw is None or raw.stream is not getattr(connection, "_reader", None):
+            # A (re)connected stream starts with an empty reader.
+            raw = self._raw = _RawReplies.of(connection)
+        if raw is not None:
+            return await raw.read(count)
+        flat: list[Any] = []
+        failed = False
+        for _ in range(count):
+            try:
+                flat.append(await connection.read_response(timeout=math.inf))
+            except ResponseError as error:  # an error reply: the stream is intact
+                flat.append(error)
+                failed = True
+        return flat, failed
 
     async def _drop(self, connection: Any) -> None:
         # Replies still owed on it can no longer be matched to their commands.
         if self._connection is connection:
             self._connection = None
+            self._raw = None
             await connection.disconnect()
             await self._redis.connection_pool.release(connection)
 
@@ -157,7 +268,17 @@ class Batcher:
         """Give the batcher's connection back (at shutdown)."""
         if self._connection is not None:
             connection, self._connection = self._connection, None
+            self._raw = None
             await self._redis.connection_pool.release(connection)
+
+
+def _split(operations: list[list[Command]], flat: list[Any]) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    position = 0
+    for commands in operations:
+        out.append(flat[position : position + len(commands)])
+        position += len(commands)
+    return out
 
 
 def _noscript(replies: list[Any]) -> bool:

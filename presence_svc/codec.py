@@ -71,6 +71,10 @@ def decode_envelope(raw: bytes) -> Outgoing:
     )
 
 
+# json.dumps with these options builds a new JSONEncoder on every call; one is enough.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def json_text(message: dict[str, Any]) -> str:
     """Compact JSON for one WebSocket message."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(message)

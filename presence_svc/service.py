@@ -7,9 +7,17 @@ PresenceStore contract.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
-from presence_svc.models import CursorUpdate, Holder, Lease, Session, StudyPresence, SweepReport
+from presence_svc.models import (
+    NO_CURSOR,
+    CursorUpdate,
+    Holder,
+    Lease,
+    Session,
+    StudyPresence,
+    SweepReport,
+)
 from presence_svc.store import PresenceStore
 
 Clock = Callable[[], float]
@@ -32,21 +40,23 @@ class PresenceService:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    async def heartbeat(
+    def heartbeat(
         self,
         user_id: str,
         study_id: str,
         cursor: CursorUpdate | None = None,
         holder: Holder | None = None,
-    ) -> Session:
+    ) -> Awaitable[Session]:
         """Mark the user present and active in the study, moving the cursor if given.
 
         Publishes user_joined for a new session, user_active if it was idle or away, and
         cursor_moved if the chapter or move path changed. With a `holder` (a WebSocket
         connection) the session stays present while that connection is open.
         """
-        return await self._store.heartbeat(
-            user_id, study_id, cursor or CursorUpdate(), self._now_ms(), holder
+        # The store's awaitable itself, timed now: a coroutine of our own around it would be
+        # one more frame to create and resume on the hottest path.
+        return self._store.heartbeat(
+            user_id, study_id, NO_CURSOR if cursor is None else cursor, self._now_ms(), holder
         )
 
     async def release(self, leases: Sequence[Lease]) -> int:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
+import types
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -31,10 +33,12 @@ from presence_svc.http import validation_problems
 from presence_svc.limits import TokenBucket
 from presence_svc.models import (
     ID_PATTERN,
+    PING_TEXT,
     ClientMessage,
     CursorUpdate,
     HeartbeatMessage,
     RefreshMessage,
+    compact_heartbeat,
     iso_from_ms,
 )
 from presence_svc.node import Node
@@ -61,6 +65,11 @@ def _now_iso() -> str:
     return iso_from_ms(int(time.time() * 1000))
 
 
+def _pong() -> Outgoing:
+    # json_text's output, without its cost: a timestamp never needs escaping.
+    return Outgoing(None, '{"type":"pong","data":{"timestamp":"' + _now_iso() + '"}}')
+
+
 def _error(code: str, message: str, errors: list[dict[str, Any]] | None = None) -> Outgoing:
     data: dict[str, Any] = {"code": code, "message": message}
     if errors is not None:
@@ -68,24 +77,57 @@ def _error(code: str, message: str, errors: list[dict[str, Any]] | None = None) 
     return Outgoing(None, json_text({"type": "error", "data": data}))
 
 
-class _Connection:
-    """One socket's outgoing side: a bounded queue drained by a single writer task.
+_Sending = Coroutine[Any, Any, None]
+_Step = Generator[Any, None, Any]  # an awaitable's __await__()
 
-    A deque and one waiter rather than an asyncio.Queue: idle sockets are the bulk of a node's
-    memory, and a Queue carries three more deques and an Event per socket.
+
+@types.coroutine
+def _finish(step: _Sending, yielded: Any) -> Generator[Any, Any, None]:
+    """Await the rest of `step`, whose first step already ran (elsewhere) and yielded
+    `yielded`: what `await step` would have done from there on, in the awaiting task."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            step.close()
+            raise
+        except BaseException as exc:  # the awaiting task was cancelled: so is the step
+            try:
+                yielded = step.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                yielded = step.send(sent)
+            except StopIteration:
+                return
+
+
+class _Connection:
+    """One socket's outgoing side: messages in order, a bounded backlog, and a writer task
+    only while there is a backlog.
+
+    A message is sent at once by whoever delivers it when nothing waits before it: the ASGI
+    send completes without waiting unless the socket's buffer is full, and waking a writer
+    task for every message cost as much as the send itself. A send that has to wait, and
+    everything delivered meanwhile, goes to a writer task, which ends once it has caught up.
+    Idle sockets are the bulk of a node's memory, so an idle one holds neither a task (about
+    1 KiB with its coroutine and waiter) nor a deque (about 0.75 KiB).
     """
 
     __slots__ = (
+        "_broken",
+        "_closer",
         "_closing",
         "_floor",
         "_limit",
         "_on_overflow",
         "_pending",
-        "_slot",
-        "_waiter",
+        "_send",
+        "_stalled",
+        "_started",
         "_writer",
         "_ws",
-        "heartbeats",
     )
 
     def __init__(
@@ -95,15 +137,19 @@ class _Connection:
         on_overflow: Callable[[], None] | None = None,
     ) -> None:
         self._ws = websocket
+        # The ASGI send itself: Starlette's send_text and send add two coroutines and their
+        # checks to every message; _sending keeps the one that matters (connected state).
+        self._send = websocket._send if isinstance(websocket, WebSocket) else None
         self._on_overflow = on_overflow
-        self._pending: deque[Outgoing] = deque()
+        self._pending: deque[Outgoing] | None = None  # the backlog, while there is one
         self._limit = queue_size
-        self._waiter: asyncio.Future[None] | None = None
         self._floor = 0  # events with seq <= floor are already in the client's snapshot
         self._closing: tuple[int, str] | None = None
-        self.heartbeats: set[asyncio.Task[None]] = set()  # sent to the store, not yet done
-        self._slot: asyncio.Future[None] | None = None  # the reader waits here when too many
-        self._writer: asyncio.Task[None] | None = None
+        self._started = False  # the snapshot is out: events may follow
+        self._stalled: tuple[_Sending, Any] | None = None  # a send waiting for the socket
+        self._broken = False  # a send failed: the socket is gone, nothing more is sent
+        self._writer: asyncio.Task[None] | None = None  # while there is a backlog
+        self._closer: asyncio.Task[None] | None = None  # a close that had to wait
 
     @property
     def overflowed(self) -> bool:
@@ -113,68 +159,220 @@ class _Connection:
     def deliver(self, event: Outgoing) -> None:
         if self._closing is not None:
             return
-        if len(self._pending) >= self._limit:
+        if self._started and self._writer is None and not self._broken:
+            if event.floor is not None:
+                self._floor = event.floor
+            elif event.seq is not None and event.seq <= self._floor:
+                return
+            self._send_now(event.text)
+            return
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
+        if len(pending) >= self._limit:
             if self._on_overflow is not None:
                 self._on_overflow()
             self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
             return
-        self._pending.append(event)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        pending.append(event)
+
+    def _sending(self, text: str) -> _Sending:
+        ws = self._ws
+        if self._send is not None and ws.application_state is WebSocketState.CONNECTED:
+            return self._send({"type": "websocket.send", "text": text})  # type: ignore[return-value]
+        return ws.send_text(text)  # raises in the other states, as it should
+
+    def _send_now(self, text: str) -> None:
+        """Send `text` if the socket takes it at once; else leave the rest to the writer."""
+        step = self._sending(text)
+        try:
+            yielded = step.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:
+            self._failed(exc)
+            return
+        self._stalled = (step, yielded)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._pump())
+
+    def _failed(self, exc: Exception) -> None:
+        # As Starlette's WebSocket.send: a write error means the client is gone.
+        if isinstance(exc, OSError) and isinstance(self._ws, WebSocket):
+            self._ws.application_state = WebSocketState.DISCONNECTED
+        self._broken = True  # the reader side sees the disconnect
 
     def close_with(self, code: int, reason: str) -> None:
         """Stop sending and close the socket with `code` (the reader then sees it closed)."""
         if self._closing is None:
             self._closing = (code, reason)
             if self._writer is not None:
-                self._writer.cancel()
+                self._writer.cancel()  # the backlog is dropped
+            if self._started:
+                self._close_now()
 
-    def track(self, heartbeat: asyncio.Task[None]) -> asyncio.Future[None] | None:
-        """Count a heartbeat in flight; a future to await first if the socket has too many."""
-        self.heartbeats.add(heartbeat)
-        heartbeat.add_done_callback(self._heartbeat_done)
-        if len(self.heartbeats) < HEARTBEATS_IN_FLIGHT:
-            return None
-        self._slot = asyncio.get_running_loop().create_future()
-        return self._slot
+    def _close_now(self) -> None:
+        assert self._closing is not None
+        step = self._ws.close(*self._closing)
+        try:
+            yielded = step.send(None)
+        except StopIteration:
+            return
+        except Exception:  # the socket is gone already
+            return
+        self._closer = asyncio.get_running_loop().create_task(self._finish_close(step, yielded))
 
-    def _heartbeat_done(self, heartbeat: asyncio.Task[None]) -> None:
-        self.heartbeats.discard(heartbeat)
-        if self._slot is not None and not self._slot.done():
-            self._slot.set_result(None)
+    async def _finish_close(self, step: _Sending, yielded: Any) -> None:
+        with contextlib.suppress(Exception):
+            await _finish(step, yielded)
 
     def start(self, floor: int) -> None:
+        """The snapshot is sent: deliver what came meanwhile (above `floor`) and what follows."""
         self._floor = floor
-        self._writer = asyncio.create_task(self._pump())
+        self._started = True
         if self._closing is not None:
-            self._writer.cancel()
+            self._close_now()
+        elif self._pending:
+            self._writer = asyncio.get_running_loop().create_task(self._pump())
 
     async def _pump(self) -> None:
         try:
             while True:
-                while not self._pending:
-                    self._waiter = asyncio.get_running_loop().create_future()
-                    await self._waiter
-                self._waiter = None
-                event = self._pending.popleft()
-                if event.floor is not None:
-                    self._floor = event.floor
-                elif event.seq is not None and event.seq <= self._floor:
-                    continue
-                await self._ws.send_text(event.text)
-        except asyncio.CancelledError:
-            if self._closing is not None:
-                with contextlib.suppress(Exception):
-                    await self._ws.close(*self._closing)
-            raise
-        except Exception:  # the socket went away; the reader side sees the disconnect
-            return
+                if self._stalled is not None:
+                    await _finish(*self._stalled)
+                    self._stalled = None
+                elif self._broken or not self._pending:
+                    break
+                else:
+                    event = self._pending.popleft()
+                    if event.floor is not None:
+                        self._floor = event.floor
+                    elif event.seq is not None and event.seq <= self._floor:
+                        continue
+                    self._send_now(event.text)
+        except Exception as exc:  # the socket went away; the reader side sees the disconnect
+            self._stalled = None
+            self._failed(exc)
+        else:
+            self._pending = None  # caught up: an idle socket keeps no deque
+        finally:
+            self._writer = None
 
     async def stop(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+                await writer
+        if self._closer is not None:
+            # Not cancelled: the close frame still goes out (a send waits at most until the
+            # server's keepalive gives up on the client).
+            await self._closer
+
+
+class _Heartbeats:
+    """A socket's heartbeats in flight, each a store call run without a Task of its own.
+
+    A Task per heartbeat (its creation and registration, a loop turn to start it, another to
+    report it done) cost more than parsing the message. A heartbeat's first step runs at once
+    in the reader, which queues its Redis commands; every future it then waits on resumes it
+    from that future's done callback, as a Task would. The store path uses nothing that needs
+    a current Task (no asyncio.timeout; batch.py times out its own tasks).
+    """
+
+    __slots__ = (
+        "_conn",
+        "_connection_id",
+        "_counted",
+        "_idle",
+        "_leases",
+        "_ok",
+        "_slot",
+        "_study_id",
+        "_user_id",
+        "in_flight",
+    )
+
+    def __init__(
+        self, node: Node, conn: _Connection, connection_id: str, user_id: str, study_id: str
+    ) -> None:
+        self._leases = node.leases
+        self._counted = node.metrics.heartbeats
+        self._ok: Any = None  # its counter, looked up once, at the first success
+        self._conn = conn
+        self._connection_id = connection_id
+        self._user_id = user_id
+        self._study_id = study_id
+        self.in_flight = 0
+        self._slot: asyncio.Future[None] | None = None  # the reader waits here when too many
+        self._idle: asyncio.Future[None] | None = None  # the closing socket waits here
+
+    def start(self, cursor: CursorUpdate) -> asyncio.Future[None] | None:
+        """Send one heartbeat; a future to await first if too many are in flight."""
+        self.in_flight += 1
+        try:
+            call = self._leases.heartbeat(
+                self._connection_id, self._user_id, self._study_id, cursor
+            ).__await__()
+        except BaseException as exc:
+            self._finished(exc)
+        else:
+            self._advance(call, None)
+        if self.in_flight < HEARTBEATS_IN_FLIGHT:
+            return None
+        self._slot = asyncio.get_running_loop().create_future()
+        return self._slot
+
+    def idle(self) -> asyncio.Future[None] | None:
+        """A future done when no heartbeat is in flight any more; None if none is."""
+        if not self.in_flight:
+            return None
+        self._idle = asyncio.get_running_loop().create_future()
+        return self._idle
+
+    def _resume(self, call: _Step, _: object) -> None:
+        self._advance(call, None)
+
+    def _advance(self, call: _Step, error: BaseException | None) -> None:
+        try:
+            yielded = call.send(None) if error is None else call.throw(error)
+        except BaseException as exc:  # StopIteration when it is done
+            self._finished(exc)
+            return
+        # What Task.__step does with what a coroutine yields.
+        if getattr(yielded, "_asyncio_future_blocking", None):
+            yielded._asyncio_future_blocking = False
+            yielded.add_done_callback(functools.partial(self._resume, call))
+        elif yielded is None:
+            asyncio.get_running_loop().call_soon(self._resume, call, None)
+        else:
+            self._advance(call, RuntimeError(f"heartbeat got bad yield: {yielded!r}"))
+
+    def _finished(self, outcome: BaseException) -> None:
+        try:
+            if type(outcome) is StopIteration:
+                if self._ok is None:
+                    self._ok = self._counted.labels("websocket", "ok")
+                self._ok.inc()
+            elif isinstance(outcome, StoreUnavailable):
+                self._counted.labels("websocket", "unavailable").inc()
+                self._conn.deliver(_error("unavailable", "presence storage is unreachable"))
+            elif isinstance(outcome, asyncio.CancelledError):
+                pass
+            elif isinstance(outcome, Exception):
+                self._counted.labels("websocket", "internal").inc()
+                log.error(
+                    "heartbeat of %s in %s failed", self._user_id, self._study_id, exc_info=outcome
+                )
+                self._conn.deliver(_error("internal", "the heartbeat could not be recorded"))
+            else:
+                raise outcome  # KeyboardInterrupt, SystemExit: as a Task would
+        finally:
+            self.in_flight -= 1
+            if self._slot is not None and not self._slot.done():
+                self._slot.set_result(None)
+            if not self.in_flight and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
 
 
 async def snapshot_message(node: Node, study_id: str) -> Outgoing:
@@ -282,37 +480,12 @@ async def _serve(websocket: WebSocket, node: Node, principal: Principal, study_i
     except WebSocketDisconnect:
         pass
     finally:
-        if conn.heartbeats:
-            # A heartbeat landing after the release would hold the session for a closed socket.
-            await asyncio.wait(conn.heartbeats, timeout=HEARTBEAT_DRAIN_TIMEOUT)
         await conn.stop()
         await node.fanout.remove(study_id, conn)
         await node.leases.release(connection_id)
         if websocket.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await websocket.close()
-
-
-async def _heartbeat(
-    node: Node,
-    conn: _Connection,
-    connection_id: str,
-    user_id: str,
-    study_id: str,
-    cursor: CursorUpdate,
-) -> None:
-    counted = node.metrics.heartbeats
-    try:
-        await node.leases.heartbeat(connection_id, user_id, study_id, cursor)
-    except StoreUnavailable:
-        counted.labels("websocket", "unavailable").inc()
-        conn.deliver(_error("unavailable", "presence storage is unreachable"))
-    except Exception:
-        counted.labels("websocket", "internal").inc()
-        log.exception("heartbeat of %s in %s failed", user_id, study_id)
-        conn.deliver(_error("internal", "the heartbeat could not be recorded"))
-    else:
-        counted.labels("websocket", "ok").inc()
 
 
 async def _read(
@@ -324,39 +497,60 @@ async def _read(
     connection_id: str,
     study_id: str,
 ) -> None:
-    user_id = principal.user_id
+    beats: _Heartbeats | None = None  # made at the first heartbeat: idle sockets hold none
     budget = TokenBucket(node.settings.ws_message_rate, node.settings.ws_message_burst)
-    while True:
-        frame = await websocket.receive()
-        if frame["type"] == "websocket.disconnect":
-            return
-        if budget.take():
-            conn.close_with(CLOSE_POLICY, "message rate exceeded")
-            return
-        text = frame.get("text")
-        if text is None:
-            conn.deliver(_error("invalid_message", "binary frames are not supported"))
-            continue
-        try:
-            message = _MESSAGES.validate_json(text)
-        except ValidationError as exc:
-            problems = validation_problems(exc)
-            conn.deliver(_error("invalid_message", "message not understood", problems))
-            continue
-        if isinstance(message, HeartbeatMessage):
+    # The ASGI receive itself, once accepted: Starlette's WebSocket.receive adds a coroutine
+    # and checks to every message; the state it keeps is kept here.
+    receive = websocket._receive
+    try:
+        while True:
+            frame = await receive()
+            kind = frame["type"]
+            if kind != "websocket.receive":
+                if kind == "websocket.disconnect":
+                    websocket.client_state = WebSocketState.DISCONNECTED
+                    return
+                raise RuntimeError(
+                    'Expected ASGI message "websocket.receive" or "websocket.disconnect", '
+                    f"but got {kind!r}"
+                )
+            if budget.take():
+                conn.close_with(CLOSE_POLICY, "message rate exceeded")
+                return
+            text = frame.get("text")
+            if text is None:
+                conn.deliver(_error("invalid_message", "binary frames are not supported"))
+                continue
+            cursor = compact_heartbeat(text)
+            if cursor is None:
+                if text == PING_TEXT:
+                    conn.deliver(_pong())
+                    continue
+                try:
+                    message = _MESSAGES.validate_json(text)
+                except ValidationError as exc:
+                    problems = validation_problems(exc)
+                    conn.deliver(_error("invalid_message", "message not understood", problems))
+                    continue
+                if isinstance(message, RefreshMessage):
+                    conn.deliver(_refresh(node, expiry, principal, message.token, study_id))
+                    continue
+                if not isinstance(message, HeartbeatMessage):
+                    conn.deliver(_pong())
+                    continue
+                cursor = message.cursor()
+            if beats is None:
+                beats = _Heartbeats(node, conn, connection_id, principal.user_id, study_id)
             # Not awaited, so the next frame is read meanwhile: the store applies a socket's
             # heartbeats in the order they were sent (batch.py), and a few may be in flight.
-            task = asyncio.ensure_future(
-                _heartbeat(node, conn, connection_id, user_id, study_id, message.cursor())
-            )
-            full = conn.track(task)
+            full = beats.start(cursor)
             if full is not None:
                 await full
-        elif isinstance(message, RefreshMessage):
-            conn.deliver(_refresh(node, expiry, principal, message.token, study_id))
-        else:
-            pong = {"type": "pong", "data": {"timestamp": _now_iso()}}
-            conn.deliver(Outgoing(None, json_text(pong)))
+    finally:
+        # A heartbeat landing after the release would hold the session for a closed socket.
+        idle = beats.idle() if beats is not None else None
+        if idle is not None:
+            await asyncio.wait([idle], timeout=HEARTBEAT_DRAIN_TIMEOUT)
 
 
 def _refresh(

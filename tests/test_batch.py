@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 import presence_svc.batch as batch_module
-from presence_svc.batch import Batcher
+from presence_svc.batch import Batcher, Command
 from tests.conftest import open_redis
 
 
@@ -84,8 +86,9 @@ async def test_operations_reach_redis_in_the_order_they_were_queued(
     monkeypatch.setattr(batch_module, "MAX_BATCH", 3)
     batcher = Batcher(any_redis, [])
     key = f"{key_prefix}:last"
-    tasks = [asyncio.create_task(batcher.run([("SET", key, n)])) for n in range(200)]
-    await asyncio.gather(*tasks)
+    # Queued by the call itself (run returns a future), in this order.
+    operations = [batcher.run([("SET", key, n)]) for n in range(200)]
+    await asyncio.gather(*operations)
     assert int(await any_redis.get(key)) == 199
     await batcher.close()
 
@@ -127,3 +130,62 @@ async def test_a_lost_connection_fails_every_waiting_operation() -> None:
         *(batcher.run([("PING",)]) for _ in range(3)), return_exceptions=True
     )
     assert all(isinstance(r, ConnectionError) for r in results)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("decode", [False, True])
+async def test_raw_replies_are_those_redis_py_reads(
+    cleanup_real_redis: str, key_prefix: str, protocol: int, decode: bool
+) -> None:
+    # Replies are parsed straight off the socket (batch.py); they must be exactly what
+    # redis-py's read_response gives for the same commands, in RESP2 and RESP3, bytes or text.
+    client = aioredis.Redis.from_url(cleanup_real_redis, protocol=protocol, decode_responses=decode)
+    try:
+        await client.hset(f"{key_prefix}:h", mapping={"a": "1", "b": "é"})
+        await client.sadd(f"{key_prefix}:s", "x")
+        await client.zadd(f"{key_prefix}:z", {"m": 1.5})
+        commands: list[Command] = [
+            ("HGETALL", f"{key_prefix}:h"),
+            ("SMEMBERS", f"{key_prefix}:s"),
+            ("ZRANGE", f"{key_prefix}:z", 0, -1, "WITHSCORES"),
+            ("GET", f"{key_prefix}:missing"),
+            ("EVAL", "return {1, 'two', {3}}", 0),
+            ("PING",),
+        ]
+        batcher = Batcher(client, [])
+        got = await batcher.run(commands)
+        assert batcher._raw is not None  # a real socket: read raw, not through read_response
+        connection = await client.connection_pool.get_connection()
+        try:
+            expected = []
+            for command in commands:
+                await connection.send_command(*command)
+                expected.append(await connection.read_response())
+        finally:
+            await client.connection_pool.release(connection)
+        assert got == expected
+        await batcher.close()
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_closed_by_the_server_fails_its_batch_then_reconnects(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(cleanup_real_redis)
+    killer = aioredis.Redis.from_url(cleanup_real_redis)
+    try:
+        batcher = Batcher(client, [])
+        key = f"{key_prefix}:n"
+        [connection_id] = await batcher.run([("CLIENT", "ID")])
+        await killer.client_kill_filter(_id=connection_id)
+        with pytest.raises(RedisConnectionError):
+            await batcher.run([("INCR", key)])
+        # A fresh connection (and a fresh reader for its stream) for what follows.
+        assert await batcher.run([("INCR", key)]) == [1]
+        [other_id] = await batcher.run([("CLIENT", "ID")])
+        assert other_id != connection_id
+        await batcher.close()
+    finally:
+        await killer.aclose()
+        await client.aclose()

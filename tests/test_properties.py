@@ -2,6 +2,8 @@
 
 - The WebSocket client-message parser (as ws.py runs it) fails only with ValidationError, whose
   rendering as an error message never fails, and parses every valid message to its model.
+- The compact-heartbeat fast path (models.compact_heartbeat) accepts only heartbeats the full
+  validation accepts, with the same cursor, and takes every valid heartbeat in its form.
 - The id and move-path grammars accept exactly the strings a grammar strategy (and an oracle
   written without regular expressions) accepts, and reject mutated ones.
 - codec.decode_envelope fails only with EnvelopeError and round-trips encode_envelope.
@@ -47,6 +49,7 @@ from presence_svc.models import (
     MovePath,
     PingMessage,
     RefreshMessage,
+    compact_heartbeat,
 )
 from presence_svc.node import Node
 from presence_svc.ws import _Expiry, _refresh
@@ -254,6 +257,56 @@ def test_valid_messages_parse_to_their_model(
         assert cursor.sets_move_path == ("move_path" in message)
         assert cursor.chapter_id == message.get("chapter_id")
         assert cursor.move_path == message.get("move_path")
+
+
+# --- the compact heartbeat fast path --------------------------------------------------------
+
+
+@st.composite
+def compact_heartbeats(draw: st.DrawFn) -> str:
+    """Heartbeats as clients write them (compact, fields in order), valid or nearly so."""
+    fields: dict[str, Any] = {"type": "heartbeat"}
+    if draw(st.booleans()):
+        fields["chapter_id"] = draw(ids | mutated(ids) | st.none() | json_values)
+    if draw(st.booleans()):
+        fields["move_path"] = draw(move_paths | mutated(move_paths) | st.none() | json_values)
+    text = json.dumps(fields, separators=(",", ":"), ensure_ascii=draw(st.booleans()))
+    if draw(st.integers(0, 3)) == 0:
+        text = draw(mutated(st.just(text)))
+    return text
+
+
+@FAST
+@given(compact_heartbeats() | near_messages().map(lambda m: json.dumps(m, separators=(",", ":"))))
+@example('{"type":"heartbeat","move_path":"main.1\\n"}')
+@example('{"type":"heartbeat","chapter_id":"a","chapter_id":"b"}')
+@example('{"type":"heartbeat","move_path":"main.1"}\n')
+def test_the_compact_heartbeat_path_agrees_with_full_validation(text: str) -> None:
+    fast = compact_heartbeat(text)
+    try:
+        full = MESSAGES.validate_json(text)
+    except ValidationError:
+        assert fast is None  # the full validation then sends its errors
+        return
+    if fast is not None:
+        assert isinstance(full, HeartbeatMessage)
+        assert full.cursor() == fast
+
+
+@FAST
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "chapter_id": ids,
+            "move_path": move_paths.filter(lambda p: len(p) <= MOVE_PATH_MAX_LENGTH),
+        },
+    )
+)
+def test_every_compact_heartbeat_takes_the_fast_path(cursor: dict[str, str]) -> None:
+    ordered = {key: cursor[key] for key in ("chapter_id", "move_path") if key in cursor}
+    text = json.dumps({"type": "heartbeat", **ordered}, separators=(",", ":"))
+    assert compact_heartbeat(text) == MESSAGES.validate_json(text).cursor()
 
 
 def test_the_refresh_token_length_limit() -> None:

@@ -32,11 +32,13 @@ from presence_svc.app import create_app
 from presence_svc.auth import issue_token
 from presence_svc.codec import Outgoing
 from presence_svc.keys import Keys
+from presence_svc.metrics import Metrics
+from presence_svc.models import NO_CURSOR
 from presence_svc.node import Node
 from presence_svc.publisher import study_event
 from presence_svc.settings import Settings, load_settings
 from presence_svc.store import StoreUnavailable
-from presence_svc.ws import CLOSE_SLOW_CONSUMER, _Connection
+from presence_svc.ws import CLOSE_SLOW_CONSUMER, HEARTBEATS_IN_FLIGHT, _Connection, _Heartbeats
 from tests.support.clients import Watcher, rest_heartbeat
 from tests.support.processes import free_port
 
@@ -585,6 +587,23 @@ def test_heartbeat_with_the_store_down_sends_an_error(
         assert receive_event(ws)["type"] == "presence.user_joined"
 
 
+def test_heartbeat_that_fails_unexpectedly_sends_an_internal_error(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> Any:
+        raise RuntimeError("a bug")
+
+    with app.open("s1") as ws:
+        join(ws)
+        monkeypatch.setattr(app.node.service, "heartbeat", broken)
+        ws.send_json({"type": "heartbeat"})
+        assert receive(ws) == {
+            "type": "error",
+            "data": {"code": "internal", "message": "the heartbeat could not be recorded"},
+        }
+        ping(ws)  # the socket stays open
+
+
 def test_snapshot_failure_closes_with_1011(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
     async def unavailable(*args: object, **kwargs: object) -> Any:
         raise StoreUnavailable("connection refused")
@@ -661,6 +680,91 @@ async def test_connection_skips_events_at_or_below_the_floor() -> None:
         await asyncio.sleep(0)
     await conn.stop()
     assert sent == ["e5", "eNone", "e6"]
+
+
+async def test_connection_sends_at_once_and_keeps_the_order_when_a_send_waits() -> None:
+    sent: list[str] = []
+    writable = asyncio.Event()
+    writable.set()
+
+    class Socket:
+        async def send_text(self, text: str) -> None:
+            await writable.wait()
+            sent.append(text)
+
+    conn = _Connection(Socket(), queue_size=16)  # type: ignore[arg-type]
+    conn.start(floor=0)
+    conn.deliver(Outgoing(1, "e1"))
+    assert sent == ["e1"]  # sent by the caller, without a turn of the loop
+    writable.clear()
+    conn.deliver(Outgoing(2, "e2"))  # has to wait for the socket: the writer finishes it
+    conn.deliver(Outgoing(3, "e3"))  # queued behind it
+    await asyncio.sleep(0)
+    assert sent == ["e1"]
+    writable.set()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert sent == ["e1", "e2", "e3"]
+    conn.deliver(Outgoing(4, "e4"))
+    assert sent == ["e1", "e2", "e3", "e4"]
+    await conn.stop()
+
+
+class _PendingLeases:
+    """A LeaseKeeper whose heartbeats finish when the test says so."""
+
+    def __init__(self) -> None:
+        self.calls: list[asyncio.Future[None]] = []
+
+    def heartbeat(self, connection_id: str, user_id: str, study_id: str, cursor: Any) -> Any:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.calls.append(future)
+
+        async def call() -> None:
+            await future
+
+        return call()
+
+
+class _Delivered:
+    def __init__(self) -> None:
+        self.codes: list[str] = []
+
+    def deliver(self, event: Outgoing) -> None:
+        self.codes.append(json.loads(event.text)["data"]["code"])
+
+
+async def test_heartbeats_in_flight_are_bounded_counted_and_drained() -> None:
+    leases, delivered, metrics = _PendingLeases(), _Delivered(), Metrics()
+    node: Any = type("FakeNode", (), {"leases": leases, "metrics": metrics})()
+    beats = _Heartbeats(node, delivered, "c1", "alice", "s1")  # type: ignore[arg-type]
+    for _ in range(HEARTBEATS_IN_FLIGHT - 1):
+        assert beats.start(NO_CURSOR) is None
+    full = beats.start(NO_CURSOR)  # one too many: the reader waits on this
+    assert full is not None and not full.done()
+    assert len(leases.calls) == HEARTBEATS_IN_FLIGHT  # every store call started at once
+    leases.calls[0].set_result(None)
+    await asyncio.sleep(0)
+    assert full.done() and beats.in_flight == HEARTBEATS_IN_FLIGHT - 1
+    idle = beats.idle()
+    assert idle is not None
+    leases.calls[1].set_exception(StoreUnavailable("down"))
+    leases.calls[2].set_exception(RuntimeError("a bug"))
+    for call in leases.calls[3:]:
+        call.set_result(None)
+    await asyncio.wait_for(idle, 1)
+    assert beats.in_flight == 0 and beats.idle() is None
+    assert delivered.codes == ["unavailable", "internal"]
+
+    def count(outcome: str) -> float | None:
+        labels = {"transport": "websocket", "outcome": outcome}
+        return metrics.registry.get_sample_value("presence_heartbeats_total", labels)
+
+    assert (count("ok"), count("unavailable"), count("internal")) == (
+        HEARTBEATS_IN_FLIGHT - 2,
+        1,
+        1,
+    )
 
 
 # --- a real server -------------------------------------------------------------------------

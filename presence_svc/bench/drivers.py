@@ -114,7 +114,7 @@ class _Recorder:
         }
         self._commands: list[tuple[Any, ...]] = []
 
-        async def execute(operations: list[list[tuple[Any, ...]]]) -> list[list[Any]]:
+        async def execute(operations: list[list[tuple[Any, ...]]]) -> tuple[list[Any], bool]:
             self._commands.extend(command for operation in operations for command in operation)
             raise _Captured
 
