@@ -5,7 +5,9 @@ sizes a deployment from its figures (docs/capacity.md)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import socket
 import sys
 from types import FrameType
 
@@ -29,6 +31,15 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
         self._app = app
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Everything built by now (modules, the app, the node) lives as long as the process:
+        # out of the cyclic GC's sight, or its full collections rescan ~90k objects several
+        # times a second under load (about 15 % of a busy node's CPU). A larger young
+        # generation lets the objects of calls in flight die young instead of being promoted.
+        gc.freeze()
+        gc.set_threshold(10_000, 20, 50)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         node = getattr(self._app.state, "node", None)

@@ -58,6 +58,12 @@ def node_client(node: ClusterNode, *, reconnect: bool = True) -> Redis:
     kwargs = dict(node.connection_kwargs)
     if not reconnect:
         kwargs["retry"] = Retry(NoBackoff(), 0)
+        # RESP2, as for the single-Redis pub/sub client (redis_client.py): RESP3 pushes cost
+        # a str() of every message inside redis-py.
+        kwargs["protocol"] = 2
+        # Maintenance notifications are RESP3 pushes: redis-py refuses them on RESP2.
+        kwargs.pop("maint_notifications_config", None)
+        kwargs.pop("oss_cluster_maint_notifications_handler", None)
     pool = ConnectionPool(connection_class=node.connection_class, **kwargs)
     return Redis.from_pool(pool)
 

@@ -91,6 +91,9 @@ async def connect(settings: Settings) -> RedisClients:
             await client.ping()
             pubsub = Redis.from_url(
                 settings.redis_url,
+                # RESP2: redis-py 8 handles every RESP3 push (each pub/sub message) through a
+                # logger lookup and a str() of the whole message, even with debug logs off.
+                protocol=2,
                 socket_connect_timeout=2,
                 socket_keepalive=True,
                 retry=Retry(NoBackoff(), 0),
