@@ -38,7 +38,8 @@ from presence_svc.node import Node
 from presence_svc.publisher import study_event
 from presence_svc.settings import Settings, load_settings
 from presence_svc.store import StoreUnavailable
-from presence_svc.ws import CLOSE_SLOW_CONSUMER, HEARTBEATS_IN_FLIGHT, _Connection, _Heartbeats
+from presence_svc.ws_connection import CLOSE_SLOW_CONSUMER, Connection
+from presence_svc.ws_heartbeats import HEARTBEATS_IN_FLIGHT, Heartbeats
 from tests.support.clients import Watcher, rest_heartbeat
 from tests.support.processes import free_port
 
@@ -647,7 +648,7 @@ class _StuckSocket:
 
 async def test_slow_consumer_is_closed_with_1013() -> None:
     socket = _StuckSocket()
-    conn = _Connection(socket, queue_size=4)  # type: ignore[arg-type]
+    conn = Connection(socket, queue_size=4)  # type: ignore[arg-type]
     conn.start(floor=0)
     for seq in range(1, 6):
         conn.deliver(Outgoing(seq, f"event {seq}"))
@@ -672,7 +673,7 @@ async def test_connection_skips_events_at_or_below_the_floor() -> None:
         async def send_text(self, text: str) -> None:
             sent.append(text)
 
-    conn = _Connection(Socket(), queue_size=16)  # type: ignore[arg-type]
+    conn = Connection(Socket(), queue_size=16)  # type: ignore[arg-type]
     for seq in (3, 4, 5, None, 6):
         conn.deliver(Outgoing(seq, f"e{seq}"))
     conn.start(floor=4)
@@ -692,7 +693,7 @@ async def test_connection_sends_at_once_and_keeps_the_order_when_a_send_waits() 
             await writable.wait()
             sent.append(text)
 
-    conn = _Connection(Socket(), queue_size=16)  # type: ignore[arg-type]
+    conn = Connection(Socket(), queue_size=16)  # type: ignore[arg-type]
     conn.start(floor=0)
     conn.deliver(Outgoing(1, "e1"))
     assert sent == ["e1"]  # sent by the caller, without a turn of the loop
@@ -737,7 +738,7 @@ class _Delivered:
 async def test_heartbeats_in_flight_are_bounded_counted_and_drained() -> None:
     leases, delivered, metrics = _PendingLeases(), _Delivered(), Metrics()
     node: Any = type("FakeNode", (), {"leases": leases, "metrics": metrics})()
-    beats = _Heartbeats(node, delivered, "c1", "alice", "s1")  # type: ignore[arg-type]
+    beats = Heartbeats(node, delivered, "c1", "alice", "s1")  # type: ignore[arg-type]
     for _ in range(HEARTBEATS_IN_FLIGHT - 1):
         assert beats.start(NO_CURSOR) is None
     full = beats.start(NO_CURSOR)  # one too many: the reader waits on this
