@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from presence_svc import requestid
 from presence_svc.auth import AuthError, Principal, bearer
 from presence_svc.codec import Outgoing, json_text
 from presence_svc.http import validation_problems
@@ -146,7 +147,9 @@ async def _serve(websocket: WebSocket, node: Node, principal: Principal, study_i
         log.error("cannot subscribe to study %s: %s", study_id, exc)
         await websocket.close(CLOSE_INTERNAL, "cannot subscribe to the study")
         return
-    connection_id = uuid.uuid4().hex
+    # The id the logs carry for this socket (requestid.py), so a client's report and the
+    # node's log lines meet; made here when the app runs without that middleware (tests).
+    connection_id = requestid.connection_id() or uuid.uuid4().hex
     try:
         try:
             snapshot = await node.snapshots(study_id)

@@ -180,6 +180,17 @@ def test_lines_logged_during_a_websocket_carry_its_connection_id(
     assert "request_id" not in first
 
 
+def test_the_connected_message_names_the_connection_id_the_logs_carry(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(requestid, "new_id", lambda: "conn-from-the-middleware")
+    token = issue_token("alice", SECRET)
+    with client.websocket_connect(f"/ws/presence?study_id=s1&token={token}") as ws:
+        connected = ws.receive_json()
+    assert connected["type"] == "connected"
+    assert connected["data"]["connection_id"] == "conn-from-the-middleware"
+
+
 # --- the middleware on its own -------------------------------------------------------------------
 
 
