@@ -21,7 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from presence_svc.bench.capacity_inputs import DEFAULT_MEASURED, Measured, read_results
+from presence_svc.bench.capacity_inputs import (
+    DEFAULT_MEASURED,
+    RECEIVE_FIELDS,
+    Measured,
+    read_results,
+)
 from presence_svc.bench.capacity_model import Workload
 from presence_svc.bench.capacity_plan import plan
 from presence_svc.bench.capacity_report import render, to_json
@@ -42,7 +47,8 @@ def _parse_value(current: object, text: str) -> object:
 def apply_overrides(
     m: Measured, w: Workload, assignments: Sequence[str]
 ) -> tuple[Measured, Workload]:
-    """NAME=VALUE pairs, each a field of Workload or of Measured."""
+    """NAME=VALUE pairs, each a field of Workload or of Measured (`none` for a receive-cost
+    figure: as if not measured)."""
     for item in assignments:
         name, sep, text = item.partition("=")
         name = name.strip()
@@ -53,7 +59,10 @@ def apply_overrides(
             changes = {name: _parse_value(getattr(w, name), text)}
             w = dataclasses.replace(w, **changes)  # type: ignore[arg-type]
         elif name in {f.name for f in dataclasses.fields(Measured)} - {"source", "fallbacks"}:
-            changes = {name: _parse_value(getattr(m, name), text)}
+            if name in RECEIVE_FIELDS:  # may be None: not measured (receive_share is used)
+                changes = {name: None if text.strip().lower() == "none" else float(text)}
+            else:
+                changes = {name: _parse_value(getattr(m, name), text)}
             m = dataclasses.replace(m, **changes)  # type: ignore[arg-type]
         else:
             raise ValueError(f"--set: no assumption or measured figure named {name!r}")

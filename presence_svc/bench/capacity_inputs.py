@@ -1,5 +1,5 @@
 """The measured figures the capacity model starts from: per-operation costs of one `make bench`
-run, as built-in defaults (the latest full run printed in docs/performance.md) or read from a
+run, as built-in defaults (the full run named in docs/capacity.md) or read from a
 results folder.
 
 Costs are in microseconds of CPU of one core, loads in cores (CPU seconds per second).
@@ -18,7 +18,7 @@ US = 1e-6
 KIB = 1024
 MIB = 1024 * 1024
 # The fan-out row the model takes its per-delivery costs from: the load at which the harness
-# judges its targets (fanout.TARGET_LOAD; not imported, that module pulls in the harness).
+# judges its targets (fanout_measure.TARGET_LOAD; not imported: it pulls in the harness).
 FANOUT_LOAD = 10_000
 # The sweep row: transitions made due at once (the larger of the two the harness measures).
 SWEEP_DUE = 10_000
@@ -60,6 +60,14 @@ class Measured:
     sweep_redis_us_per_transition: float
     sweep_node_us_per_transition: float
     redis_mib_per_million_sessions: float
+    # fanout.json, the receive-cost point (one socket per node and event), node rows: all
+    # nodes' CPU per event and node at the highest events/s measured, that rate, and the same
+    # at the events/s nearest fanout_events_per_s. None: not measured (a results folder without
+    # the point, or external nodes); the model then splits node_us_per_delivery with
+    # Workload.receive_share instead (capacity_model.fanout_split).
+    receive_us_per_event: float | None = None
+    receive_events_per_s: float | None = None
+    receive_us_per_event_at_fanout_rate: float | None = None
     fallbacks: tuple[str, ...] = ()  # fields a results folder lacked (built-in value used)
 
     @property
@@ -69,39 +77,58 @@ class Measured:
         return busy / self.fanout_events_per_s / US if self.fanout_events_per_s else 0.0
 
     @property
+    def receive_measured(self) -> bool:
+        """The receive-cost point is in these figures (else receive_share is used)."""
+        return self.receive_us_per_event is not None
+
+    @property
     def sockets_per_event_and_node(self) -> float:
         """Local sockets each node delivered one event to in the fan-out scenario."""
         return self.fanout_viewers / self.fanout_nodes
 
 
-# The latest full run printed in docs/performance.md ("Latest: full profile after the first
-# optimisations"): `make bench`, run 20261128T085706Z-full, code of commit 2a3b92e, 2026-11-28.
-# Values as printed there (rounded as printed).
+# The full run with the fan-out scenario's receive-cost point: `make bench`, run
+# 20261128T111826Z-full, 2026-11-28, service code of commit a574a8a (the harness with the
+# receive-cost point, presence_svc/bench, not yet committed then). Values as that run's JSON
+# holds them, i.e. what `presence-svc capacity --results bench/results/20261128T111826Z-full`
+# reads; its receive-cost point is printed in docs/performance.md ("receive cost point").
 DEFAULT_MEASURED = Measured(
-    source="bench run 20261128T085706Z-full (code 2a3b92e), as printed in docs/performance.md",
-    ws_node_us_per_hb=70.3,
-    rest_node_us_per_hb=193.6,
-    ws_redis_us_per_hb=26.3,
-    rest_redis_us_per_hb=31.9,
-    floor_redis_us_per_hb=20.8,
-    # evalsha=2.018 hdel=2.018 hgetall=1.009 hset=1.009 persist=1.009 sadd=2.018 zadd=1.009
-    # zrem=1.009 zscore=1.009
-    ws_commands_per_hb=12.108,
+    source="bench run 20261128T111826Z-full (code a574a8a), see docs/capacity.md",
+    ws_node_us_per_hb=27.04,
+    rest_node_us_per_hb=123.77,
+    ws_redis_us_per_hb=17.6,
+    rest_redis_us_per_hb=25.8,
+    floor_redis_us_per_hb=19.98,
+    # evalsha=2.008 hdel=2.008 hgetall=1.004 hset=1.004 persist=1.004 sadd=2.008 zadd=1.004
+    # zrem=1.004 zscore=1.004
+    ws_commands_per_hb=12.048,
     floor_commands_per_hb=11.0,
-    node_us_per_delivery=40.3,
+    node_us_per_delivery=24.33,
     fanout_deliveries_per_s=9_998,
-    fanout_p99_ms=3.28,
+    fanout_p99_ms=2.056,
     fanout_events_per_s=200.1,
-    fanout_redis_cpu=0.03,
+    fanout_redis_cpu=0.016,
     fanout_redis_idle_cpu=0.002,
     fanout_nodes=2,
     fanout_viewers=50,
-    kib_per_socket=29.4,
-    node_base_rss_mib=51.9,
+    kib_per_socket=29.22,
+    node_base_rss_mib=63.8,
     idle_sockets=10_000,
-    sweep_redis_us_per_transition=32.0,
-    sweep_node_us_per_transition=14.0,
+    sweep_redis_us_per_transition=33.0,
+    sweep_node_us_per_transition=6.0,
     redis_mib_per_million_sessions=335.0,
+    receive_us_per_event=125.44,
+    receive_events_per_s=1999.9,
+    receive_us_per_event_at_fanout_rate=358.1,
+)
+
+
+# Fields of the receive-cost point: a results folder without it leaves them None (the model then
+# falls back on Workload.receive_share), rather than taking the built-in run's figures.
+RECEIVE_FIELDS = (
+    "receive_us_per_event",
+    "receive_events_per_s",
+    "receive_us_per_event_at_fanout_rate",
 )
 
 
@@ -148,15 +175,17 @@ def read_results(folder: Path, defaults: Measured = DEFAULT_MEASURED) -> Measure
 
     data, rows = _rows(folder, "fanout")
     code = code or data.get("environment", {}).get("code", "")
+    # Rows without a `point` predate the receive-cost point: all are the fan-out loads.
+    loads = [r for r in rows if r.get("point", "fan-out") == "fan-out"]
     node = _nearest(
-        [r for r in rows if r.get("target") == "node"], "offered_deliveries_per_s", FANOUT_LOAD
+        [r for r in loads if r.get("target") == "node"], "offered_deliveries_per_s", FANOUT_LOAD
     )
     if node:
         load = node["offered_deliveries_per_s"]
         base = next(
             (
                 r
-                for r in rows
+                for r in loads
                 if r.get("target") == "baseline" and r["offered_deliveries_per_s"] == load
             ),
             None,
@@ -171,6 +200,22 @@ def read_results(folder: Path, defaults: Measured = DEFAULT_MEASURED) -> Measure
         config = data.get("config", {})
         take("fanout_nodes", config.get("nodes"))
         take("fanout_viewers", config.get("viewers"))
+    receive = [
+        r
+        for r in rows
+        if r.get("point") == "receive"
+        and r.get("target") == "node"
+        and r.get("server_cpu_us_per_event_and_node") is not None
+    ]
+    if receive:
+        busiest = max(receive, key=lambda r: r["events_per_s"])
+        rate = found.get("fanout_events_per_s", defaults.fanout_events_per_s)
+        matched = min(receive, key=lambda r: abs(r["events_per_s"] - rate))
+        take("receive_us_per_event", busiest["server_cpu_us_per_event_and_node"])
+        take("receive_events_per_s", busiest["events_per_s"])
+        take("receive_us_per_event_at_fanout_rate", matched["server_cpu_us_per_event_and_node"])
+    else:
+        found.update(dict.fromkeys(RECEIVE_FIELDS))
 
     data, rows = _rows(folder, "idle")
     code = code or data.get("environment", {}).get("code", "")
@@ -199,5 +244,12 @@ def read_results(folder: Path, defaults: Measured = DEFAULT_MEASURED) -> Measure
         defaults,
         source=source,
         fallbacks=tuple(n for n in names if n not in found),
-        **{k: type(getattr(defaults, k))(v) for k, v in found.items()},
+        **{k: _number(getattr(defaults, k), v) for k, v in found.items()},
     )
+
+
+def _number(default: object, value: Any) -> Any:
+    """`value` as the field's type: int where the default is one, else float (None stays)."""
+    if value is None:
+        return None
+    return int(value) if isinstance(default, int) else float(value)

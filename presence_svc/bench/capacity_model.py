@@ -37,9 +37,11 @@ class Workload:
     # The load balancer puts a study's sockets on one node (hash of study_id); otherwise each
     # socket lands on a node at random.
     affinity: bool = False
-    # Share of the node's measured CPU per delivery that is paid once per event and node
-    # (reading pub/sub, decoding, encoding the JSON) rather than once per socket: ~30 % of the
-    # node's busy time in the py-spy profile of docs/performance.md (before hiredis).
+    # Only when the figures lack the fan-out scenario's receive-cost point (an older results
+    # folder; fanout_split): the share of the node's CPU per delivery at the fan-out point
+    # taken as paid once per event and node (reading pub/sub, decoding, encoding the JSON)
+    # rather than once per socket. 0.3 was a guess from a py-spy profile (docs/performance.md,
+    # before hiredis); the receive-cost point measures the split instead.
     receive_share: float = 0.3
     # Share of a heartbeat's Redis CPU that is schedule.lua (3 of its ~11 commands: EVALSHA,
     # ZSCORE, ZADD); it runs on one of the 16 schedule shards, whatever the study.
@@ -156,17 +158,43 @@ class Costs:
     redis_schedule: float  # schedule.lua, part of redis_heartbeat
 
 
+def fanout_split(m: Measured, w: Workload) -> tuple[float, float]:
+    """The node's fan-out CPU as (receive: per event and node reached, send: per delivery).
+
+    The fan-out point costs a node n x d per event it receives (d per delivery, n sockets per
+    node and event). The receive-cost point costs it E per event with one socket: E1 at the
+    fan-out point's own events/s, E at the highest rate measured. Per event, the n-socket
+    point pays n - 1 sends more than the one-socket point at the same rate; what is paid once
+    per event (reading it, and at these low rates waking a mostly idle process) cancels out:
+    send = (n x d - E1) / (n - 1), clamped to [0, d]. The receive cost is the rest of a
+    one-socket event at the highest rate, nearer the regime of a planned node (thousands of
+    events/s at 0.6 of a core) than 200 events/s: receive = E - send, clamped at 0.
+
+    Without the receive-cost point: receive_share x n x d per event, (1 - receive_share) x d
+    per delivery (the old guess).
+    """
+    n, d = m.sockets_per_event_and_node, m.node_us_per_delivery
+    if m.receive_us_per_event is None:
+        return w.receive_share * d * n, (1 - w.receive_share) * d
+    one = m.receive_us_per_event_at_fanout_rate
+    if one is None:
+        one = m.receive_us_per_event
+    # n <= 1: the fan-out point had one socket per node too; nothing tells the parts apart.
+    send = min(max((n * d - one) / (n - 1), 0.0), d) if n > 1 else 0.0
+    return max(m.receive_us_per_event - send, 0.0), send
+
+
 def costs(m: Measured, w: Workload) -> Costs:
     # The fan-out figure is per delivery with `sockets_per_event_and_node` sockets sharing each
     # event a node receives; split it into a per-(event, node) and a per-socket part, so that
     # it applies to studies whose viewers are spread thinner.
-    per_event = w.receive_share * m.node_us_per_delivery * m.sockets_per_event_and_node
+    receive, send = fanout_split(m, w)
     redis_hb = (1 - w.rest_share) * m.ws_redis_us_per_hb + w.rest_share * m.rest_redis_us_per_hb
     return Costs(
         node_heartbeat=(1 - w.rest_share) * m.ws_node_us_per_hb
         + w.rest_share * m.rest_node_us_per_hb,
-        node_receive=per_event,
-        node_delivery=(1 - w.receive_share) * m.node_us_per_delivery,
+        node_receive=receive,
+        node_delivery=send,
         node_transition=m.sweep_node_us_per_transition,
         redis_heartbeat=redis_hb,
         # The measured event cost covers one publish and one copy to each of fanout_nodes

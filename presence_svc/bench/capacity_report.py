@@ -5,14 +5,35 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from presence_svc.bench.capacity_inputs import MIB
-from presence_svc.bench.capacity_model import costs
+from presence_svc.bench.capacity_inputs import MIB, Measured
+from presence_svc.bench.capacity_model import Workload, costs
 from presence_svc.bench.capacity_plan import Plan, viewers_text
 from presence_svc.bench.report import fmt, table
 
 
 def _mb(value: float) -> float:
     return value / MIB
+
+
+def split_text(m: Measured, w: Workload) -> str:
+    """Where the node's per-event and per-delivery costs come from (capacity_model.fanout_split)."""
+    c = costs(m, w)
+    n, d = f"{m.sockets_per_event_and_node:g}", fmt(m.node_us_per_delivery)
+    if not m.receive_measured:
+        return (
+            "node receive cost: not measured (these figures have no receive-cost point), so "
+            f"receive_share {w.receive_share:g} of {d} us per delivery x {n} sockets is taken as "
+            f"paid once per event and node (a guess); {fmt(c.node_delivery)} us per delivery"
+        )
+    at = m.receive_events_per_s
+    one = m.receive_us_per_event_at_fanout_rate
+    return (
+        f"node receive cost, measured: {fmt(m.receive_us_per_event)} us per event and node with "
+        f"one socket at {fmt(at) if at is not None else '?'} events/s"
+        + (f" ({fmt(one)} at {fmt(m.fanout_events_per_s)} events/s)" if one is not None else "")
+        + f", {d} us per delivery with {n} sockets at {fmt(m.fanout_events_per_s)} events/s: "
+        f"send {fmt(c.node_delivery)} us per delivery, receive {fmt(c.node_receive)} us per event"
+    )
 
 
 def render(p: Plan) -> str:
@@ -33,6 +54,7 @@ def render(p: Plan) -> str:
         if w.hot_studies
         else ""
     )
+    lines.append(split_text(m, w))
     lines += [
         f"workload: a heartbeat every {w.heartbeat_interval:g} s + {w.cursor_rate:g} cursor "
         f"moves/s per user; {w.session_minutes:g} min stays; {w.idle_per_hour:g} idle spells/h "

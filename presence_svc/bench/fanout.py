@@ -5,119 +5,24 @@ index `bs`, a per-study counter `bn` and the send time `bt` in ns) through Redis
 service's publisher; nodes relay them unchanged. Client processes count every delivery per
 socket (lost, duplicated, reordered) and its latency. The same JSON text then goes to the
 same number of sockets on the bare Starlette broadcast server (baseline.py): the ceiling.
+Last, on the same processes, the receive-cost point (fanout_receive.py): one socket per node and
+event, in rows of their own (`point` "receive"); the targets are judged on the loads alone.
 """
 
 from __future__ import annotations
 
-import array
 from dataclasses import asdict
 from typing import Any
 
-from presence_svc.bench import report
+from presence_svc.bench import fanout_receive, report
+from presence_svc.bench.fanout_measure import (
+    TARGET_LOAD,
+    close_sockets,
+    measure,
+    open_sockets,
+    specs,
+)
 from presence_svc.bench.harness import Context
-from presence_svc.bench.runner import CpuWindow, Endpoint
-
-TARGET_LOAD = 10_000  # deliveries/s at which the p99 and CPU-ratio targets are judged
-
-
-def _specs(
-    ctx: Context, servers: list[Endpoint], studies: list[str], viewers: int, user_prefix: str
-) -> list[list[list[Any]]]:
-    """Per client worker: [host, port, study index, study id, user id] of each socket."""
-    per_worker: list[list[list[Any]]] = [[] for _ in range(ctx.clients)]
-    for s, study in enumerate(studies):
-        for v in range(viewers):
-            k = s * viewers + v
-            server = servers[k % len(servers)]
-            worker = (k // len(servers)) % ctx.clients
-            per_worker[worker].append([server.host, server.port, s, study, f"{user_prefix}{k}"])
-    return per_worker
-
-
-def _open(ctx: Context, group: str, kind: str, specs: list[list[list[Any]]]) -> None:
-    replies = ctx.pool.call_all(
-        "open",
-        120,
-        [
-            {
-                "group": group,
-                "kind": kind,
-                "specs": s,
-                "secret": ctx.secret,
-                "concurrency": 100,
-                "connect_timeout": 30,
-            }
-            for s in specs
-        ],
-    )
-    failed = sum(r["failed"] for r in replies)
-    if failed:
-        raise RuntimeError(f"{failed} {kind} sockets failed to open: {replies[0]['errors']}")
-
-
-def _measure(
-    ctx: Context, kind: str, servers: list[Endpoint], studies: list[str], load: int
-) -> dict[str, Any]:
-    p = ctx.profile.fanout
-    group = f"fanout-{kind}"
-    rate = load / p.viewers
-    ctx.pool.call_all("fanout_reset", 30, [{} for _ in range(ctx.clients)])
-    pids: dict[str, int | None] = {f"server-{s.name}": s.pid for s in servers}
-    pids.update(redis=ctx.redis_pid, publisher=ctx.pool.pids[f"client-{ctx.publisher}"])
-    pids.update({k: v for k, v in ctx.client_pids().items() if k != f"client-{ctx.publisher}"})
-    window = CpuWindow(pids).start()
-    published = ctx.pool.call(
-        ctx.publisher,
-        "publish",
-        p.seconds + 60,
-        mode=kind,
-        studies=studies,
-        rate=rate,
-        duration=p.seconds,
-        redis_url=ctx.redis_url,
-        prefix=ctx.prefix("fanout"),
-        targets=[[s.host, s.port] for s in servers] if kind == "baseline" else [],
-    )
-    expected = dict(enumerate(published["per_study"]))
-    replies = ctx.pool.call_all(
-        "fanout_collect", 60, [{"group": group, "expected": expected, "wait": 10.0}] * ctx.clients
-    )
-    window.stop()
-    latencies = array.array("q")
-    for r in replies:
-        latencies.extend(r["latencies_ns"])
-    received = sum(r["received"] for r in replies)
-    duplicated = sum(r["duplicated"] for r in replies)
-    delivered = received - duplicated
-    server_cpu = window.total("server-")
-    clients_cpu = sum(v for k, v in window.cpu.items() if k.startswith("client-"))
-    return {
-        "target": kind,
-        "offered_deliveries_per_s": load,
-        "events_per_s": round(published["published"] / published["seconds"], 1),
-        "deliveries_per_s": round(delivered / window.wall, 1),
-        "expected": sum(r["expected"] for r in replies),
-        "received": received,
-        "lost": sum(r["lost"] for r in replies),
-        "duplicated": duplicated,
-        "reordered": sum(r["reordered"] for r in replies),
-        "misrouted": sum(r["misrouted"] for r in replies),
-        "closed_sockets": sum(r["closed_sockets"] for r in replies),
-        "latency_ms": report.percentiles_ms(latencies),
-        "server_cpu_us_per_delivery": (
-            round(server_cpu / delivered * 1e6, 2) if server_cpu is not None and delivered else None
-        ),
-        "server_cpu_util_per_process": (
-            round(server_cpu / window.wall / len(servers), 3) if server_cpu is not None else None
-        ),
-        "redis_cpu_util": round(window.cpu["redis"] / window.wall, 3)
-        if "redis" in window.cpu
-        else None,
-        "clients_cpu_util": round(clients_cpu / window.wall, 3),
-        "publisher_worst_lag_ms": round(published["worst_lag_ms"], 1),
-        "window_s": round(window.wall, 2),
-        "_latencies": latencies,
-    }
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -130,16 +35,30 @@ def run(ctx: Context) -> dict[str, Any]:
             f"on each of: {len(nodes)} nodes, {len(bases)} bare baseline servers; "
             f"{ctx.clients} client processes + 1 publisher; {p.seconds:g} s per point"
         )
-        _open(ctx, "fanout-node", "node", _specs(ctx, nodes, studies, p.viewers, "bench-fv"))
-        _open(
-            ctx, "fanout-baseline", "baseline", _specs(ctx, bases, studies, p.viewers, "bench-fb")
+        open_sockets(ctx, "fanout-node", "node", specs(ctx, nodes, studies, p.viewers, "bench-fv"))
+        open_sockets(
+            ctx, "fanout-baseline", "baseline", specs(ctx, bases, studies, p.viewers, "bench-fb")
         )
         for load in p.loads:
             for kind, servers in (("node", nodes), ("baseline", bases)):
-                rows.append(_measure(ctx, kind, servers, studies, load))
-        for group in ("fanout-node", "fanout-baseline"):
-            ctx.pool.call_all("close", 60, [{"group": group}] * ctx.clients)
-    return _summarize(ctx, rows, len(nodes))
+                rows.append(
+                    measure(
+                        ctx,
+                        kind,
+                        servers,
+                        studies,
+                        group=f"fanout-{kind}",
+                        viewers=p.viewers,
+                        events_per_s=load / p.viewers,
+                        seconds=p.seconds,
+                    )
+                )
+        close_sockets(ctx, "fanout-node", "fanout-baseline")
+        # The receive-cost point, on the same processes: one socket per node and event.
+        received = fanout_receive.run_point(ctx, nodes, bases)
+    result = _summarize(ctx, rows, len(nodes))
+    result["rows"] += fanout_receive.summarize(ctx, received, rows, len(nodes))
+    return result
 
 
 def _summarize(ctx: Context, rows: list[dict[str, Any]], node_count: int) -> dict[str, Any]:

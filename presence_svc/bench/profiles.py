@@ -12,6 +12,13 @@ class FanoutProfile:
     loads: tuple[int, ...]  # offered deliveries/s (events/s x viewers)
     seconds: float  # per load, per target (nodes, then the bare baseline)
     nodes: int = 2
+    # The receive-cost point (fanout_receive.py): `receive_studies` studies with one socket per
+    # node each, events/s offered in turn, seconds per rate and target; first the servers'
+    # idle CPU over `receive_idle_seconds`. No rates: no such point.
+    receive_studies: int = 0
+    receive_events: tuple[int, ...] = ()
+    receive_seconds: float = 0.0
+    receive_idle_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +67,16 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "quick": Profile(
         name="quick",
-        fanout=FanoutProfile(studies=10, viewers=50, loads=(5_000, 10_000), seconds=5),
+        fanout=FanoutProfile(
+            studies=10,
+            viewers=50,
+            loads=(5_000, 10_000),
+            seconds=5,
+            receive_studies=10,
+            receive_events=(200, 2_000),
+            receive_seconds=4,
+            receive_idle_seconds=1,
+        ),
         heartbeats=HeartbeatProfile(
             ws_sockets=96,
             ws_window=8,
@@ -78,7 +94,14 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         fanout=FanoutProfile(
-            studies=20, viewers=50, loads=(2_500, 5_000, 10_000, 20_000, 40_000), seconds=12
+            studies=20,
+            viewers=50,
+            loads=(2_500, 5_000, 10_000, 20_000, 40_000),
+            seconds=12,
+            receive_studies=20,
+            receive_events=(200, 2_000),
+            receive_seconds=6,
+            receive_idle_seconds=1,
         ),
         heartbeats=HeartbeatProfile(
             ws_sockets=96,
@@ -100,7 +123,16 @@ PROFILES: dict[str, Profile] = {
     # Plumbing only (tests): tiny sizes, seconds not minutes; the figures mean nothing.
     "smoke": Profile(
         name="smoke",
-        fanout=FanoutProfile(studies=2, viewers=4, loads=(200,), seconds=1),
+        fanout=FanoutProfile(
+            studies=2,
+            viewers=4,
+            loads=(200,),
+            seconds=1,
+            receive_studies=2,
+            receive_events=(50,),
+            receive_seconds=0.5,
+            receive_idle_seconds=0.2,
+        ),
         heartbeats=HeartbeatProfile(
             ws_sockets=8,
             ws_window=4,

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from presence_svc.bench.capacity_inputs import read_results
 from presence_svc.bench.harness import SCENARIO_NAMES, BenchOptions, run
 from presence_svc.bench.profiles import PROFILES
 
@@ -49,6 +50,36 @@ def test_smoke_profile_writes_results(real_redis_url: str, tmp_path: Path) -> No
         assert set(row["latency_ms"]) == {"p50", "p90", "p99", "p999", "max"}
         assert row["latency_ms"]["p50"] is not None
         assert row["server_cpu_us_per_delivery"] is not None
+        assert row["server_cpu_us_per_event_and_node"] is not None
+    # The loads (4 viewers per study over 2 nodes), then the receive-cost point: 2 viewers per
+    # study, one on each node, so each node hands each event to exactly one socket.
+    points = [(r["point"], r["target"], r["sockets_per_event_and_node"]) for r in fanout["rows"]]
+    assert points == [
+        ("fan-out", "node", 2),
+        ("fan-out", "baseline", 2),
+        ("receive", "node", 1),
+        ("receive", "baseline", 1),
+    ]
+    receive = [r for r in fanout["rows"] if r["point"] == "receive"]
+    for row in receive:
+        assert row["offered_events_per_s"] == 50
+        assert row["expected"] == 2 * round(50 * 0.5)  # every event, once on each node
+        assert row["cpu_clock"] in ("schedstat", "stat")
+        assert row["server_idle_cpu_util_per_process"] is not None
+    assert receive[0]["cpu_per_event_vs_baseline"] is not None
+    assert fanout["config"]["receive_events"] == [50]
+    # The targets are judged on the loads alone.
+    assert all("receive" not in t["note"] for t in fanout["targets"])
+    report = (folder / "report.txt").read_text()
+    assert "Receive cost: 2 studies x 2 viewers" in report
+
+    # The capacity model finds the receive-cost point in what the harness wrote.
+    measured = read_results(folder)
+    assert measured.receive_measured
+    assert measured.receive_us_per_event == receive[0]["server_cpu_us_per_event_and_node"]
+    assert measured.receive_events_per_s == receive[0]["events_per_s"]
+    assert "receive_us_per_event" not in measured.fallbacks
+    assert measured.sockets_per_event_and_node == 2
 
     heartbeats = _load(folder, "heartbeats")
     assert [r["path"] for r in heartbeats["rows"]] == ["WebSocket", "REST", "raw Redis (floor)"]

@@ -40,6 +40,7 @@ ROUND = dataclasses.replace(
     sweep_node_us_per_transition=0.0,
     kib_per_socket=1024.0,
     node_base_rss_mib=0.0,
+    receive_us_per_event=None,  # receive_share (0 below): the node pays heartbeats only
 )
 
 
@@ -95,6 +96,7 @@ def test_skewed_studies_split_users() -> None:
 
 
 def test_costs_split_the_measured_figures() -> None:
+    # Without the receive-cost point (an older results folder): the receive_share guess.
     m = dataclasses.replace(
         capacity_inputs.DEFAULT_MEASURED,
         node_us_per_delivery=40.0,
@@ -103,7 +105,11 @@ def test_costs_split_the_measured_figures() -> None:
         fanout_redis_cpu=0.032,
         fanout_redis_idle_cpu=0.002,
         fanout_events_per_s=100.0,
+        receive_us_per_event=None,
+        receive_events_per_s=None,
+        receive_us_per_event_at_fanout_rate=None,
     )
+    assert not m.receive_measured
     c = capacity_model.costs(m, dataclasses.replace(SMALL, receive_share=0.3))
     # 25 sockets shared each event a node received: 30 % of 40 us x 25 once, 70 % per socket.
     assert c.node_receive == pytest.approx(300.0)
@@ -116,10 +122,15 @@ def test_costs_split_the_measured_figures() -> None:
 
 def test_the_default_figures_are_the_latest_full_run() -> None:
     m = capacity_inputs.DEFAULT_MEASURED
-    assert "20261128T085706Z-full" in m.source and "2a3b92e" in m.source
-    assert m.redis_us_per_event == pytest.approx((0.03 - 0.002) / 200.1 * 1e6)
+    assert "20261128T111826Z-full" in m.source and "a574a8a" in m.source
+    assert m.redis_us_per_event == pytest.approx((0.016 - 0.002) / 200.1 * 1e6)
     assert m.sockets_per_event_and_node == 25
     assert not m.fallbacks
+    # That run had the receive-cost point: the split is measured, receive_share unused.
+    assert m.receive_measured
+    receive, send = capacity_model.fanout_split(m, capacity_model.Workload())
+    assert send == pytest.approx((25 * 24.33 - 358.1) / 24)
+    assert receive == pytest.approx(125.44 - send)
 
 
 def test_sizes_by_hand() -> None:
@@ -245,6 +256,7 @@ def _write(folder: Path, name: str, data: dict[str, Any]) -> None:
 
 
 def _fanout_row(target: str, load: int, us: float, redis: float, p99: float) -> dict[str, Any]:
+    """A row of the loads, as the harness wrote it before the receive-cost point (no `point`)."""
     return {
         "target": target,
         "offered_deliveries_per_s": load,
@@ -254,6 +266,28 @@ def _fanout_row(target: str, load: int, us: float, redis: float, p99: float) -> 
         "server_cpu_us_per_delivery": us,
         "redis_cpu_util": redis,
     }
+
+
+def _receive_row(target: str, events: float, us: float | None) -> dict[str, Any]:
+    """A row of the receive-cost point: 2 viewers per study, one on each of the 2 nodes."""
+    return {
+        **_fanout_row(target, round(events * 2), us, 0.01, 1.0),
+        "events_per_s": events,
+        "offered_events_per_s": events,
+        "point": "receive",
+        "sockets_per_event_and_node": 1.0,
+        "server_cpu_us_per_event_and_node": us,
+    }
+
+
+# The receive-cost point: 5,000 events/s to 2 viewers is 10,000 deliveries/s, the load the
+# model takes the fan-out figures from; it must not be taken for that load.
+RECEIVE_ROWS = [
+    _receive_row("node", 200.0, 310.0),
+    _receive_row("baseline", 200.0, 150.0),
+    _receive_row("node", 5000.0, 100.0),
+    _receive_row("baseline", 5000.0, 50.0),
+]
 
 
 def _fake_results(folder: Path) -> None:
@@ -298,6 +332,7 @@ def _fake_results(folder: Path) -> None:
                 _fanout_row("baseline", 12_000, 25.0, 0.004, 2.5),
                 _fanout_row("node", 40_000, 20.0, 0.09, 90.0),
                 _fanout_row("baseline", 40_000, 18.0, 0.005, 20.0),
+                *RECEIVE_ROWS,
             ],
             "targets": [],
         },
@@ -376,6 +411,11 @@ def test_read_results_picks_the_right_rows(tmp_path: Path) -> None:
     assert (m.fanout_redis_cpu, m.fanout_redis_idle_cpu) == (0.05, 0.004)
     assert (m.fanout_nodes, m.fanout_viewers) == (2, 40)
     assert isinstance(m.fanout_nodes, int)
+    # The receive-cost point: the node row at the highest rate, and the one nearest the
+    # fan-out figure's 300 events/s.
+    assert m.receive_measured
+    assert (m.receive_us_per_event, m.receive_events_per_s) == (100.0, 5000.0)
+    assert m.receive_us_per_event_at_fanout_rate == 310.0
     # Idle: the node's largest step.
     assert (m.kib_per_socket, m.node_base_rss_mib, m.idle_sockets) == (28.0, 50.0, 5000)
     # Sweep: the largest size, 10k due; memory scaled to a million sessions.
@@ -419,7 +459,8 @@ def test_cli_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
     for heading in ("Load", "Nodes (one process = one core)", "Redis (one primary = one core)"):
         assert f"\n{heading}\n" in out
     assert "What breaks first" in out
-    assert "20261128T085706Z-full" in out
+    assert "20261128T111826Z-full" in out
+    assert "node receive cost, measured: 125.4 us per event and node" in out
     assert re.search(r"node processes\s+[\d,]+\s+binding: (CPU|socket memory)", out)
 
 
@@ -432,6 +473,12 @@ def test_cli_options_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     data = json.loads(capsys.readouterr().out)
     assert data["workload"]["users"] == 1000 and data["workload"]["utilisation"] == 0.5
     assert data["measured"]["ws_node_us_per_hb"] == 60.0
+    assert data["measured"]["receive_us_per_event"] == 100.0
+    # 40 viewers over 2 nodes, 35 us per delivery, 310 us per event with one socket at that
+    # rate: (20 x 35 - 310) / 19 per delivery; the rest of 100 us per event received.
+    send = (20 * 35.0 - 310.0) / 19
+    assert data["costs_us"]["node_delivery"] == pytest.approx(send)
+    assert data["costs_us"]["node_receive"] == pytest.approx(100.0 - send)
     assert data["traffic"]["heartbeats"] == pytest.approx(200)
     assert data["nodes"]["processes"] >= 1 and data["redis"]["primaries"] >= 1
     assert [x["breaks_at"] for x in data["limits"]] == sorted(
