@@ -26,6 +26,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_svc.batch import Batcher, Command
 
@@ -33,7 +35,9 @@ log = logging.getLogger(__name__)
 
 # A command is sent again at most this often after MOVED/ASK/TRYAGAIN/CLUSTERDOWN.
 MAX_REDIRECTS = 5
+REDIRECT_PAUSE = 0.05  # seconds, times the attempt number, before sending again
 _REDIRECTED = (MovedError, AskError, TryAgainError, ClusterDownError)
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 _SCRIPT_CALLS = frozenset({"EVALSHA", "EVAL", b"EVALSHA", b"EVAL"})
 
 
@@ -127,13 +131,20 @@ class ClusterBatcher:
             for (i, _), result in zip(by_node, results, strict=True):
                 if isinstance(result, _REDIRECTED) and attempt < MAX_REDIRECTS:
                     again.append(i)
+                elif isinstance(result, _UNREACHABLE):
+                    # The primary may be gone for good (a replica took over): the next call
+                    # must not be routed by the same map. This one fails (StoreUnavailable).
+                    await self._refresh_quietly()
+                    raise result
                 elif isinstance(result, BaseException):
                     raise result
                 else:
                     replies[i] = result[0]
             if not again:
                 return replies
-            await self.refresh()
+            await self._refresh_quietly()
+            # TRYAGAIN and CLUSTERDOWN last while a slot migrates or a replica is promoted.
+            await asyncio.sleep(REDIRECT_PAUSE * attempt)
             todo = again
         raise AssertionError("unreachable")
 
@@ -150,6 +161,12 @@ class ClusterBatcher:
             client = _NodeConnections(self._cluster, node)
             entry = self._batchers[node.name] = (client, Batcher(client, self._scripts))
         return entry[1]
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:  # the cluster may still be electing: the next failure retries
+            log.warning("could not refresh the cluster slot map: %s", exc)
 
     async def refresh(self) -> None:
         """Learn the slot map again (once, however many callers ask at the same time)."""

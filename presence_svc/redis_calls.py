@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -17,6 +18,16 @@ from presence_svc.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+# Redis cannot serve the call now: lost or timed out, or a cluster electing a new primary
+# (CLUSTERDOWN, TRYAGAIN, a slot no primary covers).
+UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -24,14 +35,14 @@ R = TypeVar("R")
 def reachable(
     method: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Report a lost or timed-out Redis connection as StoreUnavailable (and count it on the
-    method's owner, if it keeps `redis_errors`)."""
+    """Report Redis being unavailable as StoreUnavailable (and count it on the method's owner,
+    if it keeps `redis_errors`)."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except UNAVAILABLE as exc:
             owner = args[0]
             if hasattr(owner, "redis_errors"):
                 owner.redis_errors += 1

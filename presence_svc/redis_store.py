@@ -12,9 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from presence_svc.batch import Batcher, Command
 from presence_svc.cluster import ClusterBatcher, is_cluster
 from presence_svc.keys import Keys
@@ -29,7 +26,7 @@ from presence_svc.models import (
     Thresholds,
     iso_from_ms,
 )
-from presence_svc.redis_calls import call, lease_member, reachable, text
+from presence_svc.redis_calls import UNAVAILABLE, call, lease_member, reachable, text
 from presence_svc.redis_nodes import RedisNodes
 from presence_svc.scripts import Scripts
 
@@ -346,7 +343,7 @@ class RedisStore:
         )
         out: list[Any] = []
         for reply in replies:
-            if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
+            if isinstance(reply, UNAVAILABLE):
                 raise reply
             if isinstance(reply, BaseException):
                 log.error("sweep step failed: %s", reply)

@@ -24,6 +24,7 @@ from presence_svc.models import CursorUpdate
 from presence_svc.publisher import AsyncStudyEventPublisher
 from presence_svc.redis_client import RedisClients
 from presence_svc.redis_store import RedisStore
+from presence_svc.store import StoreUnavailable
 from tests.conftest import open_redis
 from tests.support.cluster import LocalCluster
 from tests.support.store import THRESHOLDS
@@ -238,6 +239,88 @@ async def test_store_and_fan_out_follow_a_slot_to_its_new_primary(
         assert channels[f"127.0.0.1:{source}"] == set()
         presence = await node.store.presence(study)
         assert [s.user_id for s in presence.sessions] == ["alice", "bob"]
+    finally:
+        await node.close()
+        await client.aclose()
+
+
+# --- a primary failing over to its replica (own cluster with replicas) -----------------------
+
+
+@pytest.fixture
+def replicated_cluster() -> Iterator[LocalCluster]:
+    cluster = LocalCluster(replicas=1).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def heartbeat_until_served(node: Node, user: str, study: str, deadline: float) -> int:
+    """Heartbeat until the store reaches the study's primary again; the failures on the way.
+
+    Calls fail as StoreUnavailable (503 / an error message to the socket) until a replica is
+    promoted and the node has learnt it: no restart needed.
+    """
+    failures = 0
+    while True:
+        try:
+            await node.store.heartbeat(user, study, CursorUpdate(), NOW + failures)
+            return failures
+        except StoreUnavailable:
+            failures += 1
+            assert time.monotonic() < deadline, "the store never reached the new primary"
+            await asyncio.sleep(0.2)
+
+
+async def test_the_store_alone_follows_a_failover_to_the_replica(
+    replicated_cluster: LocalCluster, key_prefix: str
+) -> None:
+    # No socket watches anything, so nothing but the store's own calls can notice the failover.
+    keys = Keys(key_prefix)
+    client = RedisCluster.from_url(replicated_cluster.url)
+    await client.initialize()
+    node = await Node(client, keys).start()
+    try:
+        study = "failing"
+        await node.store.heartbeat("alice", study, CursorUpdate(), NOW)
+        victim = owner(client, keys.channel(study))
+        replicated_cluster.kill(int(victim.rsplit(":", 1)[1]))
+        assert await heartbeat_until_served(node, "bob", study, time.monotonic() + 30) > 0
+        assert owner(client, keys.channel(study)) != victim
+        assert "bob" in {s.user_id for s in (await node.store.presence(study)).sessions}
+    finally:
+        await node.close()
+        await client.aclose()
+
+
+async def test_store_and_fan_out_follow_a_failover_to_the_replica(
+    replicated_cluster: LocalCluster, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix)
+    client = RedisCluster.from_url(replicated_cluster.url)
+    await client.initialize()
+    node = await Node(client, keys).start()
+    try:
+        study = "failing"
+        recorder = Recorder()
+        await node.fanout.add(study, recorder)
+        await node.store.heartbeat("alice", study, CursorUpdate(), NOW)
+        await recorder.wait_for(1)
+        victim = owner(client, keys.channel(study))
+        replicated_cluster.kill(int(victim.rsplit(":", 1)[1]))
+        deadline = time.monotonic() + 30
+        assert await heartbeat_until_served(node, "bob", study, deadline) > 0
+        assert owner(client, keys.channel(study)) != victim
+        # The link to the dead primary is replaced on the new one and the study resynced.
+        while node.resyncs != [study]:
+            assert time.monotonic() < deadline, "the fan-out never resubscribed the study"
+            await asyncio.sleep(0.05)
+        seen = len(recorder.events)
+        await node.store.heartbeat("carol", study, CursorUpdate(), NOW + 100)
+        await recorder.wait_for(seen + 1)
+        assert '"user_id":"carol"' in recorder.events[-1].text
+        assert "presence.snapshot" in recorder.types()
     finally:
         await node.close()
         await client.aclose()

@@ -17,19 +17,22 @@ MASTERS = 3
 
 
 class LocalCluster:
-    """`redis-cli --cluster create` over three fresh `redis-server --cluster-enabled` processes."""
+    """`redis-cli --cluster create` over fresh `redis-server --cluster-enabled` processes:
+    `masters` primaries, each with `replicas` replicas."""
 
-    def __init__(self, masters: int = MASTERS) -> None:
+    def __init__(self, masters: int = MASTERS, replicas: int = 0) -> None:
         server = shutil.which("redis-server")
         cli = shutil.which("redis-cli")
         if server is None or cli is None:
             raise FileNotFoundError("redis-server and redis-cli must be on PATH")
         self._server, self._cli = server, cli
-        self.ports = [free_port() for _ in range(masters)]
+        self.replicas = replicas
+        self.ports = [free_port() for _ in range(masters * (1 + replicas))]
         # The bus port defaults to port + 10000, which may be taken or past 65535.
-        self._bus_ports = [free_port() for _ in range(masters)]
+        self._bus_ports = [free_port() for _ in self.ports]
         self._dir = tempfile.TemporaryDirectory(prefix="presence-cluster-")
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._killed: set[int] = set()
 
     @property
     def url(self) -> str:
@@ -56,6 +59,9 @@ class LocalCluster:
                         "nodes.conf",
                         "--cluster-node-timeout",
                         "2000",
+                        # Replicas sync at once (the default waits 5 s for more replicas).
+                        "--repl-diskless-sync-delay",
+                        "0",
                         "--save",
                         "",
                         "--appendonly",
@@ -76,7 +82,7 @@ class LocalCluster:
                 "create",
                 *(f"127.0.0.1:{port}" for port in self.ports),
                 "--cluster-replicas",
-                "0",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -86,7 +92,21 @@ class LocalCluster:
         )
         for port in self.ports:
             self._wait(lambda p=port: self._ready(p), f"cluster state ok on {port}")
+            # A replica that never synced refuses to take over from its primary.
+            self._wait(lambda p=port: self._synced(p), f"replication up on {port}")
         return self
+
+    def _synced(self, port: int) -> bool:
+        with self.client(port) as client:
+            info = client.info("replication")
+            return info.get("role") == "master" or info.get("master_link_status") == "up"
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the server on `port` (its replica, if any, takes over)."""
+        proc = self._procs[self.ports.index(port)]
+        self._killed.add(port)
+        proc.kill()
+        proc.wait()
 
     def client(self, port: int) -> redis.Redis:
         """A plain client of one node (close it after use)."""
@@ -112,7 +132,8 @@ class LocalCluster:
     def _wait(self, check: object, what: str, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(proc.poll() is not None for proc in self._procs):
+            alive = [p for i, p in enumerate(self._procs) if self.ports[i] not in self._killed]
+            if any(proc.poll() is not None for proc in alive):
                 raise RuntimeError(f"a cluster redis-server exited while waiting for {what}")
             try:
                 if check():  # type: ignore[operator]
