@@ -20,6 +20,7 @@ import asyncio
 import logging
 import random
 import time
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -204,9 +205,18 @@ class Fanout:
     def _link(self, shard: str) -> _Link:
         link = self._by_shard.get(shard)
         if link is None:
-            link = self._by_shard[shard] = _Link(shard, self._links.open(shard))
+            link = self._by_shard[shard] = _Link(shard, self._open(shard))
             self._new_link.set()  # run() starts its reader
         return link
+
+    def _open(self, shard: str) -> Any:
+        pubsub = self._links.open(shard)
+        # redis-py's error handler reconnects a pub/sub connection even with retries off, and
+        # its on_connect then resubscribes every channel in one command (across slots: a
+        # CROSSSLOT error on a cluster). The fan-out replaces a failed connection itself, so
+        # a reconnect inside redis-py must not resubscribe anything.
+        pubsub.on_connect = types.MethodType(_resubscribe_nothing, pubsub)
+        return pubsub
 
     async def _attach(self, link: _Link, channels: list[str]) -> None:
         for channel in channels:
@@ -277,7 +287,7 @@ class Fanout:
             groups: dict[_Link, list[str]] = {}
             staying = [c for c in link.channels if self._links.shard_of(c) == link.shard]
             if staying:
-                old, link.pubsub = link.pubsub, self._links.open(link.shard)
+                old, link.pubsub = link.pubsub, self._open(link.shard)
             else:
                 old = link.pubsub
                 if self._by_shard.get(link.shard) is link:
@@ -390,6 +400,10 @@ class Fanout:
         links, self._by_shard = list(self._by_shard.values()), {}
         for link in links:
             await link.pubsub.aclose()
+
+
+async def _resubscribe_nothing(pubsub: Any, connection: Any) -> None:
+    return None
 
 
 def _on(link: _Link) -> str:
