@@ -336,3 +336,20 @@ async def test_store_and_fan_out_follow_a_failover_to_the_replica(
     finally:
         await node.close()
         await client.aclose()
+
+
+def test_a_cluster_that_fails_to_form_leaves_no_server_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+
+    import tests.support.cluster as cluster_support
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise subprocess.CalledProcessError(1, "redis-cli --cluster create")
+
+    monkeypatch.setattr(cluster_support.subprocess, "run", refuse)
+    cluster = LocalCluster()
+    with pytest.raises(subprocess.CalledProcessError):
+        cluster.start()
+    assert cluster._procs and all(proc.poll() is not None for proc in cluster._procs)

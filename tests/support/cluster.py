@@ -40,6 +40,14 @@ class LocalCluster:
         return f"redis://127.0.0.1:{self.ports[0]}"
 
     def start(self) -> LocalCluster:
+        """Start the servers and form the cluster; on failure, stop whatever was started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> LocalCluster:
         for port, bus_port in zip(self.ports, self._bus_ports, strict=True):
             folder = Path(self._dir.name) / str(port)
             folder.mkdir()
