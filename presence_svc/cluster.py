@@ -16,6 +16,7 @@ key slot) and adds what redis-py cannot do for us:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -107,14 +108,9 @@ class ClusterBatcher:
         if not self._cluster.nodes_manager.slots_cache:
             await self._cluster.initialize()  # a client nobody has used yet
         replies: list[Any] = []
-        start = 0
-        while start < len(commands):
-            node = self._node_of(commands[start])
-            end = start + 1
-            while end < len(commands) and self._node_of(commands[end]).name == node.name:
-                end += 1
-            replies += await self._run_on_node(commands[start:end])
-            start = end
+        owners = [self._node_of(command).name for command in commands]
+        for _, run in itertools.groupby(zip(owners, commands, strict=True), key=lambda x: x[0]):
+            replies += await self._run_on_node([command for _, command in run])
         return replies
 
     async def _run_on_node(self, commands: list[Command]) -> list[Any]:

@@ -116,10 +116,9 @@ class _Channel:
 
 class Fanout:
     def __init__(
-        self, links: Links | Any, keys: Keys, resync: Resync, observe: Observer | None = None
+        self, links: Links, keys: Keys, resync: Resync, observe: Observer | None = None
     ) -> None:
-        # A plain client (tests, the embedded Redis) means a single Redis.
-        self._links: Links = links if hasattr(links, "shard_of") else SingleLinks(links)
+        self._links = links
         self._observe = observe
         self._keys = keys
         self._resync = resync
@@ -284,7 +283,6 @@ class Fanout:
         # owned now.
         await self._links.refresh()
         async with self._lock:
-            groups: dict[_Link, list[str]] = {}
             staying = [c for c in link.channels if self._links.shard_of(c) == link.shard]
             if staying:
                 old, link.pubsub = link.pubsub, self._open(link.shard)
@@ -298,14 +296,7 @@ class Fanout:
                 log.debug("closing the old pub/sub connection: %s", exc)
             link.unconfirmed.clear()
             channels, link.channels = list(link.channels), set()
-            for channel in channels:
-                entry = self._channels[channel]
-                entry.resync_due = True
-                entry.link = self._link(self._links.shard_of(channel))
-                groups.setdefault(entry.link, []).append(channel)
-            # Still listed on their link if this fails, so the next attempt resubscribes them.
-            for target, group in groups.items():
-                await self._attach(target, group)
+            await self._resubscribe(channels)
         self.reconnects += 1
         link.connected = True
         log.warning("pub/sub reconnected%s; resubscribed %d studies", _on(link), len(channels))
@@ -320,12 +311,25 @@ class Fanout:
                 if entry is None:
                     return
                 entry.link.channels.discard(channel)
-                entry.resync_due = True
-                entry.link = self._link(self._links.shard_of(channel))
-                await self._attach(entry.link, [channel])
+                await self._resubscribe([channel])
             log.warning("study channel %s moved to shard %s", channel, entry.link.shard)
         except Exception as exc:
             log.error("could not follow channel %s to its new shard: %s", channel, exc)
+
+    async def _resubscribe(self, channels: list[str]) -> None:
+        """Subscribe tracked channels again where they are owned now; resync once confirmed.
+
+        Under the lock. A channel stays listed on its new link if this fails, so the next
+        reconnect of that link subscribes it again.
+        """
+        groups: dict[_Link, list[str]] = {}
+        for channel in channels:
+            entry = self._channels[channel]
+            entry.resync_due = True
+            entry.link = self._link(self._links.shard_of(channel))
+            groups.setdefault(entry.link, []).append(channel)
+        for target, group in groups.items():
+            await self._attach(target, group)
 
     def _handle(self, link: _Link, message: dict[str, Any]) -> None:
         kind = message["type"]

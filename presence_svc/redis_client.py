@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,28 +86,17 @@ async def connect(settings: Settings) -> RedisClients:
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
     )
     client = Redis.from_pool(pool)  # owns the pool: closing the client closes its connections
-    delay = 0.2
-    for attempt in range(1, CONNECT_ATTEMPTS + 1):
-        try:
-            await client.ping()
-            pubsub = Redis.from_url(
-                settings.redis_url,
-                # RESP2: redis-py 8 handles every RESP3 push (each pub/sub message) through a
-                # logger lookup and a str() of the whole message, even with debug logs off.
-                protocol=2,
-                socket_connect_timeout=2,
-                socket_keepalive=True,
-                retry=Retry(NoBackoff(), 0),
-            )
-            return RedisClients(client, SingleLinks(pubsub, owned=True))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            if attempt == CONNECT_ATTEMPTS:
-                await client.aclose()
-                raise RuntimeError(f"cannot reach Redis after {attempt} attempts: {exc}") from exc
-            log.warning("Redis not reachable (attempt %d): %s; retrying", attempt, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
+    await _until_reachable(client, "Redis", client.ping)
+    pubsub = Redis.from_url(
+        settings.redis_url,
+        # RESP2: redis-py 8 handles every RESP3 push (each pub/sub message) through a logger
+        # lookup and a str() of the whole message, even with debug logs off.
+        protocol=2,
+        socket_connect_timeout=2,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return RedisClients(client, SingleLinks(pubsub, owned=True))
 
 
 async def _connect_cluster(seed_url: str, max_connections: int) -> RedisClients:
@@ -121,19 +111,26 @@ async def _connect_cluster(seed_url: str, max_connections: int) -> RedisClients:
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
     )
+
+    async def ready() -> None:
+        await client.initialize()
+        await client.ping()
+
+    await _until_reachable(client, "Redis Cluster", ready)
+    return RedisClients(client, ClusterLinks(client))
+
+
+async def _until_reachable(client: Any, what: str, probe: Callable[[], Awaitable[Any]]) -> None:
+    """Run `probe` until it succeeds, with capped backoff; close `client` if it never does."""
     delay = 0.2
     for attempt in range(1, CONNECT_ATTEMPTS + 1):
         try:
-            await client.initialize()
-            await client.ping()
-            return RedisClients(client, ClusterLinks(client))
+            await probe()
+            return
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
             if attempt == CONNECT_ATTEMPTS:
                 await client.aclose()
-                raise RuntimeError(
-                    f"cannot reach the Redis Cluster after {attempt} attempts: {exc}"
-                ) from exc
-            log.warning("Redis Cluster not reachable (attempt %d): %s; retrying", attempt, exc)
+                raise RuntimeError(f"cannot reach {what} after {attempt} attempts: {exc}") from exc
+            log.warning("%s not reachable (attempt %d): %s; retrying", what, attempt, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")

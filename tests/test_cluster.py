@@ -8,6 +8,7 @@ cluster too) and the multi-node suite; these tests are about the shards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from presence_svc.redis_client import RedisClients
 from presence_svc.redis_store import RedisStore
 from presence_svc.store import StoreUnavailable
 from tests.conftest import open_redis
-from tests.support.cluster import LocalCluster
+from tests.support.cluster import LocalCluster, crossslot_errors
 from tests.support.store import THRESHOLDS
 from tests.support.tasks import stop
 
@@ -78,6 +79,19 @@ class Node:
         await self.clients.aclose()
 
 
+@contextlib.asynccontextmanager
+async def node_on(cluster: LocalCluster, keys: Keys) -> AsyncIterator[tuple[RedisCluster, Node]]:
+    """A cluster client of its own and a node on it, for a test that breaks its cluster."""
+    client = RedisCluster.from_url(cluster.url)
+    await client.initialize()
+    node = await Node(client, keys).start()
+    try:
+        yield client, node
+    finally:
+        await node.close()
+        await client.aclose()
+
+
 def owner(client: RedisCluster, key: str) -> str:
     return str(client.nodes_manager.get_node_from_slot(key_slot(key.encode())).name)
 
@@ -105,15 +119,6 @@ async def shard_channels(client: RedisCluster, prefix: str) -> dict[str, set[str
         )
         out[str(node.name)] = {n.decode() for n in names}
     return out
-
-
-async def crossslot_errors(client: RedisCluster) -> int:
-    """CROSSSLOT error replies the primaries have sent since they started."""
-    total = 0
-    for node in client.get_primaries():
-        stats = await client.info("errorstats", target_nodes=node)
-        total += int(stats.get("errorstat_CROSSSLOT", {}).get("count", 0))
-    return total
 
 
 @pytest.fixture
@@ -154,7 +159,7 @@ async def test_each_channel_is_subscribed_on_the_primary_that_owns_it(
 
 
 async def test_one_primary_losing_its_link_resyncs_only_that_primarys_studies(
-    client: RedisCluster, key_prefix: str
+    client: RedisCluster, cluster_url: str, key_prefix: str
 ) -> None:
     keys = Keys(key_prefix)
     node = await Node(client, keys).start()
@@ -163,7 +168,7 @@ async def test_one_primary_losing_its_link_resyncs_only_that_primarys_studies(
         recorders = {study: Recorder() for studies in layout.values() for study in studies}
         for study, recorder in recorders.items():
             await node.fanout.add(study, recorder)
-        crossslot_before = await crossslot_errors(client)
+        crossslot_before = crossslot_errors(cluster_url)
         victim = sorted(layout)[0]
         host, port = victim.rsplit(":", 1)
         with redis.Redis(host=host, port=int(port)) as admin:
@@ -175,7 +180,7 @@ async def test_one_primary_losing_its_link_resyncs_only_that_primarys_studies(
         assert node.fanout.reconnects == 1
         assert node.fanout.connected
         # Resubscribed slot by slot, and nothing resubscribed behind the fan-out's back.
-        assert await crossslot_errors(client) == crossslot_before
+        assert crossslot_errors(cluster_url) == crossslot_before
         for study in recorders:
             await node.store.heartbeat("after", study, CursorUpdate(), NOW)
         for study, recorder in recorders.items():
@@ -216,10 +221,7 @@ async def test_store_and_fan_out_follow_a_slot_to_its_new_primary(
     own_cluster: LocalCluster, key_prefix: str
 ) -> None:
     keys = Keys(key_prefix)
-    client = RedisCluster.from_url(own_cluster.url)
-    await client.initialize()
-    node = await Node(client, keys).start()
-    try:
+    async with node_on(own_cluster, keys) as (client, node):
         study = "moving"
         recorder = Recorder()
         await node.fanout.add(study, recorder)
@@ -251,9 +253,6 @@ async def test_store_and_fan_out_follow_a_slot_to_its_new_primary(
         assert channels[f"127.0.0.1:{source}"] == set()
         presence = await node.store.presence(study)
         assert [s.user_id for s in presence.sessions] == ["alice", "bob"]
-    finally:
-        await node.close()
-        await client.aclose()
 
 
 # --- a primary failing over to its replica (own cluster with replicas) -----------------------
@@ -290,10 +289,7 @@ async def test_the_store_alone_follows_a_failover_to_the_replica(
 ) -> None:
     # No socket watches anything, so nothing but the store's own calls can notice the failover.
     keys = Keys(key_prefix)
-    client = RedisCluster.from_url(replicated_cluster.url)
-    await client.initialize()
-    node = await Node(client, keys).start()
-    try:
+    async with node_on(replicated_cluster, keys) as (client, node):
         study = "failing"
         await node.store.heartbeat("alice", study, CursorUpdate(), NOW)
         victim = owner(client, keys.channel(study))
@@ -301,19 +297,13 @@ async def test_the_store_alone_follows_a_failover_to_the_replica(
         assert await heartbeat_until_served(node, "bob", study, time.monotonic() + 30) > 0
         assert owner(client, keys.channel(study)) != victim
         assert "bob" in {s.user_id for s in (await node.store.presence(study)).sessions}
-    finally:
-        await node.close()
-        await client.aclose()
 
 
 async def test_store_and_fan_out_follow_a_failover_to_the_replica(
     replicated_cluster: LocalCluster, key_prefix: str
 ) -> None:
     keys = Keys(key_prefix)
-    client = RedisCluster.from_url(replicated_cluster.url)
-    await client.initialize()
-    node = await Node(client, keys).start()
-    try:
+    async with node_on(replicated_cluster, keys) as (client, node):
         study = "failing"
         recorder = Recorder()
         await node.fanout.add(study, recorder)
@@ -333,9 +323,6 @@ async def test_store_and_fan_out_follow_a_failover_to_the_replica(
         await recorder.wait_for(seen + 1)
         assert '"user_id":"carol"' in recorder.events[-1].text
         assert "presence.snapshot" in recorder.types()
-    finally:
-        await node.close()
-        await client.aclose()
 
 
 def test_a_cluster_that_fails_to_form_leaves_no_server_behind(

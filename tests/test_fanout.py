@@ -13,7 +13,7 @@ import pytest
 
 import presence_svc.fanout as fanout_module
 from presence_svc.codec import Outgoing, encode_envelope, json_text
-from presence_svc.fanout import Fanout
+from presence_svc.fanout import Fanout, SingleLinks
 from presence_svc.keys import Keys
 from tests.conftest import open_redis
 from tests.support.tasks import stop
@@ -56,7 +56,7 @@ class Harness:
         self.redis = redis
         self.keys = keys
         self.resyncs: list[str] = []
-        self.fanout = Fanout(redis, keys, self.resync)
+        self.fanout = Fanout(SingleLinks(redis), keys, self.resync)
         self.task: asyncio.Task[None] | None = None
 
     async def resync(self, study: str) -> Outgoing:

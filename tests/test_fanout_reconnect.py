@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 
 import presence_svc.fanout as fanout_module
 from presence_svc.codec import Outgoing, encode_envelope, json_text
-from presence_svc.fanout import DEAD_AFTER, PING_AFTER, Fanout
+from presence_svc.fanout import DEAD_AFTER, PING_AFTER, Fanout, SingleLinks
 from presence_svc.keys import Keys
 from tests.support.tasks import stop
 
@@ -68,7 +68,7 @@ class Harness:
         self.keys = keys
         self.resyncs: list[str] = []
         self.floor = 100
-        self.fanout = Fanout(fanout_client, keys, self.resync)
+        self.fanout = Fanout(SingleLinks(fanout_client), keys, self.resync)
         self.task: asyncio.Task[None] = asyncio.create_task(self.fanout.run())
 
     async def resync(self, study: str) -> Outgoing:

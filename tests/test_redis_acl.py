@@ -69,17 +69,22 @@ NOT_FROM_NODES = {"auth", "hello", "client|setinfo", "config|resetstat", "info"}
 # --- the ACL blocks of docs/security.md ------------------------------------------------------
 
 
-def acl_block(user: str) -> list[list[str]]:
-    """The `ACL SETUSER` commands of the document's block for `user`, split into words."""
+def fenced_block(first_line: str) -> list[list[str]]:
+    """The lines, split into words, of the document's code block that starts with `first_line`."""
     text = SECURITY_DOC.read_text()
     for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
         lines = block.splitlines()
-        if lines and lines[0].strip() == MARKER + user:
-            commands = [line.split() for line in lines[1:] if line.strip()]
-            for words in commands:
-                assert words[:3] == ["ACL", "SETUSER", user], words
-            return commands
-    raise AssertionError(f"docs/security.md has no block starting with {MARKER + user!r}")
+        if lines and lines[0].strip() == first_line:
+            return [line.split() for line in lines[1:] if line.strip()]
+    raise AssertionError(f"docs/security.md has no block starting with {first_line!r}")
+
+
+def acl_block(user: str) -> list[list[str]]:
+    """The `ACL SETUSER` commands of the document's block for `user`, split into words."""
+    commands = fenced_block(MARKER + user)
+    for words in commands:
+        assert words[:3] == ["ACL", "SETUSER", user], words
+    return commands
 
 
 def apply_acl(admin: redis.Redis, user: str, password: str) -> None:
@@ -604,12 +609,7 @@ CLUSTER_MARKER = "# presence-svc ACL: presence-node on Redis Cluster"
 
 def cluster_lines() -> list[list[str]]:
     """The document's extra `ACL SETUSER` lines for nodes on Redis Cluster."""
-    text = SECURITY_DOC.read_text()
-    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
-        lines = block.splitlines()
-        if lines and lines[0].strip() == CLUSTER_MARKER:
-            return [line.split() for line in lines[1:] if line.strip()]
-    raise AssertionError(f"docs/security.md has no block starting with {CLUSTER_MARKER!r}")
+    return fenced_block(CLUSTER_MARKER)
 
 
 @pytest.fixture

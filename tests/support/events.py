@@ -86,19 +86,24 @@ class EventTap:
         """Every event published since the last drain, in publish order."""
         marker = uuid.uuid4().hex.encode()
         await self._client.publish(self._marker_channel, marker)
-        events: list[Event] = []
+        return await self._read_to_marker(self._pubsub, self._marker_channel, marker, [])
+
+    async def _read_to_marker(
+        self, pubsub: Any, marker_channel: str, marker: bytes, events: list[Event]
+    ) -> list[Event]:
+        """`events` plus every event `pubsub` receives before `marker` on `marker_channel`."""
         deadline = time.monotonic() + 10
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 pytest.fail(f"marker not received; got {events}")
-            message = await self._pubsub.get_message(
+            message = await pubsub.get_message(
                 ignore_subscribe_messages=True, timeout=min(remaining, 1.0)
             )
             if message is None:
                 continue
             channel = message["channel"].decode()
-            if channel == self._marker_channel:
+            if channel == marker_channel:
                 if message["data"] == marker:
                     return events
                 continue
@@ -233,19 +238,4 @@ class ClusterEventTap(EventTap):
         await self._client.spublish(link.marker_channel, marker)
         pending, link.buffer = link.buffer, []
         events = [self._check(channel, raw) for channel, raw in pending]
-        deadline = time.monotonic() + 10
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"marker not received; got {events}")
-            message = await link.pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=min(remaining, 1.0)
-            )
-            if message is None:
-                continue
-            channel = message["channel"].decode()
-            if channel == link.marker_channel:
-                if message["data"] == marker:
-                    return events
-                continue
-            events.append(self._check(channel, message["data"]))
+        return await self._read_to_marker(link.pubsub, link.marker_channel, marker, events)

@@ -35,11 +35,12 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
         proc.wait()
 
 
-def _wait(check: object, what: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+def wait_ready(check: object, what: str, timeout: float, *procs: subprocess.Popen[bytes]) -> None:
+    """Poll `check` until it is true; fail at once if any of `procs` exits meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+        if exited := next((proc for proc in procs if proc.poll() is not None), None):
+            raise RuntimeError(f"{what}: exited with {exited.returncode} before it was ready")
         try:
             if check():  # type: ignore[operator]
                 return
@@ -89,7 +90,7 @@ class RedisServer:
         )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         try:
-            _wait(client.ping, "redis-server", 10, self._proc)
+            wait_ready(client.ping, "redis-server", 10, self._proc)
         finally:
             client.close()
         return self
@@ -137,7 +138,7 @@ class NodeProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        _wait(self._healthy, f"node on port {self.port}", 20, self._proc)
+        wait_ready(self._healthy, f"node on port {self.port}", 20, self._proc)
         return self
 
     def _healthy(self) -> bool:
