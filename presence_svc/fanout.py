@@ -112,6 +112,9 @@ class _Channel:
     subscribers: set[Subscriber] = field(default_factory=set)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     resync_due: bool = False
+    # Events read while its resync snapshot is being read: delivered after the snapshot, so
+    # no socket sees an event newer than a snapshot that then overwrites it.
+    held: list[Outgoing] | None = None
 
 
 class Fanout:
@@ -354,10 +357,16 @@ class Fanout:
             self.dropped_messages += 1
             log.warning("dropped a message on %s: %s", channel, exc)
             return
+        if entry.held is not None:
+            entry.held.append(event)
+            return
+        self._to_subscribers(entry, event)
+
+    def _to_subscribers(self, entry: _Channel, event: Outgoing) -> None:
         subscribers = tuple(entry.subscribers)
         for subscriber in subscribers:
             subscriber.deliver(event)
-        if self._observe is not None:
+        if self._observe is not None and event.floor is None:
             self._observe(event, len(subscribers))
 
     def _confirmed(self, link: _Link, channel: str) -> None:
@@ -372,6 +381,7 @@ class Fanout:
         entry.ready.set()
         if entry.resync_due:
             entry.resync_due = False
+            entry.held = []
             self._spawn(self._send_snapshot(entry))
 
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -380,14 +390,16 @@ class Fanout:
         task.add_done_callback(self._tasks.discard)
 
     async def _send_snapshot(self, entry: _Channel) -> None:
+        snapshot: Outgoing | None = None
         try:
             snapshot = await self._resync(entry.study_id)
         except Exception as exc:
             # The next reconnect tries again; until then seq gaps tell clients what they miss.
             log.error("resync of study %s failed: %s", entry.study_id, exc)
-            return
-        for subscriber in tuple(entry.subscribers):
-            subscriber.deliver(snapshot)
+        finally:
+            held, entry.held = entry.held or [], None
+            for event in [snapshot, *held] if snapshot is not None else held:
+                self._to_subscribers(entry, event)
 
     async def _stop_links(self) -> None:
         tasks = [link.task for link in self._by_shard.values() if link.task is not None]

@@ -214,6 +214,29 @@ async def test_killed_pubsub_connection_is_replaced_and_resynced(
     assert h.fanout.dropped_messages == 0
 
 
+async def test_an_event_published_during_a_resync_reaches_sockets_after_its_snapshot(
+    real: RealSetup,
+) -> None:
+    h = real.harness
+    rec = Recorder()
+    await h.fanout.add("s1", rec)
+    read_snapshot = h.resync
+
+    async def resync_racing_an_event(study: str) -> Outgoing:
+        # The snapshot is read, then an event is published and reaches the node before the
+        # snapshot's reply is handled: its subscribers must still see the snapshot first.
+        snapshot = await read_snapshot(study)
+        assert await h.event(study, 7) == 1
+        await asyncio.sleep(0.2)
+        return snapshot
+
+    h.fanout._resync = resync_racing_an_event
+    await kill_fanout_connection(real, 1)
+    await rec.wait_for(2)
+    snapshot, event = rec.events
+    assert snapshot.floor is not None and event.seq == 7
+
+
 async def test_kill_with_no_study_subscribed_then_subscribe_again(
     real: RealSetup, caplog: pytest.LogCaptureFixture
 ) -> None:
