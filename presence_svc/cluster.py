@@ -83,12 +83,17 @@ class _NodeConnections:
         self._cluster = cluster
         self.node = node
         self.connection_pool = self  # Batcher asks its client's pool for a connection
+        self.retired = False  # the slot map replaced this node object
 
     async def get_connection(self) -> Any:
         return self.node.acquire_connection()
 
     async def release(self, connection: Any) -> None:
-        self.node.release(connection)
+        if self.retired:
+            # Nobody will use or close the old node object's connections again.
+            await connection.disconnect()
+        else:
+            self.node.release(connection)
 
     async def script_load(self, source: str) -> Any:
         return await self._cluster.execute_command("SCRIPT LOAD", source, target_nodes=self.node)
@@ -101,6 +106,7 @@ class ClusterBatcher:
         self._cluster = cluster
         self._scripts = list(scripts)
         self._batchers: dict[str, tuple[_NodeConnections, Batcher]] = {}
+        self._retiring: set[asyncio.Future[None]] = set()
         self._refreshing: asyncio.Task[None] | None = None
 
     async def run(self, commands: list[Command]) -> list[Any]:
@@ -153,7 +159,13 @@ class ClusterBatcher:
         node = self._node_of(command)
         entry = self._batchers.get(node.name)
         if entry is None or entry[0].node is not node:
-            # New, or the slot map was learnt again and the node object replaced.
+            # New, or the slot map was learnt again and the node object replaced: the old
+            # batcher's connection is closed (nothing else would, and its socket would leak).
+            if entry is not None:
+                entry[0].retired = True
+                retiring = asyncio.ensure_future(entry[1].close())
+                self._retiring.add(retiring)
+                retiring.add_done_callback(self._retiring.discard)
             client = _NodeConnections(self._cluster, node)
             entry = self._batchers[node.name] = (client, Batcher(client, self._scripts))
         return entry[1]
@@ -175,6 +187,7 @@ class ClusterBatcher:
         batchers, self._batchers = self._batchers, {}
         for _, batcher in batchers.values():
             await batcher.close()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
 
 class ClusterLinks:
