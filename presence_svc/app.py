@@ -13,24 +13,25 @@ from starlette.middleware import Middleware
 from starlette.routing import WebSocketRoute
 
 from presence_svc.auth import TokenVerifier
-from presence_svc.cluster import is_cluster
 from presence_svc.coalesce import Coalescer
 from presence_svc.codec import Outgoing
 from presence_svc.fanout import Fanout
-from presence_svc.http import EXCEPTION_HANDLERS, ROUTES
-from presence_svc.keys import Keys
 from presence_svc.leases import LeaseKeeper
 from presence_svc.limits import KeyedBuckets
 from presence_svc.metrics import Metrics
 from presence_svc.models import SweepReport, Thresholds
 from presence_svc.node import Node
-from presence_svc.redis_client import RedisClients, connect
-from presence_svc.redis_store import RedisStore
+from presence_svc.redis.client import RedisClients, connect
+from presence_svc.redis.cluster import is_cluster
+from presence_svc.redis.keys import Keys
+from presence_svc.redis.store import RedisStore
 from presence_svc.requestid import RequestIdMiddleware
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
 from presence_svc.sweeper import Sweeper
-from presence_svc.ws import presence_socket, snapshot_message
+from presence_svc.web.errors import EXCEPTION_HANDLERS
+from presence_svc.web.rest import ROUTES
+from presence_svc.web.ws import presence_socket, snapshot_message
 
 log = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     from presence_svc.bench.command import add_bench_command  # argparse only, no harness
 
     add_bench_command(commands)
-    from presence_svc.bench.capacity import add_capacity_command  # arithmetic only
+    from presence_svc.bench.capacity.command import add_capacity_command  # arithmetic only
 
     add_capacity_command(commands)
     return root

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from presence_svc.codec import EnvelopeError, Outgoing, decode_envelope
-from presence_svc.keys import Keys
+from presence_svc.redis.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -99,7 +99,7 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record),
             "level": record.levelname,
             "logger": record.name,
-            # Redacted here too: a record logged on a child logger (presence_svc.ws) skips the
+            # Redacted here too: a record logged on a child logger (presence_svc.web.ws) skips the
             # parent's filter.
             "msg": redact(_message(record)),
         }

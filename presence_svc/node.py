@@ -14,7 +14,7 @@ from presence_svc.fanout import Fanout
 from presence_svc.leases import LeaseKeeper
 from presence_svc.limits import KeyedBuckets
 from presence_svc.metrics import Metrics
-from presence_svc.redis_store import RedisStore
+from presence_svc.redis.store import RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
 from presence_svc.sweeper import Sweeper

@@ -23,8 +23,8 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from presence_svc.codec import PRESENCE_PREFIX, encode_envelope
-from presence_svc.keys import Keys
 from presence_svc.models import ID_PATTERN
+from presence_svc.redis.keys import Keys
 
 _STUDY_ID = re.compile(ID_PATTERN)
 

@@ -1,7 +1,7 @@
 """The presence service: what a heartbeat, a leave, a read and a sweep mean.
 
 Transports call this; it knows nothing of HTTP or WebSockets, and nothing of Redis beyond the
-PresenceStore contract.
+storage contracts (store.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from presence_svc.models import (
     StudyPresence,
     SweepReport,
 )
-from presence_svc.store import PresenceStore
+from presence_svc.store import Store
 
 Clock = Callable[[], float]
 
@@ -26,7 +26,7 @@ Clock = Callable[[], float]
 class PresenceService:
     def __init__(
         self,
-        store: PresenceStore,
+        store: Store,
         clock: Clock = time.time,
         *,
         leave_grace: float = 10.0,

@@ -1,26 +1,14 @@
-"""The storage interface the service is written against, and its contract.
+"""The storage interfaces the service is written against, and their contracts.
 
-Contract (every implementation, whatever the number of nodes sharing it):
-- `heartbeat` creates or refreshes the (user, study) session and, atomically with the change,
-  raises the study's seq and publishes one event per change: `user_joined` for a new session;
-  `user_active` when it was idle or away; `cursor_moved` when chapter or move path changed.
-- `leave` deletes the session and publishes `user_left`; without a session it does nothing.
-- A heartbeat with a `holder` (a WebSocket connection) makes it hold the session: a held
-  session still turns idle and away by heartbeat age but does not expire. `release` ends holds;
-  a session no connection holds any more leaves at the given time (a pending leave) unless a
-  heartbeat comes first. Every heartbeat calls off a pending leave.
-- Nodes prove they are alive with `renew_node` (one call renews every lease the node's
-  connections hold); `reap_dead_nodes` releases the leases of nodes silent for the lease TTL,
-  and `reacquire` lets a node declared dead by mistake hold its sessions again (with fresh
-  holders: a reap still running on the old ones could otherwise undo the new holds).
-- `sweep` applies every transition due at `now_ms` (idle, away, expiry or pending leave with
-  `user_left`) to the
-  studies due for a sweep, each transition published exactly once even when several nodes
-  sweep at the same moment. Its cost follows the number of due studies and sessions.
-- `presence` returns the sessions of a study together with the seq of the last event they
-  reflect, read atomically: events with a higher seq happened after the snapshot.
-- seq rises by exactly one per published presence event of a study.
+Two contracts, because the code splits there: `PresenceStore` keeps sessions and publishes their
+events; `NodeRegistry` keeps which nodes are alive and the sessions their connections hold.
+`Store` is both, as the service needs them. `redis/store.py` checks statically that RedisStore
+satisfies each.
+
+What holds for both:
+- Whatever the number of nodes sharing the store, each call behaves as described.
 - Times are integer milliseconds since the epoch, supplied by the caller.
+- A call that cannot reach the backing store raises StoreUnavailable (it may be retried).
 """
 
 from __future__ import annotations
@@ -36,6 +24,27 @@ class StoreUnavailable(Exception):
 
 
 class PresenceStore(Protocol):
+    """Sessions of users in studies, and the events their changes publish.
+
+    Contract:
+    - `heartbeat` creates or refreshes the (user, study) session and, atomically with the change,
+      raises the study's seq and publishes one event per change: `user_joined` for a new
+      session; `user_active` when it was idle or away; `cursor_moved` when chapter or move path
+      changed.
+    - `leave` deletes the session and publishes `user_left`; without a session it does nothing.
+    - A heartbeat with a `holder` (a WebSocket connection) makes it hold the session: a held
+      session still turns idle and away by heartbeat age but does not expire. `release` ends
+      holds; a session no connection holds any more leaves at the given time (a pending leave)
+      unless a heartbeat comes first. Every heartbeat calls off a pending leave.
+    - `sweep` applies every transition due at `now_ms` (idle, away, expiry or pending leave with
+      `user_left`) to the studies due for a sweep, each transition published exactly once even
+      when several nodes sweep at the same moment. Its cost follows the number of due studies
+      and sessions.
+    - `presence` returns the sessions of a study together with the seq of the last event they
+      reflect, read atomically: events with a higher seq happened after the snapshot.
+    - seq rises by exactly one per published presence event of a study.
+    """
+
     async def heartbeat(
         self,
         user_id: str,
@@ -50,6 +59,34 @@ class PresenceStore(Protocol):
     async def release(self, leases: Sequence[Lease], leave_at_ms: int, now_ms: int) -> int:
         """End these holds; returns how many sessions got a pending leave at `leave_at_ms`."""
         ...
+
+    async def leave(self, user_id: str, study_id: str, now_ms: int) -> bool:
+        """End the session now; True if there was one."""
+        ...
+
+    async def presence(self, study_id: str) -> StudyPresence:
+        """Everyone present in the study, with the seq this view reflects."""
+        ...
+
+    async def sweep(self, now_ms: int) -> SweepReport:
+        """Apply the status transitions and expiries due at `now_ms` (one bounded batch)."""
+        ...
+
+
+class NodeRegistry(Protocol):
+    """Which nodes are alive, and the holds (leases) their connections have on sessions.
+
+    Contract:
+    - Nodes prove they are alive with `renew_node` (one call renews every lease the node's
+      connections hold).
+    - `reap_dead_nodes` releases the leases of nodes silent for the lease TTL, as
+      `PresenceStore.release` would (their sessions leave after the grace, unless a heartbeat
+      comes first); each dead node's leases are released by one node, and a cleanup cut short
+      by the death of the node doing it is taken over later.
+    - `reacquire` lets a node declared dead by mistake hold its sessions again (with fresh
+      holders: a reap still running on the old ones could otherwise undo the new holds).
+    - `drop_node` forgets a node that stopped cleanly, after it released its leases.
+    """
 
     async def renew_node(self, node_id: str, now_ms: int) -> bool:
         """Renew the node's liveness and leases; False if it had been declared dead."""
@@ -67,14 +104,6 @@ class PresenceStore(Protocol):
         """Release the leases of dead nodes; returns how many."""
         ...
 
-    async def leave(self, user_id: str, study_id: str, now_ms: int) -> bool:
-        """End the session now; True if there was one."""
-        ...
 
-    async def presence(self, study_id: str) -> StudyPresence:
-        """Everyone present in the study, with the seq this view reflects."""
-        ...
-
-    async def sweep(self, now_ms: int) -> SweepReport:
-        """Apply the status transitions and expiries due at `now_ms` (one bounded batch)."""
-        ...
+class Store(PresenceStore, NodeRegistry, Protocol):
+    """Both contracts, as one backing store provides them."""

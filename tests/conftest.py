@@ -19,8 +19,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from presence_svc.keys import Keys
-from presence_svc.redis_store import RedisStore
+from presence_svc.redis.keys import Keys
+from presence_svc.redis.store import RedisStore
 from tests.support.cluster import LocalCluster
 from tests.support.events import ClusterEventTap, EventTap
 from tests.support.processes import RedisServer

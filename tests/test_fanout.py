@@ -14,7 +14,7 @@ import pytest
 import presence_svc.fanout as fanout_module
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import Fanout, SingleLinks
-from presence_svc.keys import Keys
+from presence_svc.redis.keys import Keys
 from tests.conftest import open_redis
 from tests.support.tasks import stop
 

@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 import presence_svc.fanout as fanout_module
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import DEAD_AFTER, PING_AFTER, Fanout, SingleLinks
-from presence_svc.keys import Keys
+from presence_svc.redis.keys import Keys
 from tests.support.tasks import stop
 
 WAIT = 5.0

@@ -19,8 +19,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-import presence_svc.redis_nodes as redis_nodes_module
-from presence_svc.keys import Keys
+import presence_svc.redis.nodes as redis_nodes_module
 from presence_svc.leases import LeaseKeeper
 from presence_svc.models import (
     CURSOR_MOVED,
@@ -37,8 +36,9 @@ from presence_svc.models import (
     SweepReport,
     iso_from_ms,
 )
-from presence_svc.redis_nodes import REAP_RETRY_MS
-from presence_svc.redis_store import EMPTY_STUDY_TTL_MS, RedisStore
+from presence_svc.redis.keys import Keys
+from presence_svc.redis.nodes import REAP_RETRY_MS
+from presence_svc.redis.store import EMPTY_STUDY_TTL_MS, RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.store import StoreUnavailable
 from tests.conftest import FakeClock

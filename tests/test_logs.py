@@ -111,7 +111,7 @@ async def test_a_node_logs_no_token(tmp_path: Path) -> None:
 def record(
     msg: str,
     args: tuple[object, ...] = (),
-    name: str = "presence_svc.ws",
+    name: str = "presence_svc.web.ws",
     level: int = logging.INFO,
     exc_info: Any = None,
 ) -> logging.LogRecord:
@@ -133,7 +133,7 @@ def test_json_fields() -> None:
     assert line == {
         "ts": "2023-11-14T22:13:20.250Z",
         "level": "WARNING",
-        "logger": "presence_svc.ws",
+        "logger": "presence_svc.web.ws",
         "msg": "user alice joined s1",
         "node": "n-1",
     }
@@ -218,10 +218,10 @@ def test_text_format_redacts_records_of_child_loggers(
     restore_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     configure_logging("text", "info")
-    logging.getLogger("presence_svc.ws").info("open /ws?token=%s", "a.b.c")
-    logging.getLogger("presence_svc.ws").debug("below the level")
+    logging.getLogger("presence_svc.web.ws").info("open /ws?token=%s", "a.b.c")
+    logging.getLogger("presence_svc.web.ws").debug("below the level")
     err = capsys.readouterr().err
-    assert f"INFO presence_svc.ws: open /ws?token={REDACTED}" in err
+    assert f"INFO presence_svc.web.ws: open /ws?token={REDACTED}" in err
     assert "a.b.c" not in err
     assert "below the level" not in err
 

@@ -36,8 +36,6 @@ from pydantic import TypeAdapter, ValidationError
 
 from presence_svc.auth import LATEST_EXPIRY, AuthError, Principal, TokenVerifier, bearer
 from presence_svc.codec import EnvelopeError, Outgoing, decode_envelope, encode_envelope, json_text
-from presence_svc.http import validation_problems
-from presence_svc.keys import Keys
 from presence_svc.models import (
     EVENT_TYPES,
     ID_PATTERN,
@@ -52,7 +50,9 @@ from presence_svc.models import (
     compact_heartbeat,
 )
 from presence_svc.node import Node
-from presence_svc.ws import _Expiry, _refresh
+from presence_svc.redis.keys import Keys
+from presence_svc.web.errors import validation_problems
+from presence_svc.web.ws import _Expiry, _refresh
 
 FAST = settings(
     database=None,

@@ -9,8 +9,8 @@ import msgpack
 import pytest
 
 from presence_svc.codec import decode_envelope
-from presence_svc.keys import Keys
 from presence_svc.publisher import AsyncStudyEventPublisher, StudyEventPublisher, study_event
+from presence_svc.redis.keys import Keys
 
 
 def test_sync_publisher_puts_an_envelope_on_the_study_channel() -> None:

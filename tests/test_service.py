@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from presence_svc.keys import Keys
 from presence_svc.models import (
     CursorUpdate,
     Holder,
@@ -19,7 +18,8 @@ from presence_svc.models import (
     SweepReport,
     Thresholds,
 )
-from presence_svc.redis_store import RedisStore
+from presence_svc.redis.keys import Keys
+from presence_svc.redis.store import RedisStore
 from presence_svc.service import PresenceService
 from tests.conftest import FakeClock
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from presence_svc.keys import Keys
 from presence_svc.models import Status, SweepReport, Thresholds
-from presence_svc.redis_store import RedisStore
+from presence_svc.redis.keys import Keys
+from presence_svc.redis.store import RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.store import StoreUnavailable
 from presence_svc.sweeper import Sweeper

@@ -1,18 +1,55 @@
-"""The `presence-svc bench` subcommand's arguments; the harness itself is imported on use."""
+"""The `presence-svc bench` subcommand: its arguments, and `main`, which runs the harness.
+
+The harness and the scenarios are imported on use only: they (and the optional plotting
+dependency) are no part of a node.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
-SCENARIOS = ["fanout", "heartbeats", "idle", "sweep"]
+from presence_svc.bench.scenarios import NAMES
 
 
-def _run(args: argparse.Namespace) -> int:
-    # Imported here: the harness (and its optional plotting dependency) is no part of a node.
-    from presence_svc.bench.harness import main
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
-    return main(args)
+
+def main(args: Any) -> int:
+    """Entry point of `presence-svc bench` (args from add_bench_command's parser)."""
+    from presence_svc.bench.harness import BenchOptions, run
+    from presence_svc.bench.profiles import PROFILES
+    from presence_svc.bench.scenarios import catalogue
+
+    profile = PROFILES["full" if args.full else "quick"]
+    if args.profile:
+        profile = PROFILES[args.profile]
+    options = BenchOptions(
+        profile=profile,
+        scenarios=tuple(args.scenario or ()),
+        out_root=Path(args.out),
+        redis_url=args.redis_url,
+        nodes=tuple(u for part in args.nodes or () for u in part.split(",") if u),
+        baseline_nodes=tuple(u for part in args.baseline_nodes or () for u in part.split(",") if u),
+        key_prefix=args.key_prefix,
+        jwt_secret=args.jwt_secret,
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        run(options, catalogue())
+    except KeyboardInterrupt:
+        print(
+            "presence-svc bench: interrupted; every process it started is stopped", file=sys.stderr
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
 
 
 def add_bench_command(commands: Any) -> None:
@@ -30,9 +67,9 @@ def add_bench_command(commands: Any) -> None:
     bench.add_argument(
         "--scenario",
         action="append",
-        choices=SCENARIOS,
+        choices=NAMES,
         help="run only this scenario (repeatable; default: all, in this order: "
-        + ", ".join(SCENARIOS)
+        + ", ".join(NAMES)
         + ")",
     )
     bench.add_argument(
@@ -56,4 +93,4 @@ def add_bench_command(commands: Any) -> None:
         "--jwt-secret", help="PRESENCE_JWT_SECRET of --nodes (default: $PRESENCE_JWT_SECRET)"
     )
     bench.add_argument("--out", default="bench/results", help="results folder")
-    bench.set_defaults(run=_run)
+    bench.set_defaults(run=main)

@@ -11,8 +11,8 @@ from typing import Any
 
 from presence_svc.bench.wsclient import OP_TEXT, frame, open_ws
 from presence_svc.codec import json_text
-from presence_svc.keys import Keys
 from presence_svc.models import CursorUpdate, Thresholds, iso_from_ms
+from presence_svc.redis.keys import Keys
 
 EVENT_TYPE = "bench.cursor_moved"
 
@@ -103,7 +103,7 @@ class _Recorder:
 
         import redis.asyncio as aioredis
 
-        from presence_svc.redis_store import RedisStore
+        from presence_svc.redis.store import RedisStore
 
         self.client: Any = aioredis.Redis.from_url(url)
         # The service's defaults; only the idle threshold shows (in the schedule's due time).

@@ -10,17 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from presence_svc.bench import report
-from presence_svc.bench.profiles import PROFILES, Profile
+from presence_svc.bench.profiles import Profile
 from presence_svc.bench.runner import (
     Child,
     Endpoint,
@@ -31,13 +28,11 @@ from presence_svc.bench.runner import (
     start_redis,
 )
 
-SCENARIO_NAMES = ("fanout", "heartbeats", "idle", "sweep")
-
 
 @dataclass
 class BenchOptions:
     profile: Profile
-    scenarios: tuple[str, ...] = SCENARIO_NAMES
+    scenarios: tuple[str, ...] = ()  # names, in the order to run; empty: every one
     out_root: Path = Path("bench/results")
     redis_url: str | None = None  # None: start a private redis-server
     nodes: tuple[str, ...] = ()  # external nodes (http://HOST:PORT); empty: start local ones
@@ -140,30 +135,15 @@ class Context:
 Scenario = Callable[[Context], dict[str, Any]]
 
 
-def _scenarios() -> dict[str, Scenario]:
-    from presence_svc.bench import fanout, heartbeats, idle, sweep
-
-    return {
-        "fanout": fanout.run,
-        "heartbeats": heartbeats.run,
-        "idle": idle.run,
-        "sweep": sweep.run,
-    }
-
-
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def run(options: BenchOptions) -> dict[str, Any]:
-    """Run the scenarios; returns the summary (also written to summary.json)."""
+def run(options: BenchOptions, catalogue: Mapping[str, Scenario]) -> dict[str, Any]:
+    """Run the chosen scenarios of `catalogue`; returns the summary (also in summary.json)."""
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{options.profile.name}"
     folder = options.out_root / run_id
     (folder / "logs").mkdir(parents=True, exist_ok=True)
-    scenarios = _scenarios()
-    unknown = [s for s in options.scenarios if s not in scenarios]
+    chosen = options.scenarios or tuple(catalogue)
+    unknown = [s for s in chosen if s not in catalogue]
     if unknown:
-        raise ValueError(f"unknown scenario(s) {unknown}; choose from {list(scenarios)}")
+        raise ValueError(f"unknown scenario(s) {unknown}; choose from {list(catalogue)}")
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         redis_child: Child | None = None
@@ -196,10 +176,10 @@ def run(options: BenchOptions) -> dict[str, Any]:
             ctx.emit("plots skipped: matplotlib is missing (pip install -e '.[bench]')")
         results: dict[str, Any] = {}
         targets: list[report.Target] = []
-        for name in options.scenarios:
+        for name in chosen:
             ctx.emit(f"\n=== {name} ===")
             t0 = time.monotonic()
-            result = scenarios[name](ctx)
+            result = catalogue[name](ctx)
             result["seconds"] = round(time.monotonic() - t0, 1)
             result.update(scenario=name, profile=options.profile.name, environment=env)
             report.write_json(folder, name, result)
@@ -211,7 +191,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
             "run_id": run_id,
             "profile": options.profile.name,
             "environment": env,
-            "scenarios": list(options.scenarios),
+            "scenarios": list(chosen),
             "targets": targets,
             "loadavg_at_end": list(os.getloadavg()),
             "seconds": round(time.monotonic() - started, 1),
@@ -219,31 +199,3 @@ def run(options: BenchOptions) -> dict[str, Any]:
         report.write_json(folder, "summary", summary)
         (folder / "report.txt").write_text("\n".join(ctx.lines) + "\n")
         return summary
-
-
-def main(args: Any) -> int:
-    """Entry point of `presence-svc bench` (args from presence_svc.cli)."""
-    profile = PROFILES["full" if args.full else "quick"]
-    if args.profile:
-        profile = PROFILES[args.profile]
-    options = BenchOptions(
-        profile=profile,
-        scenarios=tuple(args.scenario or SCENARIO_NAMES),
-        out_root=Path(args.out),
-        redis_url=args.redis_url,
-        nodes=tuple(u for part in args.nodes or () for u in part.split(",") if u),
-        baseline_nodes=tuple(u for part in args.baseline_nodes or () for u in part.split(",") if u),
-        key_prefix=args.key_prefix,
-        jwt_secret=args.jwt_secret,
-    )
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    try:
-        run(options)
-    except KeyboardInterrupt:
-        print(
-            "presence-svc bench: interrupted; every process it started is stopped", file=sys.stderr
-        )
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0

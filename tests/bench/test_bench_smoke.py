@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from presence_svc.bench.capacity_inputs import read_results
-from presence_svc.bench.harness import SCENARIO_NAMES, BenchOptions, run
+from presence_svc.bench.capacity.inputs import read_results
+from presence_svc.bench.harness import BenchOptions, run
 from presence_svc.bench.profiles import PROFILES
+from presence_svc.bench.scenarios import NAMES, catalogue
 
 pytestmark = [pytest.mark.redis, pytest.mark.multinode, pytest.mark.timeout(90)]
 
@@ -31,13 +32,14 @@ def test_smoke_profile_writes_results(real_redis_url: str, tmp_path: Path) -> No
     summary = run(
         BenchOptions(
             profile=PROFILES["smoke"], out_root=tmp_path, redis_url=real_redis_url, quiet=True
-        )
+        ),
+        catalogue(),
     )
     folder = tmp_path / summary["run_id"]
-    assert (folder / "report.txt").read_text().count("===") == 2 * len(SCENARIO_NAMES)
+    assert (folder / "report.txt").read_text().count("===") == 2 * len(NAMES)
 
     written = _load(folder, "summary")
-    assert written["scenarios"] == list(SCENARIO_NAMES)
+    assert written["scenarios"] == list(NAMES)
     assert written["environment"]["cores"] >= 1
     assert written["targets"] and all(set(t) == TARGET_KEYS for t in written["targets"])
 

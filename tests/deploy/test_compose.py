@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from presence_svc.app import RELEASE_TIMEOUT
-from presence_svc.http import ROUTES
+from presence_svc.web.rest import ROUTES
 from tests.deploy.artifacts import (
     COMPOSE,
     DEPLOY,

@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from presence_svc.http import ROUTES
+from presence_svc.web.rest import ROUTES
 from tests.deploy.artifacts import (
     BUILD_LOCK,
     DOCKERIGNORE,

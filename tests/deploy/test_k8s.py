@@ -12,8 +12,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from presence_svc.app import RELEASE_TIMEOUT, create_app
-from presence_svc.http import ROUTES
 from presence_svc.settings import Settings
+from presence_svc.web.rest import ROUTES
 from tests.deploy.artifacts import (
     K8S,
     K8S_VERSION,

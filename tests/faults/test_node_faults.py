@@ -12,8 +12,8 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
-from presence_svc.keys import Keys
 from presence_svc.publisher import AsyncStudyEventPublisher
+from presence_svc.redis.keys import Keys
 from tests.faults.conftest import GRACE, LEASE_TTL, SWEEP, NodeFactory, record, study, token
 from tests.support.clients import Watcher
 from tests.support.processes import NodeProcess, RedisServer

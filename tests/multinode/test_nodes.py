@@ -23,8 +23,8 @@ import redis
 from redis.cluster import RedisCluster
 
 from presence_svc.auth import issue_token
-from presence_svc.keys import Keys
 from presence_svc.publisher import StudyEventPublisher
+from presence_svc.redis.keys import Keys
 from tests.conftest import _delete_prefix
 from tests.support.clients import Watcher, rest_heartbeat
 from tests.support.cluster import crossslot_errors

@@ -18,10 +18,10 @@ import msgpack
 import pytest
 from redis.crc import key_slot
 
-from presence_svc.cluster import ClusterBatcher, node_client
 from presence_svc.codec import encode_envelope
-from presence_svc.keys import Keys
 from presence_svc.models import EVENT_TYPES, Status, iso_from_ms
+from presence_svc.redis.cluster import ClusterBatcher, node_client
+from presence_svc.redis.keys import Keys
 
 DATA_FIELDS = [
     "session_id",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from presence_svc.keys import Keys
 from presence_svc.models import CursorUpdate, Thresholds
+from presence_svc.redis.keys import Keys
 
 IDLE_MS, AWAY_MS, EXPIRE_MS = 30_000, 300_000, 600_000
 THRESHOLDS = Thresholds(idle_after=30, away_after=300, expire_after=600)

@@ -1,0 +1,209 @@
+"""Scenario 1, fan-out: S studies x V viewers over the nodes, events published at a set rate.
+
+A publisher process sends `bench.cursor_moved` events (a cursor move's fields plus the study
+index `bs`, a per-study counter `bn` and the send time `bt` in ns) through Redis with the
+service's publisher; nodes relay them unchanged. Client processes count every delivery per
+socket (lost, duplicated, reordered) and its latency. The same JSON text then goes to the
+same number of sockets on the bare Starlette broadcast server (baseline.py): the ceiling.
+Last, on the same processes, the receive-cost point (fanout_receive.py): one socket per node and
+event, in rows of their own (`point` "receive"); the targets are judged on the loads alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from presence_svc.bench import report
+from presence_svc.bench.harness import Context
+from presence_svc.bench.scenarios import fanout_receive
+from presence_svc.bench.scenarios.fanout_measure import (
+    TARGET_LOAD,
+    close_sockets,
+    measure,
+    open_sockets,
+    specs,
+)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    p = ctx.profile.fanout
+    studies = [f"bench-f{i}" for i in range(p.studies)]
+    rows: list[dict[str, Any]] = []
+    with ctx.nodes(p.nodes, ctx.prefix("fanout")) as nodes, ctx.baselines(len(nodes)) as bases:
+        ctx.emit(
+            f"{p.studies} studies x {p.viewers} viewers = {p.studies * p.viewers} sockets "
+            f"on each of: {len(nodes)} nodes, {len(bases)} bare baseline servers; "
+            f"{ctx.clients} client processes + 1 publisher; {p.seconds:g} s per point"
+        )
+        open_sockets(ctx, "fanout-node", "node", specs(ctx, nodes, studies, p.viewers, "bench-fv"))
+        open_sockets(
+            ctx, "fanout-baseline", "baseline", specs(ctx, bases, studies, p.viewers, "bench-fb")
+        )
+        for load in p.loads:
+            for kind, servers in (("node", nodes), ("baseline", bases)):
+                rows.append(
+                    measure(
+                        ctx,
+                        kind,
+                        servers,
+                        studies,
+                        group=f"fanout-{kind}",
+                        viewers=p.viewers,
+                        events_per_s=load / p.viewers,
+                        seconds=p.seconds,
+                    )
+                )
+        close_sockets(ctx, "fanout-node", "fanout-baseline")
+        # The receive-cost point, on the same processes: one socket per node and event.
+        received = fanout_receive.run_point(ctx, nodes, bases)
+    result = _summarize(ctx, rows, len(nodes))
+    result["rows"] += fanout_receive.summarize(ctx, received, rows, len(nodes))
+    return result
+
+
+def _summarize(ctx: Context, rows: list[dict[str, Any]], node_count: int) -> dict[str, Any]:
+    by = {(r["target"], r["offered_deliveries_per_s"]): r for r in rows}
+    for r in rows:
+        base = by.get(("baseline", r["offered_deliveries_per_s"]))
+        cpu, base_cpu = r["server_cpu_us_per_delivery"], base and base["server_cpu_us_per_delivery"]
+        r["cpu_vs_baseline"] = round(cpu / base_cpu, 2) if cpu and base_cpu else None
+    columns = [
+        "target",
+        "offered/s",
+        "events/s",
+        "delivered/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "lost",
+        "dup",
+        "reord",
+        "closed",
+        "CPU us/deliv",
+        "x base",
+        "srv CPU/proc",
+        "redis CPU",
+        "clients CPU",
+    ]
+    ctx.emit(
+        report.table(
+            "Fan-out (CPU columns: fraction of one core; us = microseconds)",
+            columns,
+            [
+                [
+                    r["target"],
+                    r["offered_deliveries_per_s"],
+                    r["events_per_s"],
+                    r["deliveries_per_s"],
+                    r["latency_ms"]["p50"],
+                    r["latency_ms"]["p99"],
+                    r["latency_ms"]["max"],
+                    r["lost"],
+                    r["duplicated"],
+                    r["reordered"],
+                    r["closed_sockets"],
+                    r["server_cpu_us_per_delivery"],
+                    r["cpu_vs_baseline"],
+                    r["server_cpu_util_per_process"],
+                    r["redis_cpu_util"],
+                    r["clients_cpu_util"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    loads = sorted({r["offered_deliveries_per_s"] for r in rows})
+    judged = min(loads, key=lambda x: abs(x - TARGET_LOAD))
+    node, base = by.get(("node", judged)), by.get(("baseline", judged))
+    at = f"at {judged:,} deliveries/s offered, {node_count} node(s)"
+    node_rows = [r for r in rows if r["target"] == "node"]
+    ratio = node["cpu_vs_baseline"] if node else None
+    p99 = node["latency_ms"]["p99"] if node else None
+    targets = [
+        report.check(
+            "fan-out CPU per delivery vs bare Starlette",
+            "<= 1.4x",
+            ratio,
+            "x",
+            1.4,
+            False,
+            at,
+        ),
+        report.check(
+            "fan-out p99 publish->receive",
+            "<= 50 ms at 10k deliveries/s",
+            p99,
+            "ms",
+            50.0,
+            False,
+            at,
+        ),
+        # Past saturation a node closes sockets that fall 1024 events behind (close code
+        # 1013), by design, so losses count at the target load; duplicates never may happen.
+        report.check(
+            "fan-out lost events",
+            "0 at 10k deliveries/s",
+            node["lost"] if node else None,
+            "events",
+            0,
+            False,
+            at,
+        ),
+        report.check(
+            "fan-out duplicated events",
+            "0",
+            sum(r["duplicated"] for r in node_rows),
+            "events",
+            0,
+            False,
+            f"all {len(node_rows)} node runs",
+        ),
+    ]
+    plots = []
+    if node and base:
+        path = report.plot_cdf(
+            ctx.folder / "fanout-latency-cdf.png",
+            f"Fan-out latency, {judged:,} deliveries/s offered",
+            {
+                f"{node_count} nodes (via Redis)": node["_latencies"],
+                f"bare Starlette x{node_count}": base["_latencies"],
+            },
+        )
+        plots.append(path)
+    if len(loads) > 1:
+        series = {
+            k: [
+                (r["offered_deliveries_per_s"], r["deliveries_per_s"])
+                for r in rows
+                if r["target"] == k
+            ]
+            for k in ("node", "baseline")
+        }
+        p99 = {
+            f"{k} p99 ms": [
+                (r["offered_deliveries_per_s"], r["latency_ms"]["p99"] or 0)
+                for r in rows
+                if r["target"] == k
+            ]
+            for k in ("node", "baseline")
+        }
+        plots.append(
+            report.plot_lines(
+                ctx.folder / "fanout-throughput.png",
+                "Fan-out: delivered vs offered load",
+                "offered deliveries/s",
+                "delivered deliveries/s",
+                series,
+                p99,
+                "p99 latency (ms)",
+            )
+        )
+    for r in rows:
+        del r["_latencies"]
+    return {
+        "config": asdict(ctx.profile.fanout),
+        "rows": rows,
+        "targets": targets,
+        "plots": [str(p) for p in plots if p is not None],
+    }

@@ -1,0 +1,136 @@
+"""Opening the node's Redis clients: a real server or cluster (with retry), or the embedded one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from presence_svc.fanout import Links, SingleLinks
+from presence_svc.redis.cluster import ClusterLinks, is_cluster
+from presence_svc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CONNECT_ATTEMPTS = 10
+
+
+def embedded_redis() -> Any:
+    """An in-process Redis (fakeredis with Lua) for the single-node dev mode."""
+    try:
+        import fakeredis
+    except ImportError:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "PRESENCE_REDIS_URL is unset and the embedded Redis is not installed: "
+            "pip install 'presence-svc[embedded]' or set PRESENCE_REDIS_URL"
+        ) from None
+    return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+
+
+@dataclass(frozen=True, slots=True)
+class RedisClients:
+    """The node's client for commands, and the pub/sub links fan-out subscribes on.
+
+    Pub/sub connections never reconnect on their own: redis-py would resubscribe silently and
+    the node would not know that events were lost meanwhile (fanout.py reconnects and resyncs).
+    """
+
+    commands: Any
+    links: Links
+    owns_commands: bool = True  # closed by aclose (a client handed to create_app is not)
+
+    @classmethod
+    def around(cls, commands: Any) -> RedisClients:
+        """Links for a client opened elsewhere (tests, the embedded Redis)."""
+        links: Links = ClusterLinks(commands) if is_cluster(commands) else SingleLinks(commands)
+        return cls(commands, links, owns_commands=False)
+
+    async def aclose(self) -> None:
+        await self.links.aclose()
+        if self.owns_commands:
+            await self.commands.aclose()
+
+
+async def connect(settings: Settings) -> RedisClients:
+    """Connected clients for `settings`, retrying a real server with capped backoff."""
+    if settings.redis_url is None:
+        log.warning(
+            "SINGLE-NODE DEV MODE: embedded in-process Redis (PRESENCE_REDIS_URL is unset); "
+            "state is lost on exit and no other node can share it"
+        )
+        embedded = embedded_redis()
+        return RedisClients(embedded, SingleLinks(embedded))
+    if settings.redis_cluster:
+        return await _connect_cluster(settings.redis_url, settings.redis_max_connections)
+    # A bounded pool that makes callers wait for a free connection: a burst of thousands of
+    # requests must queue, not open thousands of connections or fail. One quick retry, so a
+    # request fails over to 503 in well under a second when Redis is down.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=5,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+    )
+    client = Redis.from_pool(pool)  # owns the pool: closing the client closes its connections
+    await _until_reachable(client, "Redis", client.ping)
+    pubsub = Redis.from_url(
+        settings.redis_url,
+        # RESP2: redis-py 8 handles every RESP3 push (each pub/sub message) through a logger
+        # lookup and a str() of the whole message, even with debug logs off.
+        protocol=2,
+        socket_connect_timeout=2,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return RedisClients(client, SingleLinks(pubsub, owned=True))
+
+
+async def _connect_cluster(seed_url: str, max_connections: int) -> RedisClients:
+    # The cluster client routes plain commands by slot and follows MOVED/ASK itself; the
+    # batched calls and the pub/sub links use its slot map (cluster.py).
+    client = RedisCluster.from_url(
+        seed_url,
+        max_connections=max_connections,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+    )
+
+    async def ready() -> None:
+        await client.initialize()
+        await client.ping()
+
+    await _until_reachable(client, "Redis Cluster", ready)
+    return RedisClients(client, ClusterLinks(client))
+
+
+async def _until_reachable(client: Any, what: str, probe: Callable[[], Awaitable[Any]]) -> None:
+    """Run `probe` until it succeeds, with capped backoff; close `client` if it never does."""
+    delay = 0.2
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            await probe()
+            return
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
+            if attempt == CONNECT_ATTEMPTS:
+                await client.aclose()
+                raise RuntimeError(f"cannot reach {what} after {attempt} attempts: {exc}") from exc
+            log.warning("%s not reachable (attempt %d): %s; retrying", what, attempt, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,90 @@
+"""The node registry on Redis: which nodes are alive, the leases each holds, reaping the dead.
+
+RedisStore delegates its node methods here (store.py has their contract).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from presence_svc.models import Lease
+from presence_svc.redis.batch import Batcher, Command
+from presence_svc.redis.calls import call, lease_member, parse_lease, text
+from presence_svc.redis.cluster import ClusterBatcher
+from presence_svc.redis.keys import Keys
+from presence_svc.redis.scripts import Scripts
+
+# Dead-node cleanup: nodes claimed per call, leases released per round trip, and how long a
+# claimed cleanup may stay unfinished before another node takes it over.
+REAP_NODES = 10
+REAP_BATCH = 500
+REAP_RETRY_MS = 30_000
+
+Release = Callable[[Sequence[Lease], int, int], Awaitable[int]]
+
+
+class RedisNodes:
+    def __init__(
+        self,
+        redis: Any,
+        keys: Keys,
+        scripts: Scripts,
+        batch: Batcher | ClusterBatcher,
+        release: Release,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._scripts = scripts
+        self._batch = batch
+        self._release = release
+
+    async def renew(self, node_id: str, now_ms: int) -> bool:
+        keys = [self._keys.live_nodes, self._keys.dead_nodes]
+        [renewed] = await self._batch.run([call(self._scripts.renew_node, keys, [node_id, now_ms])])
+        return bool(renewed)
+
+    async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
+        if not leases:
+            return []
+        operations: list[list[Command]] = []
+        for lease in leases:
+            sk = self._keys.study(lease.study_id)
+            member = lease_member(lease.study_id, lease.user_id, lease.holder)
+            operations.append(
+                [
+                    ("SADD", self._keys.node_leases(lease.holder.node_id), member),
+                    call(
+                        self._scripts.acquire,
+                        [sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
+                        [lease.user_id, lease.holder.connection_id],
+                    ),
+                ]
+            )
+        replies = await asyncio.gather(*(self._batch.run(op) for op in operations))
+        return [bool(reply[1]) for reply in replies]
+
+    async def drop(self, node_id: str) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self._keys.live_nodes, node_id)
+            pipe.delete(self._keys.node_leases(node_id))
+            await pipe.execute()
+
+    async def reap(self, now_ms: int, lease_ttl_ms: int, grace_ms: int) -> int:
+        keys = [self._keys.live_nodes, self._keys.dead_nodes]
+        args = [now_ms, lease_ttl_ms, REAP_RETRY_MS, REAP_NODES]
+        [claimed] = await self._batch.run([call(self._scripts.claim_dead_nodes, keys, args)])
+        released = 0
+        for i in range(0, len(claimed), 2):
+            node_id, last_seen = text(claimed[i]), int(float(text(claimed[i + 1])))
+            leave_at = max(last_seen + lease_ttl_ms, now_ms - grace_ms) + grace_ms
+            key = self._keys.node_leases(node_id)
+            # Read, release, then remove: a reaper dying midway leaves the rest for the next.
+            while batch := await self._redis.srandmember(key, REAP_BATCH):
+                leases = [parse_lease(node_id, raw) for raw in batch]
+                await self._release([lease for lease in leases if lease], leave_at, now_ms)
+                await self._redis.srem(key, *batch)
+                released += len(batch)
+            await self._redis.zrem(self._keys.dead_nodes, node_id)
+        return released

@@ -1,0 +1,90 @@
+"""The shapes of REST responses, for the OpenAPI document only.
+
+The handlers render the domain dataclasses (`to_json`); these models only describe the result,
+and tests/web/test_openapi.py checks that real responses validate against them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from presence_svc.models import Identifier, MovePath, Status
+
+ISO_MS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
+HEX32_PATTERN = r"^[0-9a-f]{32}$"
+
+IsoTime = Annotated[
+    str,
+    Field(pattern=ISO_MS_PATTERN, json_schema_extra={"format": "date-time"}),
+]
+Hex32 = Annotated[str, StringConstraints(pattern=HEX32_PATTERN)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class _ResponseShape(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SessionOut(_ResponseShape):
+    """One user's presence in one study (`Session.to_json`)."""
+
+    session_id: Hex32
+    user_id: Identifier
+    study_id: Identifier
+    chapter_id: Identifier | None
+    move_path: MovePath | None
+    status: Status
+    last_heartbeat: IsoTime
+    joined_at: IsoTime
+
+
+class PresenceOut(_ResponseShape):
+    """Everyone present in a study (`StudyPresence.to_json`)."""
+
+    study_id: Identifier
+    users: list[SessionOut]
+    total: Count
+    seq: Count = Field(description="the seq of the last event this listing includes")
+
+
+class LeaveOut(_ResponseShape):
+    """The answer to `DELETE /presence/{study_id}`, also when there was no session."""
+
+    status: Literal["success"]
+
+
+class Problem(_ResponseShape):
+    """One validation problem: where, what, and its type."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorOut(_ResponseShape):
+    """Every error: a code, and a message or (422) the list of problems."""
+
+    error: str
+    detail: str | list[Problem]
+
+
+class HealthOut(_ResponseShape):
+    """`GET /healthz`: the event loop answers; what the node holds right now."""
+
+    status: Literal["ok"]
+    node_id: Hex32
+    sockets: Count
+    studies: Count
+    leases: Count
+    slow_consumers: Count
+
+
+class ReadinessOut(_ResponseShape):
+    """`GET /readyz`: `ready` (200) only if every check passes, else `not ready` (503)."""
+
+    status: Literal["ready", "not ready"]
+    redis: Literal["ok", "unreachable"]
+    pubsub: Literal["ok", "reconnecting"]
+    draining: bool

@@ -1,0 +1,265 @@
+"""`WS /ws/presence?study_id=...`: a study's snapshot, then its events, plus client messages.
+
+Close codes. Right after the handshake, before any study data: 4400 bad request (study_id
+missing or invalid), 4401 unauthorized (missing, invalid or expired token), 4403 forbidden
+(an Origin not in PRESENCE_ALLOWED_ORIGINS, or no grant for the study), 4429 the user already
+has PRESENCE_MAX_SOCKETS_PER_USER sockets on this node. Later: 4401 the token expired without
+a refresh; 1008 messages faster than PRESENCE_WS_MESSAGE_RATE allows; 1009 a message over
+PRESENCE_WS_MAX_MESSAGE_SIZE; 1011 the node could not subscribe to or read the study; 1012
+the node is shutting down (reconnect, the load balancer picks another node); 1013 the client
+read too slowly and its outgoing queue overflowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from presence_svc import requestid
+from presence_svc.auth import AuthError, Principal, bearer
+from presence_svc.codec import Outgoing, json_text
+from presence_svc.limits import TokenBucket
+from presence_svc.models import (
+    ID_PATTERN,
+    PING_TEXT,
+    ClientMessage,
+    HeartbeatMessage,
+    RefreshMessage,
+    compact_heartbeat,
+    iso_from_ms,
+)
+from presence_svc.node import Node
+from presence_svc.store import StoreUnavailable
+from presence_svc.web.errors import validation_problems
+from presence_svc.web.ws_connection import Connection, error_message
+from presence_svc.web.ws_heartbeats import Heartbeats
+
+log = logging.getLogger(__name__)
+
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403  # an Origin not allowed, or no grant for the study
+CLOSE_TOO_MANY_SOCKETS = 4429
+CLOSE_POLICY = 1008  # the client sends messages faster than allowed
+CLOSE_INTERNAL = 1011
+
+HEARTBEAT_DRAIN_TIMEOUT = 5.0
+
+_STUDY_ID = re.compile(ID_PATTERN)
+_MESSAGES: TypeAdapter[Any] = TypeAdapter(ClientMessage)
+
+
+def _now_iso() -> str:
+    return iso_from_ms(int(time.time() * 1000))
+
+
+def _pong() -> Outgoing:
+    # json_text's output, without its cost: a timestamp never needs escaping.
+    return Outgoing(None, '{"type":"pong","data":{"timestamp":"' + _now_iso() + '"}}')
+
+
+async def snapshot_message(node: Node, study_id: str) -> Outgoing:
+    """The study's presence as a `presence.snapshot` message, and the seq it reflects."""
+    presence = await node.service.presence(study_id)
+    text = json_text({"type": "presence.snapshot", "data": presence.to_json()})
+    return Outgoing(None, text, floor=presence.seq)
+
+
+async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
+    await websocket.accept()
+    # A close frame carries at most 123 bytes of reason.
+    await websocket.close(code, reason.encode()[:123].decode(errors="ignore"))
+
+
+async def presence_socket(websocket: WebSocket) -> None:
+    node: Node = websocket.app.state.node
+    origin = websocket.headers.get("origin")
+    allowed = node.settings.allowed_origins
+    if allowed and origin is not None and origin.rstrip("/") not in allowed:
+        # Cross-site WebSocket hijacking: a page elsewhere riding on a user's token or cookie.
+        await _refuse(websocket, CLOSE_FORBIDDEN, "origin not allowed")
+        return
+    token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+    try:
+        principal = node.verifier.principal(token)
+    except AuthError as exc:
+        await _refuse(websocket, CLOSE_UNAUTHORIZED, str(exc))
+        return
+    study_id = websocket.query_params.get("study_id", "")
+    if not _STUDY_ID.fullmatch(study_id):
+        await _refuse(websocket, CLOSE_BAD_REQUEST, f"study_id must match {ID_PATTERN}")
+        return
+    if node.settings.study_grant_required and not principal.may_access(study_id):
+        await _refuse(websocket, CLOSE_FORBIDDEN, "the token grants no access to this study")
+        return
+
+    user_id = principal.user_id
+    if node.sockets_by_user[user_id] >= node.settings.max_sockets_per_user:
+        await _refuse(websocket, CLOSE_TOO_MANY_SOCKETS, "too many sockets for this user")
+        return
+    await websocket.accept()
+    node.open_sockets += 1
+    node.sockets_by_user[user_id] += 1
+    try:
+        await _serve(websocket, node, principal, study_id)
+    finally:
+        node.open_sockets -= 1
+        node.sockets_by_user[user_id] -= 1
+        if not node.sockets_by_user[user_id]:
+            del node.sockets_by_user[user_id]
+
+
+class _Expiry:
+    """Closes the socket with 4401 when its token expires, unless a refresh pushed it back."""
+
+    def __init__(self, conn: Connection, expires_at: float) -> None:
+        self._conn = conn
+        self._timer: asyncio.TimerHandle | None = None
+        self.move(expires_at)
+
+    def move(self, expires_at: float) -> None:
+        self.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, expires_at - time.time())
+        self._timer = loop.call_later(
+            delay, self._conn.close_with, CLOSE_UNAUTHORIZED, "token expired"
+        )
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+async def _serve(websocket: WebSocket, node: Node, principal: Principal, study_id: str) -> None:
+    user_id = principal.user_id
+    conn = Connection(websocket, node.settings.socket_queue_size, node.count_slow_consumer)
+    try:
+        await node.fanout.add(study_id, conn)
+    except Exception as exc:
+        log.error("cannot subscribe to study %s: %s", study_id, exc)
+        await websocket.close(CLOSE_INTERNAL, "cannot subscribe to the study")
+        return
+    # The id the logs carry for this socket (requestid.py), so a client's report and the
+    # node's log lines meet; made here when the app runs without that middleware (tests).
+    connection_id = requestid.connection_id() or uuid.uuid4().hex
+    try:
+        try:
+            snapshot = await node.snapshots(study_id)
+        except StoreUnavailable:
+            await websocket.close(CLOSE_INTERNAL, "presence storage is unreachable")
+            return
+        connected = {
+            "connection_id": connection_id,
+            "user_id": user_id,
+            "study_id": study_id,
+            "timestamp": _now_iso(),
+        }
+        await websocket.send_text(json_text({"type": "connected", "data": connected}))
+        await websocket.send_text(snapshot.text)
+        conn.start(snapshot.floor or 0)
+        expiry = _Expiry(conn, principal.expires_at)
+        try:
+            await _read(websocket, node, conn, expiry, principal, connection_id, study_id)
+        finally:
+            expiry.cancel()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await conn.stop()
+        await node.fanout.remove(study_id, conn)
+        await node.leases.release(connection_id)
+        if websocket.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await websocket.close()
+
+
+async def _read(
+    websocket: WebSocket,
+    node: Node,
+    conn: Connection,
+    expiry: _Expiry,
+    principal: Principal,
+    connection_id: str,
+    study_id: str,
+) -> None:
+    beats: Heartbeats | None = None  # made at the first heartbeat: idle sockets hold none
+    budget = TokenBucket(node.settings.ws_message_rate, node.settings.ws_message_burst)
+    # The ASGI receive itself, once accepted: Starlette's WebSocket.receive adds a coroutine
+    # and checks to every message; the state it keeps is kept here.
+    receive = websocket._receive
+    try:
+        while True:
+            frame = await receive()
+            kind = frame["type"]
+            if kind != "websocket.receive":
+                if kind == "websocket.disconnect":
+                    websocket.client_state = WebSocketState.DISCONNECTED
+                    return
+                raise RuntimeError(
+                    'Expected ASGI message "websocket.receive" or "websocket.disconnect", '
+                    f"but got {kind!r}"
+                )
+            if budget.take():
+                conn.close_with(CLOSE_POLICY, "message rate exceeded")
+                return
+            text = frame.get("text")
+            if text is None:
+                conn.deliver(error_message("invalid_message", "binary frames are not supported"))
+                continue
+            cursor = compact_heartbeat(text)
+            if cursor is None:
+                if text == PING_TEXT:
+                    conn.deliver(_pong())
+                    continue
+                try:
+                    message = _MESSAGES.validate_json(text)
+                except ValidationError as exc:
+                    problems = validation_problems(exc)
+                    conn.deliver(
+                        error_message("invalid_message", "message not understood", problems)
+                    )
+                    continue
+                if isinstance(message, RefreshMessage):
+                    conn.deliver(_refresh(node, expiry, principal, message.token, study_id))
+                    continue
+                if not isinstance(message, HeartbeatMessage):
+                    conn.deliver(_pong())
+                    continue
+                cursor = message.cursor()
+            if beats is None:
+                beats = Heartbeats(node, conn, connection_id, principal.user_id, study_id)
+            # Not awaited, so the next frame is read meanwhile: the store applies a socket's
+            # heartbeats in the order they were sent (batch.py), and a few may be in flight.
+            full = beats.start(cursor)
+            if full is not None:
+                await full
+    finally:
+        # A heartbeat landing after the release would hold the session for a closed socket.
+        idle = beats.idle() if beats is not None else None
+        if idle is not None:
+            await asyncio.wait([idle], timeout=HEARTBEAT_DRAIN_TIMEOUT)
+
+
+def _refresh(
+    node: Node, expiry: _Expiry, principal: Principal, token: str, study_id: str
+) -> Outgoing:
+    """Accept a fresh token for the same user (and, if required, the same study)."""
+    try:
+        fresh = node.verifier.principal(token)
+    except AuthError as exc:
+        return error_message("invalid_token", str(exc))
+    if fresh.user_id != principal.user_id:
+        return error_message("invalid_token", "the token is for another user")
+    if node.settings.study_grant_required and not fresh.may_access(study_id):
+        return error_message("invalid_token", "the token grants no access to this study")
+    expiry.move(fresh.expires_at)
+    expires = iso_from_ms(int(fresh.expires_at * 1000))
+    return Outgoing(None, json_text({"type": "refreshed", "data": {"expires_at": expires}}))

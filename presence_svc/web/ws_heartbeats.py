@@ -1,0 +1,125 @@
+"""A socket's heartbeats in flight: up to HEARTBEATS_IN_FLIGHT store calls, answered in order."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Generator
+from typing import Any
+
+from presence_svc.models import CursorUpdate
+from presence_svc.node import Node
+from presence_svc.store import StoreUnavailable
+from presence_svc.web.ws_connection import Connection, error_message
+
+log = logging.getLogger(__name__)
+
+HEARTBEATS_IN_FLIGHT = 16  # per socket; reading pauses beyond it
+
+_Step = Generator[Any, None, Any]  # an awaitable's __await__()
+
+
+class Heartbeats:
+    """A socket's heartbeats in flight, each a store call run without a Task of its own.
+
+    A Task per heartbeat (its creation and registration, a loop turn to start it, another to
+    report it done) cost more than parsing the message. A heartbeat's first step runs at once
+    in the reader, which queues its Redis commands; every future it then waits on resumes it
+    from that future's done callback, as a Task would. The store path uses nothing that needs
+    a current Task (no asyncio.timeout; batch.py times out its own tasks).
+    """
+
+    __slots__ = (
+        "_conn",
+        "_connection_id",
+        "_counted",
+        "_idle",
+        "_leases",
+        "_ok",
+        "_slot",
+        "_study_id",
+        "_user_id",
+        "in_flight",
+    )
+
+    def __init__(
+        self, node: Node, conn: Connection, connection_id: str, user_id: str, study_id: str
+    ) -> None:
+        self._leases = node.leases
+        self._counted = node.metrics.heartbeats
+        self._ok: Any = None  # its counter, looked up once, at the first success
+        self._conn = conn
+        self._connection_id = connection_id
+        self._user_id = user_id
+        self._study_id = study_id
+        self.in_flight = 0
+        self._slot: asyncio.Future[None] | None = None  # the reader waits here when too many
+        self._idle: asyncio.Future[None] | None = None  # the closing socket waits here
+
+    def start(self, cursor: CursorUpdate) -> asyncio.Future[None] | None:
+        """Send one heartbeat; a future to await first if too many are in flight."""
+        self.in_flight += 1
+        try:
+            call = self._leases.heartbeat(
+                self._connection_id, self._user_id, self._study_id, cursor
+            ).__await__()
+        except BaseException as exc:
+            self._finished(exc)
+        else:
+            self._advance(call, None)
+        if self.in_flight < HEARTBEATS_IN_FLIGHT:
+            return None
+        self._slot = asyncio.get_running_loop().create_future()
+        return self._slot
+
+    def idle(self) -> asyncio.Future[None] | None:
+        """A future done when no heartbeat is in flight any more; None if none is."""
+        if not self.in_flight:
+            return None
+        self._idle = asyncio.get_running_loop().create_future()
+        return self._idle
+
+    def _resume(self, call: _Step, _: object) -> None:
+        self._advance(call, None)
+
+    def _advance(self, call: _Step, error: BaseException | None) -> None:
+        try:
+            yielded = call.send(None) if error is None else call.throw(error)
+        except BaseException as exc:  # StopIteration when it is done
+            self._finished(exc)
+            return
+        # What Task.__step does with what a coroutine yields.
+        if getattr(yielded, "_asyncio_future_blocking", None):
+            yielded._asyncio_future_blocking = False
+            yielded.add_done_callback(functools.partial(self._resume, call))
+        elif yielded is None:
+            asyncio.get_running_loop().call_soon(self._resume, call, None)
+        else:
+            self._advance(call, RuntimeError(f"heartbeat got bad yield: {yielded!r}"))
+
+    def _finished(self, outcome: BaseException) -> None:
+        try:
+            if type(outcome) is StopIteration:
+                if self._ok is None:
+                    self._ok = self._counted.labels("websocket", "ok")
+                self._ok.inc()
+            elif isinstance(outcome, StoreUnavailable):
+                self._counted.labels("websocket", "unavailable").inc()
+                self._conn.deliver(error_message("unavailable", "presence storage is unreachable"))
+            elif isinstance(outcome, asyncio.CancelledError):
+                pass
+            elif isinstance(outcome, Exception):
+                self._counted.labels("websocket", "internal").inc()
+                log.error(
+                    "heartbeat of %s in %s failed", self._user_id, self._study_id, exc_info=outcome
+                )
+                self._conn.deliver(error_message("internal", "the heartbeat could not be recorded"))
+            else:
+                raise outcome  # KeyboardInterrupt, SystemExit: as a Task would
+        finally:
+            self.in_flight -= 1
+            if self._slot is not None and not self._slot.done():
+                self._slot.set_result(None)
+            if not self.in_flight and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)

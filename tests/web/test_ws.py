@@ -1,0 +1,997 @@
+"""`WS /ws/presence`: TestClient on fakeredis, plus a real uvicorn server on real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+import fakeredis
+import httpx
+import jwt
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from starlette.applications import Starlette
+from starlette.testclient import TestClient, WebSocketTestSession
+from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from presence_svc.app import create_app
+from presence_svc.auth import issue_token
+from presence_svc.codec import Outgoing
+from presence_svc.metrics import Metrics
+from presence_svc.models import NO_CURSOR
+from presence_svc.node import Node
+from presence_svc.publisher import study_event
+from presence_svc.redis.keys import Keys
+from presence_svc.settings import Settings, load_settings
+from presence_svc.store import StoreUnavailable
+from presence_svc.web.ws_connection import CLOSE_SLOW_CONSUMER, Connection
+from presence_svc.web.ws_heartbeats import HEARTBEATS_IN_FLIGHT, Heartbeats
+from tests.support.clients import Watcher, rest_heartbeat
+from tests.support.processes import free_port
+
+SECRET = "ws-tests-secret-" + "0123456789abcdef" * 3
+ISO_MS_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+EVENT_FIELDS = {
+    "session_id",
+    "user_id",
+    "study_id",
+    "chapter_id",
+    "move_path",
+    "status",
+    "timestamp",
+    "seq",
+}
+RECEIVE_TIMEOUT = 5.0
+
+
+def token(user: str = "alice", secret: str = SECRET) -> str:
+    return issue_token(user, secret, studies="*")
+
+
+def bearer(user: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(user)}"}
+
+
+def receive(ws: WebSocketTestSession, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
+    """The next JSON message, waiting at most `timeout` (TestClient's own receive never times
+    out); a close frame raises WebSocketDisconnect as TestClient does."""
+
+    async def next_message() -> Any:
+        with anyio.fail_after(timeout):
+            return await ws._send_rx.receive()
+
+    message = ws.portal.call(next_message)
+    ws._raise_on_close(message)
+    assert message["type"] == "websocket.send", message
+    assert "text" in message and message["text"] is not None, message
+    decoded: dict[str, Any] = json.loads(message["text"])
+    return decoded
+
+
+def receive_event(ws: WebSocketTestSession) -> dict[str, Any]:
+    message = receive(ws)
+    assert message["type"].startswith("presence."), message
+    return message
+
+
+@dataclass
+class App:
+    client: TestClient
+    redis: Any
+    keys: Keys
+
+    @property
+    def node(self) -> Node:
+        node: Node = self.client.app.state.node  # type: ignore[attr-defined]
+        return node
+
+    def open(self, study: str, user: str = "alice") -> Any:
+        return self.client.websocket_connect(f"/ws/presence?study_id={study}", headers=bearer(user))
+
+    def heartbeat(self, study: str, user: str = "alice", **cursor: Any) -> dict[str, Any]:
+        response = self.client.post(
+            "/presence/heartbeat", json={"study_id": study, **cursor}, headers=bearer(user)
+        )
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def presence(self, study: str) -> dict[str, Any]:
+        response = self.client.get(f"/presence/{study}", headers=bearer())
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def publish(self, study: str, payload: bytes) -> None:
+        async def publish() -> None:
+            await self.redis.publish(self.keys.channel(study), payload)
+
+        self.client.portal.call(publish)
+
+
+def make_settings(key_prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": None,
+        "jwt_secret": SECRET,
+        "idle_after": 30,
+        "away_after": 60,
+        "expire_after": 90,
+        "sweep_interval": 0.1,
+        "key_prefix": key_prefix,
+    }
+    return load_settings(**{**values, **overrides})
+
+
+@pytest.fixture
+def app(key_prefix: str) -> Iterator[App]:
+    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    with TestClient(create_app(make_settings(key_prefix), redis=redis)) as client:
+        yield App(client, redis, Keys(key_prefix))
+        client.portal.call(redis.aclose)
+
+
+def join(ws: WebSocketTestSession) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The connected message and the snapshot, checking their order."""
+    connected = receive(ws)
+    assert connected["type"] == "connected", connected
+    snapshot = receive(ws)
+    assert snapshot["type"] == "presence.snapshot", snapshot
+    return connected["data"], snapshot["data"]
+
+
+def ping(ws: WebSocketTestSession) -> None:
+    ws.send_json({"type": "ping"})
+    pong = receive(ws)
+    assert pong["type"] == "pong", pong
+
+
+# --- handshake -----------------------------------------------------------------------------
+
+
+def test_connected_then_snapshot(app: App) -> None:
+    bob = app.heartbeat("s1", "bob", chapter_id="c1", move_path="main.1")
+    app.heartbeat("other", "carol")
+    with app.open("s1", "alice") as ws:
+        connected, snapshot = join(ws)
+    assert set(connected) == {"connection_id", "user_id", "study_id", "timestamp"}
+    assert connected["user_id"] == "alice"
+    assert connected["study_id"] == "s1"
+    assert re.fullmatch(r"[0-9a-f]{32}", connected["connection_id"])
+    assert ISO_MS_Z.match(connected["timestamp"])
+    assert snapshot == {"study_id": "s1", "users": [bob], "total": 1, "seq": 1}
+    assert snapshot == app.presence("s1")
+    # Connecting is not a heartbeat: alice is not present.
+    assert app.presence("s1")["total"] == 1
+
+
+def test_each_connection_has_its_own_id(app: App) -> None:
+    with app.open("s1") as first, app.open("s1") as second:
+        one, _ = join(first)
+        two, _ = join(second)
+    assert one["connection_id"] != two["connection_id"]
+
+
+def test_snapshot_of_an_empty_study(app: App) -> None:
+    with app.open("empty") as ws:
+        _, snapshot = join(ws)
+    assert snapshot == {"study_id": "empty", "users": [], "total": 0, "seq": 0}
+
+
+def test_token_in_query_string(app: App) -> None:
+    with app.client.websocket_connect(f"/ws/presence?study_id=s1&token={token('qbert')}") as ws:
+        connected, _ = join(ws)
+        ws.send_json({"type": "heartbeat"})
+        assert receive_event(ws)["data"]["user_id"] == "qbert"
+    assert connected["user_id"] == "qbert"
+
+
+def test_token_in_header(app: App) -> None:
+    with app.client.websocket_connect("/ws/presence?study_id=s1", headers=bearer("hank")) as ws:
+        connected, _ = join(ws)
+    assert connected["user_id"] == "hank"
+
+
+def _expired() -> str:
+    return jwt.encode({"sub": "alice", "exp": int(time.time()) - 5}, SECRET, algorithm="HS256")
+
+
+BAD_TOKENS: dict[str, tuple[dict[str, str], str]] = {
+    "missing": ({}, ""),
+    "empty-query": ({}, "&token="),
+    "garbage-query": ({}, "&token=not.a.jwt"),
+    "garbage-header": ({"Authorization": "Bearer junk"}, ""),
+    "basic-scheme": ({"Authorization": "Basic YWxpY2U6cHc="}, ""),
+    "forged": ({"Authorization": "Bearer " + token(secret="x" * 40)}, ""),
+    "expired": ({"Authorization": "Bearer " + _expired()}, ""),
+    "expired-query": ({}, "&token=" + _expired()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TOKENS))
+def test_bad_token_closes_with_4401_before_any_data(app: App, case: str) -> None:
+    headers, query = BAD_TOKENS[case]
+    app.heartbeat("s1", "bob")
+    with (
+        pytest.raises(WebSocketDisconnect) as closed,
+        app.client.websocket_connect(f"/ws/presence?study_id=s1{query}", headers=headers) as ws,
+    ):
+        receive(ws)  # the very first message is the close: no connected, no snapshot
+    assert closed.value.code == 4401
+    assert closed.value.reason
+    assert app.node.fanout.studies == 0  # never subscribed
+
+
+def test_expired_token_close_reason(app: App) -> None:
+    with (
+        pytest.raises(WebSocketDisconnect) as closed,
+        app.client.websocket_connect(
+            "/ws/presence?study_id=s1", headers={"Authorization": f"Bearer {_expired()}"}
+        ) as ws,
+    ):
+        receive(ws)
+    assert closed.value.reason == "token expired"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "?study_id=",
+        "?study=s1",
+        "?study_id=-s1",
+        "?study_id=a%20b",
+        "?study_id=s1%0A",
+        "?study_id=s1/x",
+        "?study_id=" + "a" * 129,
+    ],
+)
+def test_bad_study_id_closes_with_4400(app: App, query: str) -> None:
+    with (
+        pytest.raises(WebSocketDisconnect) as closed,
+        app.client.websocket_connect(f"/ws/presence{query}", headers=bearer()) as ws,
+    ):
+        receive(ws)
+    assert closed.value.code == 4400
+    assert app.node.fanout.studies == 0
+
+
+def test_auth_is_checked_before_the_study_id(app: App) -> None:
+    with (
+        pytest.raises(WebSocketDisconnect) as closed,
+        app.client.websocket_connect("/ws/presence?study_id=-bad") as ws,
+    ):
+        receive(ws)
+    assert closed.value.code == 4401
+
+
+# --- client messages -----------------------------------------------------------------------
+
+
+def test_ping_pong(app: App) -> None:
+    with app.open("s1") as ws:
+        join(ws)
+        for _ in range(3):
+            ws.send_json({"type": "ping"})
+            pong = receive(ws)
+            assert set(pong) == {"type", "data"}
+            assert pong["type"] == "pong"
+            assert set(pong["data"]) == {"timestamp"}
+            assert ISO_MS_Z.match(pong["data"]["timestamp"])
+    assert app.presence("s1")["total"] == 0  # a ping is not a heartbeat
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "garbage",
+        "",
+        "{",
+        "[]",
+        "null",
+        "42",
+        "{}",
+        '{"type": "nope"}',
+        '{"type": 1}',
+        '{"type": "PING"}',
+        '{"type": "ping", "extra": 1}',
+        '{"type": "heartbeat", "study_id": "elsewhere"}',
+        '{"type": "heartbeat", "user_id": "mallory"}',
+        '{"type": "heartbeat", "move_path": "e4 e5"}',
+        '{"type": "heartbeat", "move_path": ""}',
+        '{"type": "heartbeat", "chapter_id": 5}',
+        '{"type": "heartbeat", "chapter_id": "-c"}',
+    ],
+)
+def test_invalid_message_gets_an_error_and_the_socket_stays_open(app: App, text: str) -> None:
+    with app.open("s1") as ws:
+        join(ws)
+        ws.send_text(text)
+        error = receive(ws)
+        assert error["type"] == "error", error
+        data = error["data"]
+        assert data["code"] == "invalid_message"
+        assert data["message"]
+        assert isinstance(data["errors"], list)
+        assert data["errors"]
+        for problem in data["errors"]:
+            assert set(problem) == {"loc", "msg", "type"}
+        ping(ws)  # still usable
+        ws.send_json({"type": "heartbeat"})
+        assert receive_event(ws)["type"] == "presence.user_joined"
+    # The rejected message changed nothing: alice's only event is the valid heartbeat's join.
+    presence = app.presence("s1")
+    assert presence["seq"] == 1
+    assert presence["users"][0]["move_path"] is None
+    assert presence["users"][0]["chapter_id"] is None
+
+
+@pytest.mark.parametrize("payload", [b"\x00\xff", b'{"type": "ping"}', b""])
+def test_binary_frame_gets_an_error_and_the_socket_stays_open(app: App, payload: bytes) -> None:
+    with app.open("s1") as ws:
+        join(ws)
+        ws.send_bytes(payload)
+        error = receive(ws)
+        assert error == {
+            "type": "error",
+            "data": {"code": "invalid_message", "message": "binary frames are not supported"},
+        }
+        ping(ws)
+
+
+def test_many_bad_messages_in_a_row(app: App) -> None:
+    with app.open("s1") as ws:
+        join(ws)
+        for i in range(20):
+            ws.send_text(f"junk {i}")
+        for _ in range(20):
+            assert receive(ws)["type"] == "error"
+        ping(ws)
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+def test_heartbeat_over_the_socket_reaches_the_study_only(app: App) -> None:
+    with (
+        app.open("s1", "alice") as mine,
+        app.open("s1", "bob") as same_study,
+        app.open("s2", "carol") as other_study,
+    ):
+        for ws in (mine, same_study, other_study):
+            join(ws)
+        mine.send_json({"type": "heartbeat", "chapter_id": "c1", "move_path": "main.1.var1.1"})
+        joined = receive_event(mine)
+        assert receive_event(same_study) == joined
+        # s1's event went out on the pub/sub connection before s2's: had it been misrouted to
+        # the s2 socket, it would come before s2's own event.
+        other_study.send_json({"type": "heartbeat"})
+        own = receive_event(other_study)
+        assert own["data"]["study_id"] == "s2"
+        assert own["data"]["user_id"] == "carol"
+
+    assert joined["type"] == "presence.user_joined"
+    data = joined["data"]
+    assert set(data) == EVENT_FIELDS
+    session = app.presence("s1")["users"][0]
+    assert data["session_id"] == session["session_id"]
+    assert data["user_id"] == "alice"
+    assert data["study_id"] == "s1"
+    assert data["chapter_id"] == "c1"
+    assert data["move_path"] == "main.1.var1.1"
+    assert data["status"] == "active"
+    assert data["seq"] == 1
+    assert ISO_MS_Z.match(data["timestamp"])
+    assert data["timestamp"] == session["last_heartbeat"]
+
+
+def test_socket_heartbeat_is_for_the_sockets_user_and_study(app: App) -> None:
+    with app.open("s1", "alice") as ws:
+        join(ws)
+        ws.send_json({"type": "heartbeat"})
+        receive_event(ws)
+    assert [u["user_id"] for u in app.presence("s1")["users"]] == ["alice"]
+    assert app.presence("s2")["total"] == 0
+
+
+def test_cursor_moved(app: App) -> None:
+    with app.open("s1") as ws:
+        _, snapshot = join(ws)
+        ws.send_json({"type": "heartbeat", "chapter_id": "c1", "move_path": "main.1"})
+        assert receive_event(ws)["type"] == "presence.user_joined"
+        ws.send_json({"type": "heartbeat", "move_path": "main.1.var1.1"})
+        moved = receive_event(ws)
+        assert moved["type"] == "presence.cursor_moved"
+        assert moved["data"]["chapter_id"] == "c1"  # omitted: kept
+        assert moved["data"]["move_path"] == "main.1.var1.1"
+        assert moved["data"]["seq"] == snapshot["seq"] + 2
+        # Unchanged cursor: no event. Bob's join must be the very next event.
+        ws.send_json({"type": "heartbeat", "move_path": "main.1.var1.1"})
+        ws.send_json({"type": "heartbeat"})
+        ping(ws)
+        app.heartbeat("s1", "bob")
+        following = receive_event(ws)
+        assert following["type"] == "presence.user_joined"
+        assert following["data"]["user_id"] == "bob"
+        assert following["data"]["seq"] == snapshot["seq"] + 3
+        # Clearing with null is a move too.
+        ws.send_json({"type": "heartbeat", "chapter_id": None})
+        cleared = receive_event(ws)
+        assert cleared["type"] == "presence.cursor_moved"
+        assert cleared["data"]["chapter_id"] is None
+        assert cleared["data"]["move_path"] == "main.1.var1.1"
+
+
+def test_events_follow_the_snapshot_seq_one_by_one(app: App) -> None:
+    app.heartbeat("s1", "bob")
+    app.heartbeat("s1", "carol")
+    app.heartbeat("s1", "bob", move_path="main.2")
+    with app.open("s1") as ws:
+        _, snapshot = join(ws)
+        assert snapshot["seq"] == 3
+        ws.send_json({"type": "heartbeat"})  # alice joins
+        app.heartbeat("s1", "bob", move_path="main.3")
+        app.client.delete("/presence/s1", headers=bearer("carol"))
+        ws.send_json({"type": "heartbeat", "chapter_id": "c9"})
+        seen = [receive_event(ws) for _ in range(4)]
+    assert [e["data"]["seq"] for e in seen] == [4, 5, 6, 7]
+    assert [(e["type"], e["data"]["user_id"]) for e in seen] == [
+        ("presence.user_joined", "alice"),
+        ("presence.cursor_moved", "bob"),
+        ("presence.user_left", "carol"),
+        ("presence.cursor_moved", "alice"),
+    ]
+    assert app.presence("s1")["seq"] == 7
+
+
+def test_rest_delete_sends_user_left(app: App) -> None:
+    with app.open("s1", "watcher") as ws:
+        _, snapshot = join(ws)
+        session = app.heartbeat("s1", "alice", chapter_id="c1")
+        assert receive_event(ws)["type"] == "presence.user_joined"
+        response = app.client.delete("/presence/s1", headers=bearer("alice"))
+        assert response.json() == {"status": "success"}
+        left = receive_event(ws)
+        # A second DELETE publishes nothing: the next event is bob's join.
+        app.client.delete("/presence/s1", headers=bearer("alice"))
+        app.heartbeat("s1", "bob")
+        after = receive_event(ws)
+    assert left["type"] == "presence.user_left"
+    assert set(left["data"]) == EVENT_FIELDS
+    assert left["data"]["user_id"] == "alice"
+    assert left["data"]["session_id"] == session["session_id"]
+    assert left["data"]["chapter_id"] == "c1"
+    assert left["data"]["status"] == "active"
+    assert left["data"]["seq"] == snapshot["seq"] + 2
+    assert after["type"] == "presence.user_joined"
+    assert after["data"]["user_id"] == "bob"
+    assert after["data"]["seq"] == snapshot["seq"] + 3
+
+
+def test_external_events_are_relayed_unchanged(app: App) -> None:
+    with app.open("s1") as ws:
+        join(ws)
+        data = {"chapter_id": "c1", "name": "Najdorf", "seq": 1, "nested": {"a": [1, 2]}}
+        app.publish("s1", study_event("s1", "study.chapter_renamed", data))
+        relayed = receive(ws)
+    assert relayed == {"type": "study.chapter_renamed", "data": data}
+
+
+def test_an_event_already_in_the_snapshot_is_not_sent_again(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app.heartbeat("s1", "bob")
+    service = app.node.service
+    read = service.presence
+
+    async def join_then_read(study_id: str) -> Any:
+        # Subscribed already: carol's user_joined is delivered, and is also in the snapshot.
+        await service.heartbeat("carol", study_id)
+        return await read(study_id)
+
+    monkeypatch.setattr(service, "presence", join_then_read)
+    with app.open("s1") as ws:
+        _, snapshot = join(ws)
+        monkeypatch.undo()
+        assert snapshot["seq"] == 2
+        assert [u["user_id"] for u in snapshot["users"]] == ["bob", "carol"]
+        app.heartbeat("s1", "dave")
+        first = receive_event(ws)
+    assert (first["data"]["user_id"], first["data"]["seq"]) == ("dave", 3)
+
+
+def test_an_event_after_the_snapshot_read_is_sent(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = app.node.service
+    read = service.presence
+
+    async def read_then_join(study_id: str) -> Any:
+        snapshot = await read(study_id)
+        await service.heartbeat("carol", study_id)  # before the socket's writer starts
+        return snapshot
+
+    monkeypatch.setattr(service, "presence", read_then_join)
+    with app.open("s1") as ws:
+        _, snapshot = join(ws)
+        first = receive_event(ws)
+    assert snapshot["seq"] == 0
+    assert snapshot["users"] == []
+    assert (first["type"], first["data"]["user_id"], first["data"]["seq"]) == (
+        "presence.user_joined",
+        "carol",
+        1,
+    )
+
+
+# --- subscriptions -------------------------------------------------------------------------
+
+
+def wait_for(condition: Any, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_subscriptions_follow_the_sockets(app: App) -> None:
+    fanout = app.node.fanout
+    assert fanout.studies == 0
+    with app.open("s1") as a:
+        join(a)
+        assert fanout.studies == 1
+        with app.open("s1") as b, app.open("s2") as c:
+            join(b)
+            join(c)
+            assert fanout.studies == 2
+        wait_for(lambda: fanout.studies == 1)
+        # The remaining socket still gets its study's events.
+        app.heartbeat("s1", "bob")
+        assert receive_event(a)["data"]["user_id"] == "bob"
+    wait_for(lambda: fanout.studies == 0)
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+def test_heartbeat_with_the_store_down_sends_an_error(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unavailable(*args: object, **kwargs: object) -> Any:
+        raise StoreUnavailable("connection refused")
+
+    with app.open("s1") as ws:
+        join(ws)
+        monkeypatch.setattr(app.node.service, "heartbeat", unavailable)
+        ws.send_json({"type": "heartbeat"})
+        error = receive(ws)
+        assert error == {
+            "type": "error",
+            "data": {"code": "unavailable", "message": "presence storage is unreachable"},
+        }
+        ping(ws)
+        monkeypatch.undo()
+        ws.send_json({"type": "heartbeat"})
+        assert receive_event(ws)["type"] == "presence.user_joined"
+
+
+def test_heartbeat_that_fails_unexpectedly_sends_an_internal_error(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> Any:
+        raise RuntimeError("a bug")
+
+    with app.open("s1") as ws:
+        join(ws)
+        monkeypatch.setattr(app.node.service, "heartbeat", broken)
+        ws.send_json({"type": "heartbeat"})
+        assert receive(ws) == {
+            "type": "error",
+            "data": {"code": "internal", "message": "the heartbeat could not be recorded"},
+        }
+        ping(ws)  # the socket stays open
+
+
+def test_snapshot_failure_closes_with_1011(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def unavailable(*args: object, **kwargs: object) -> Any:
+        raise StoreUnavailable("connection refused")
+
+    monkeypatch.setattr(app.node.service, "presence", unavailable)
+    with pytest.raises(WebSocketDisconnect) as closed, app.open("s1") as ws:
+        receive(ws)
+    assert closed.value.code == 1011
+    wait_for(lambda: app.node.fanout.studies == 0)
+
+
+def test_unreachable_redis_closes_with_1011(key_prefix: str) -> None:
+    redis = aioredis.Redis(
+        host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+    with TestClient(create_app(make_settings(key_prefix), redis=redis)) as client:
+        with (
+            pytest.raises(WebSocketDisconnect) as closed,
+            client.websocket_connect("/ws/presence?study_id=s1", headers=bearer()) as ws,
+        ):
+            receive(ws)
+        assert closed.value.code == 1011
+        assert client.app.state.node.fanout.studies == 0  # type: ignore[attr-defined]
+        client.portal.call(redis.aclose)
+
+
+class _StuckSocket:
+    """A socket whose client never reads: every send blocks."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.closed: tuple[int, str] | None = None
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+        await asyncio.Event().wait()
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed = (code, reason or "")
+
+
+async def test_slow_consumer_is_closed_with_1013() -> None:
+    socket = _StuckSocket()
+    conn = Connection(socket, queue_size=4)  # type: ignore[arg-type]
+    conn.start(floor=0)
+    for seq in range(1, 6):
+        conn.deliver(Outgoing(seq, f"event {seq}"))
+        await asyncio.sleep(0)
+    assert not conn.overflowed  # one is being sent, four are queued
+    conn.deliver(Outgoing(6, "event 6"))
+    assert conn.overflowed
+    for _ in range(10):
+        if socket.closed is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert socket.closed == (CLOSE_SLOW_CONSUMER, "slow consumer")
+    conn.deliver(Outgoing(7, "event 7"))  # ignored once overflowed
+    await conn.stop()
+    assert socket.sent == ["event 1"]
+
+
+async def test_connection_skips_events_at_or_below_the_floor() -> None:
+    sent: list[str] = []
+
+    class Socket:
+        async def send_text(self, text: str) -> None:
+            sent.append(text)
+
+    conn = Connection(Socket(), queue_size=16)  # type: ignore[arg-type]
+    for seq in (3, 4, 5, None, 6):
+        conn.deliver(Outgoing(seq, f"e{seq}"))
+    conn.start(floor=4)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    await conn.stop()
+    assert sent == ["e5", "eNone", "e6"]
+
+
+async def test_connection_sends_at_once_and_keeps_the_order_when_a_send_waits() -> None:
+    sent: list[str] = []
+    writable = asyncio.Event()
+    writable.set()
+
+    class Socket:
+        async def send_text(self, text: str) -> None:
+            await writable.wait()
+            sent.append(text)
+
+    conn = Connection(Socket(), queue_size=16)  # type: ignore[arg-type]
+    conn.start(floor=0)
+    conn.deliver(Outgoing(1, "e1"))
+    assert sent == ["e1"]  # sent by the caller, without a turn of the loop
+    writable.clear()
+    conn.deliver(Outgoing(2, "e2"))  # has to wait for the socket: the writer finishes it
+    conn.deliver(Outgoing(3, "e3"))  # queued behind it
+    await asyncio.sleep(0)
+    assert sent == ["e1"]
+    writable.set()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert sent == ["e1", "e2", "e3"]
+    conn.deliver(Outgoing(4, "e4"))
+    assert sent == ["e1", "e2", "e3", "e4"]
+    await conn.stop()
+
+
+class _PendingLeases:
+    """A LeaseKeeper whose heartbeats finish when the test says so."""
+
+    def __init__(self) -> None:
+        self.calls: list[asyncio.Future[None]] = []
+
+    def heartbeat(self, connection_id: str, user_id: str, study_id: str, cursor: Any) -> Any:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.calls.append(future)
+
+        async def call() -> None:
+            await future
+
+        return call()
+
+
+class _Delivered:
+    def __init__(self) -> None:
+        self.codes: list[str] = []
+
+    def deliver(self, event: Outgoing) -> None:
+        self.codes.append(json.loads(event.text)["data"]["code"])
+
+
+async def test_heartbeats_in_flight_are_bounded_counted_and_drained() -> None:
+    leases, delivered, metrics = _PendingLeases(), _Delivered(), Metrics()
+    node: Any = type("FakeNode", (), {"leases": leases, "metrics": metrics})()
+    beats = Heartbeats(node, delivered, "c1", "alice", "s1")  # type: ignore[arg-type]
+    for _ in range(HEARTBEATS_IN_FLIGHT - 1):
+        assert beats.start(NO_CURSOR) is None
+    full = beats.start(NO_CURSOR)  # one too many: the reader waits on this
+    assert full is not None and not full.done()
+    assert len(leases.calls) == HEARTBEATS_IN_FLIGHT  # every store call started at once
+    leases.calls[0].set_result(None)
+    await asyncio.sleep(0)
+    assert full.done() and beats.in_flight == HEARTBEATS_IN_FLIGHT - 1
+    idle = beats.idle()
+    assert idle is not None
+    leases.calls[1].set_exception(StoreUnavailable("down"))
+    leases.calls[2].set_exception(RuntimeError("a bug"))
+    for call in leases.calls[3:]:
+        call.set_result(None)
+    await asyncio.wait_for(idle, 1)
+    assert beats.in_flight == 0 and beats.idle() is None
+    assert delivered.codes == ["unavailable", "internal"]
+
+    def count(outcome: str) -> float | None:
+        labels = {"transport": "websocket", "outcome": outcome}
+        return metrics.registry.get_sample_value("presence_heartbeats_total", labels)
+
+    assert (count("ok"), count("unavailable"), count("internal")) == (
+        HEARTBEATS_IN_FLIGHT - 2,
+        1,
+        1,
+    )
+
+
+# --- a real server -------------------------------------------------------------------------
+
+IDLE, AWAY, EXPIRE, SWEEP = 0.5, 1.0, 1.5, 0.1
+
+
+@dataclass
+class LiveServer:
+    http: str
+    ws: str
+    app: Starlette
+    url: str
+    keys: Keys
+
+    @property
+    def node(self) -> Node:
+        node: Node = self.app.state.node
+        return node
+
+
+@pytest.fixture
+def live_server(cleanup_real_redis: str, key_prefix: str) -> Iterator[LiveServer]:
+    """uvicorn in a background thread, on real Redis, serving real sockets on loopback."""
+    settings = make_settings(
+        key_prefix,
+        redis_url=cleanup_real_redis,
+        idle_after=IDLE,
+        away_after=AWAY,
+        expire_after=EXPIRE,
+        sweep_interval=SWEEP,
+    )
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        ws_per_message_deflate=False,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive(), "uvicorn exited during start-up"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield LiveServer(
+            f"http://127.0.0.1:{port}",
+            f"ws://127.0.0.1:{port}",
+            app,
+            cleanup_real_redis,
+            Keys(key_prefix),
+        )
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+async def _numsub(url: str, channel: str) -> int:
+    client = aioredis.Redis.from_url(url)
+    try:
+        [(_, count)] = await client.pubsub_numsub(channel)
+        return int(count)
+    finally:
+        await client.aclose()
+
+
+async def _open_with_query_token(ws_base: str, study: str, jwt_token: str) -> Watcher:
+    ws = await connect(f"{ws_base}/ws/presence?study_id={study}&token={jwt_token}")
+    connected = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    snapshot = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert connected["type"] == "connected", connected
+    assert snapshot["type"] == "presence.snapshot", snapshot
+    return Watcher(ws, connected["data"], snapshot["data"])
+
+
+@pytest.mark.redis
+async def test_real_server_lifecycle_arrives_once_in_seq_order(live_server: LiveServer) -> None:
+    study = f"study-{uuid.uuid4().hex[:8]}"
+    by_header = await Watcher.open(live_server.ws, study, token("viewer-1"))
+    # The second watcher passes its token in the query string.
+    by_query = await _open_with_query_token(live_server.ws, study, token("viewer-2"))
+    try:
+        assert by_header.snapshot == {"study_id": study, "users": [], "total": 0, "seq": 0}
+        assert by_query.connected["user_id"] == "viewer-2"
+        assert live_server.node.fanout.studies == 1
+        async with httpx.AsyncClient(timeout=5) as http:
+            session = await rest_heartbeat(
+                http, live_server.http, token("walker"), study_id=study, move_path="main.1"
+            )
+
+            def left(w: Watcher) -> bool:
+                return any(e["type"] == "presence.user_left" for e in w.events())
+
+            for watcher in (by_header, by_query):
+                await watcher.wait_until(left, within=EXPIRE + 5, what="user_left")
+            await asyncio.sleep(4 * SWEEP)  # a duplicate would have arrived by now
+
+            response = await http.get(
+                f"{live_server.http}/presence/{study}",
+                headers={"Authorization": f"Bearer {token()}"},
+            )
+            assert response.json() == {"study_id": study, "users": [], "total": 0, "seq": 4}
+    finally:
+        await by_header.close()
+        await by_query.close()
+
+    events = by_header.events()
+    assert [e["type"] for e in events] == [
+        "presence.user_joined",
+        "presence.user_idle",
+        "presence.user_away",
+        "presence.user_left",
+    ]
+    assert [e["data"]["seq"] for e in events] == [1, 2, 3, 4]
+    assert [e["data"]["status"] for e in events] == ["active", "idle", "away", "away"]
+    for event in events:
+        assert event["data"]["session_id"] == session["session_id"]
+        assert event["data"]["user_id"] == "walker"
+        assert event["data"]["move_path"] == "main.1"
+    # Nothing but the four events, and the same bytes to both sockets.
+    assert by_header.messages == events
+    assert by_query.raw == by_header.raw
+    # Each transition happened no earlier than its threshold after the heartbeat.
+    stamps = [datetime.fromisoformat(e["data"]["timestamp"]).timestamp() for e in events]
+    joined = stamps[0]
+    for stamp, threshold in zip(stamps[1:], (IDLE, AWAY, EXPIRE), strict=True):
+        assert threshold - 0.01 <= stamp - joined <= threshold + 2.0
+
+    # Both sockets gone: the node drops the study's subscription, in Redis too.
+    channel = live_server.keys.channel(study)
+    deadline = time.monotonic() + 3
+    while live_server.node.fanout.studies or await _numsub(live_server.url, channel):
+        assert time.monotonic() < deadline, "subscription not released"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.redis
+async def test_real_server_refuses_bad_tokens_and_study_ids(live_server: LiveServer) -> None:
+    cases = [
+        ("/ws/presence?study_id=s1", {}, 4401),
+        ("/ws/presence?study_id=s1&token=junk", {}, 4401),
+        ("/ws/presence?study_id=-s1", {"Authorization": f"Bearer {token()}"}, 4400),
+        ("/ws/presence", {"Authorization": f"Bearer {token()}"}, 4400),
+    ]
+    for path, headers, code in cases:
+        async with connect(live_server.ws + path, additional_headers=headers) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == code, path
+    assert live_server.node.fanout.studies == 0
+
+
+@pytest.mark.redis
+async def test_real_server_client_messages(live_server: LiveServer) -> None:
+    study = f"study-{uuid.uuid4().hex[:8]}"
+    async with connect(
+        f"{live_server.ws}/ws/presence?study_id={study}",
+        additional_headers={"Authorization": f"Bearer {token('alice')}"},
+    ) as ws:
+
+        async def next_message() -> dict[str, Any]:
+            message = await asyncio.wait_for(ws.recv(), 5)
+            assert isinstance(message, str)
+            decoded: dict[str, Any] = json.loads(message)
+            return decoded
+
+        assert (await next_message())["type"] == "connected"
+        assert (await next_message())["type"] == "presence.snapshot"
+        await ws.send(b"\x01\x02")
+        assert (await next_message())["type"] == "error"
+        await ws.send("not json")
+        assert (await next_message())["type"] == "error"
+        await ws.send(json.dumps({"type": "ping"}))
+        assert (await next_message())["type"] == "pong"
+        await ws.send(json.dumps({"type": "heartbeat", "chapter_id": "c1"}))
+        joined = await next_message()
+        assert (joined["type"], joined["data"]["chapter_id"]) == ("presence.user_joined", "c1")
+        await ws.send(json.dumps({"type": "heartbeat", "chapter_id": "c2"}))
+        moved = await next_message()
+        assert (moved["type"], moved["data"]["seq"]) == ("presence.cursor_moved", 2)
+
+
+def test_heartbeats_sent_back_to_back_apply_in_order(app: App) -> None:
+    # The server reads the next frame before the previous heartbeat is stored; the store
+    # must still apply them in the order the socket sent them.
+    with app.open("s1") as ws:
+        join(ws)
+        for step in range(1, 41):
+            ws.send_json({"type": "heartbeat", "chapter_id": "ch1", "move_path": f"main.{step}"})
+        events = [receive_event(ws) for _ in range(40)]
+    assert events[0]["type"] == "presence.user_joined"
+    assert [e["type"] for e in events[1:]] == ["presence.cursor_moved"] * 39
+    assert [e["data"]["move_path"] for e in events] == [f"main.{n}" for n in range(1, 41)]
+    assert app.presence("s1")["users"][0]["move_path"] == "main.40"
+
+
+@pytest.mark.parametrize(
+    ("origin", "accepted"),
+    [
+        ("https://app.example", True),
+        ("https://app.example/", True),
+        (None, True),  # another backend: no Origin header
+        ("https://evil.example", False),
+        ("null", False),
+    ],
+)
+def test_allowed_origins(key_prefix: str, origin: str | None, accepted: bool) -> None:
+    settings = make_settings(key_prefix, allowed_origins="https://app.example,https://b.example")
+    headers = {"authorization": f"Bearer {token()}"}
+    if origin is not None:
+        headers["origin"] = origin
+    with (
+        TestClient(create_app(settings, redis=fakeredis.FakeAsyncRedis())) as client,
+        client.websocket_connect("/ws/presence?study_id=s1", headers=headers) as ws,
+    ):
+        if accepted:
+            assert receive(ws)["type"] == "connected"
+        else:
+            with pytest.raises(WebSocketDisconnect) as refused:
+                receive(ws)
+            assert refused.value.code == 4403
