@@ -1,5 +1,8 @@
 """Shared fixtures: Redis (fake or real), unique key prefixes, clocks; the store tests' RedisStore.
 
+The helpers themselves live in tests/support/ (app and TestClient, tokens, waiting, clocks,
+recorders of events); FakeClock is still importable from here for the modules that do.
+
 keys, store, tap and t0 serve test_redis_store.py and test_leases.py alike (a module may define
 its own fixture of the same name, as test_service.py does `store`).
 """
@@ -9,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -21,6 +22,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.store import RedisStore
+from tests.support import app as support_app
+from tests.support.clock import FakeClock, ManualTimer
 from tests.support.cluster import LocalCluster
 from tests.support.events import ClusterEventTap, EventTap
 from tests.support.processes import RedisServer
@@ -70,7 +73,7 @@ def real_redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def key_prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:12]}"
+    return support_app.fresh_prefix()
 
 
 def _delete_prefix(url: str, prefix: str) -> None:
@@ -118,7 +121,7 @@ async def open_redis(kind: str, request: pytest.FixtureRequest, prefix: str) -> 
     """An asyncio client of kind fake (fakeredis with Lua), real (a server) or cluster."""
     client: Any
     if kind == "fake":
-        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        client = support_app.fake_redis()
     elif kind == "real":
         url: str = request.getfixturevalue("cleanup_real_redis")
         client = aioredis.Redis.from_url(url)
@@ -141,33 +144,22 @@ async def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIte
 
 @pytest.fixture
 async def fake_redis() -> AsyncIterator[Any]:
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    client = support_app.fake_redis()
     try:
         yield client
     finally:
         await client.aclose()
 
 
-class FakeClock:
-    """A settable clock (seconds since the epoch) for store and service tests."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    @property
-    def ms(self) -> int:
-        return int(self.now * 1000)
-
-
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def timer() -> ManualTimer:
+    """Monotonic time and a sleep that only the test moves (LeaseKeeper's clock)."""
+    return ManualTimer()
 
 
 # --- the store tests: a RedisStore under the test's prefix, and a tap on its channels ---------
