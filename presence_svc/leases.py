@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from presence_svc.models import CursorUpdate, Holder, Lease, Session
 from presence_svc.service import PresenceService
@@ -22,10 +22,28 @@ from presence_svc.store import StoreUnavailable
 log = logging.getLogger(__name__)
 
 
+Sleep = Callable[[float], Awaitable[None]]
+
+
 class LeaseKeeper:
-    def __init__(self, service: PresenceService, lease_ttl: float) -> None:
+    """Holds this node's leases and renews them every third of `lease_ttl` seconds.
+
+    `monotonic` and `sleep` are the keeper's sense of time (the process's by default): tests
+    hand in a clock they move, so a renewal interval takes no real time to pass.
+    """
+
+    def __init__(
+        self,
+        service: PresenceService,
+        lease_ttl: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
         self.node_id = uuid.uuid4().hex
         self._service = service
+        self._monotonic = monotonic
+        self._sleep = sleep
         self._ttl = lease_ttl
         self._interval = lease_ttl / 3
         self._renewed_at: float | None = None  # monotonic time of the last renewal
@@ -64,21 +82,21 @@ class LeaseKeeper:
         """Register the node before it serves anyone (or, if Redis is down, at the next tick)."""
         try:
             await self._service.renew_node(self.node_id)
-            self._renewed_at = self._up_since = time.monotonic()
+            self._renewed_at = self._up_since = self._monotonic()
         except StoreUnavailable as exc:
             log.warning("node registration deferred: %s", exc)
 
     async def run(self) -> None:
         """Renew, retry deferred releases and reap dead nodes, until cancelled."""
         while True:
-            await asyncio.sleep(self._interval)
+            await self._sleep(self._interval)
             try:
                 await self._tick()
             except Exception as exc:
                 log.warning("lease renewal failed: %s", exc)
 
     async def _tick(self) -> None:
-        started = time.monotonic()
+        started = self._monotonic()
         alive = await self._service.renew_node(self.node_id)
         if self._renewed_at is None or started - self._renewed_at >= self._ttl:
             self._up_since = started

@@ -4,15 +4,16 @@ The store-level tests run on fakeredis and on a real Redis (`any_redis`) with ex
 check exactly which events were published (EventTap, from tests/support/events.py: it
 pattern-subscribes to the test's prefix and reads up to a marker it publishes itself, so
 "nothing was published" needs no timeout, and it asserts seq continuity on every channel).
-The LeaseKeeper tests drive a real PresenceService over RedisStore on fakeredis.
+The LeaseKeeper tests drive a real PresenceService over RedisStore on fakeredis, the keeper on a
+ManualTimer: each `advance(TICK)` runs exactly one of its ticks, with no real time to wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import logging
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ from presence_svc.redis.nodes import REAP_RETRY_MS
 from presence_svc.redis.store import EMPTY_STUDY_TTL_MS, RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.store import StoreUnavailable
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock, ManualTimer
 from tests.support.events import EventTap, kinds
 from tests.support.store import (
     AWAY_MS,
@@ -801,7 +802,9 @@ async def test_drop_node_forgets_the_node_and_its_lease_set(
 
 # --- LeaseKeeper over a real PresenceService on fakeredis -------------------------------------
 
-KEEPER_TTL = 0.03  # the keeper ticks every 10 ms of real time; the service runs on FakeClock
+# The keeper's time (its renewal ticks) is a ManualTimer; the service's is FakeClock.
+TICK = 1.0
+KEEPER_TTL = 3 * TICK
 
 
 @dataclass
@@ -813,36 +816,33 @@ class Node:
     service: PresenceService
     keeper: LeaseKeeper
     clock: FakeClock
+    timer: ManualTimer
 
 
 @pytest.fixture
-async def node(key_prefix: str, clock: FakeClock) -> AsyncIterator[Node]:
+async def node(key_prefix: str, clock: FakeClock, timer: ManualTimer) -> AsyncIterator[Node]:
     server = fakeredis.FakeServer()
     client = fakeredis.FakeAsyncRedis(server=server)
     keys = Keys(key_prefix)
     store = RedisStore(client, keys, THRESHOLDS)
     service = PresenceService(store, clock, leave_grace=GRACE_MS / 1000, lease_ttl=TTL_MS / 1000)
     try:
-        yield Node(server, client, keys, store, service, LeaseKeeper(service, KEEPER_TTL), clock)
+        keeper = LeaseKeeper(service, KEEPER_TTL, monotonic=timer.monotonic, sleep=timer.sleep)
+        yield Node(server, client, keys, store, service, keeper, clock, timer)
     finally:
         server.connected = True
         await client.aclose()
 
 
 @contextlib.asynccontextmanager
-async def running(keeper: LeaseKeeper) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(keeper.run())
+async def running(node: Node) -> AsyncIterator[asyncio.Task[None]]:
+    """The keeper's loop, waiting for its first tick."""
+    task = asyncio.create_task(node.keeper.run())
     try:
+        await node.timer.wait_asleep()
         yield task
     finally:
         await stop(task)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.005)
 
 
 async def test_keeper_heartbeat_release_and_shutdown(node: Node) -> None:
@@ -900,7 +900,9 @@ async def test_store_unavailable_through_fakeredis_disconnect(node: Node) -> Non
     assert await node.service.renew_node("x") is False
 
 
-async def test_keeper_retries_a_release_that_failed_while_redis_was_down(node: Node) -> None:
+async def test_keeper_retries_a_release_that_failed_while_redis_was_down(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     k, keys, redis = node.keeper, node.keys, node.client
     await k.start()
     await k.heartbeat("ws1", "alice", "s1", NO_CURSOR)
@@ -910,16 +912,15 @@ async def test_keeper_retries_a_release_that_failed_while_redis_was_down(node: N
     node.clock.advance(1)
     await k.release("ws1")  # must not raise
     assert k.held == 1
-    async with running(k):
-        await asyncio.sleep(KEEPER_TTL)  # a few ticks fail while Redis is down
+    async with running(node):
+        with caplog.at_level(logging.WARNING, logger="presence_svc.leases"):
+            await node.timer.advance(3 * TICK)  # three ticks fail while Redis is down
+        failed = [r for r in caplog.records if "lease renewal failed" in r.getMessage()]
+        assert len(failed) == 3
         node.clock.advance(2)
         retry_at = node.clock.ms
         node.server.connected = True
-
-        async def released() -> bool:
-            return bool(await pending_leaves(redis, keys, "s1"))
-
-        await eventually(released, "the deferred release is retried")
+        await node.timer.advance(TICK)  # the next one retries the release
     assert await pending_leaves(redis, keys, "s1") == {"alice": retry_at + GRACE_MS}
     assert await holders(redis, keys, "s1", "alice") == set()
     assert await holders(redis, keys, "s1", "bob") == {"ws2"}
@@ -952,14 +953,11 @@ async def test_keeper_declared_dead_reacquires_its_sessions(node: Node) -> None:
         leave_at = (await pending_leaves(redis, keys, "s1"))["alice"]
 
         old_node = k.node_id
-        async with running(k):
-
-            async def reheld() -> bool:
-                # Under a new node id and a fresh holder id, out of reach of the running reap.
-                current = await holders(redis, keys, "s1", "alice")
-                return len(current) == 1 and "ws1" not in current
-
-            await eventually(reheld, "the keeper re-holds alice")
+        async with running(node):
+            await node.timer.advance(TICK)  # its first renewal learns that it was declared dead
+        # Under a new node id and a fresh holder id, out of reach of the running reap.
+        [holder] = await holders(redis, keys, "s1", "alice")
+        assert holder != "ws1"
         assert k.node_id != old_node
         assert await pending_leaves(redis, keys, "s1") == {}
         assert k.node_id in await live_nodes(redis, keys)
@@ -977,11 +975,13 @@ async def test_keeper_reaps_dead_peers(node: Node) -> None:
     await node.store.renew_node("peer", node.clock.ms)
     await hold(node.store, "alice", "s1", "c1", node.clock.ms, node="peer")
     node.clock.advance(TTL_MS / 1000)
-    async with running(k):
-
-        async def reaped() -> bool:
-            return k.released_dead == 1
-
-        await eventually(reaped, "the keeper reaps the silent peer")
+    async with running(node):
+        # The peer looks dead at once, but the keeper reaps only after a whole TTL of its own
+        # unbroken renewals (after an outage, live peers need that long to show up again).
+        await node.timer.advance(KEEPER_TTL - TICK)
+        assert k.released_dead == 0
+        assert set(await live_nodes(redis, keys)) == {k.node_id, "peer"}
+        await node.timer.advance(TICK)
+        assert k.released_dead == 1
     assert set(await live_nodes(redis, keys)) == {k.node_id}
     assert await pending_leaves(redis, keys, "s1") == {"alice": node.clock.ms + GRACE_MS}
