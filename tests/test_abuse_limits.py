@@ -2,43 +2,33 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import fakeredis
 import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from presence_svc.app import create_app
-from presence_svc.auth import issue_token
-from presence_svc.settings import load_settings
-
-SECRET = "limit-tests-secret-0123456789abcdef0123456789"
+from tests.support.app import app_client, node_of
+from tests.support.auth import auth, token
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
 def client(key_prefix: str) -> Iterator[TestClient]:
-    settings = load_settings(
+    with app_client(
         key_prefix=key_prefix,
-        jwt_secret=SECRET,
         rest_heartbeat_rate=1,
         rest_heartbeat_burst=2,
         ws_message_rate=5,
         ws_message_burst=5,
         max_sockets_per_user=2,
-    )
-    with TestClient(create_app(settings, redis=fakeredis.FakeAsyncRedis())) as test_client:
+    ) as test_client:
         yield test_client
 
 
-def auth(user: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {issue_token(user, SECRET)}"}
-
-
 def socket(client: TestClient, user: str) -> Any:
-    return client.websocket_connect(f"/ws/presence?study_id=s1&token={issue_token(user, SECRET)}")
+    return client.websocket_connect(f"/ws/presence?study_id=s1&token={token(user)}")
 
 
 def test_rest_heartbeats_beyond_the_rate_get_429(client: TestClient) -> None:
@@ -79,9 +69,8 @@ def test_a_user_may_hold_only_so_many_sockets_per_node(client: TestClient) -> No
         assert refused.value.code == 4429
         with socket(client, "bob") as other:
             assert other.receive_json()["type"] == "connected"
-    node = client.app.state.node  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 5
-    while node.sockets_by_user.get("alice") and time.monotonic() < deadline:
-        time.sleep(0.01)  # the server finishes closing them
+    node = node_of(client)
+    # The server finishes closing them after the client's side has gone.
+    eventually(lambda: not node.sockets_by_user.get("alice"), what="alice's sockets closed")
     with socket(client, "alice") as again:
         assert again.receive_json()["type"] == "connected"

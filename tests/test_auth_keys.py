@@ -9,17 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from presence_svc.app import create_app
 from presence_svc.auth import AuthError, TokenVerifier
 from presence_svc.settings import SettingsError, load_settings
+from tests.support.app import app_client, make_settings
+from tests.support.auth import bearer
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -149,8 +148,9 @@ def test_inconsistent_key_settings_stop_the_node(overrides: dict[str, Any], name
 
 
 def test_a_node_on_rs256_serves_rs256_tokens_only(key_prefix: str) -> None:
-    settings = load_settings(
-        key_prefix=key_prefix,
+    settings = make_settings(
+        key_prefix,
+        jwt_secret=None,
         jwt_algorithm="RS256",
         jwt_public_key=public_pem(RSA_KEY),
         jwt_audience="presence",
@@ -158,14 +158,10 @@ def test_a_node_on_rs256_serves_rs256_tokens_only(key_prefix: str) -> None:
     )
     good = sign(RSA_KEY, "RS256", aud="presence")
     hs256 = jwt.encode(claims(aud="presence"), "a-secret-that-is-32-bytes-long!!!", "HS256")
-    with TestClient(create_app(settings, redis=fakeredis.FakeAsyncRedis())) as client:
-        ok = client.post(
-            "/presence/heartbeat",
-            json={"study_id": "s1"},
-            headers={"Authorization": f"Bearer {good}"},
-        )
+    with app_client(settings) as client:
+        ok = client.post("/presence/heartbeat", json={"study_id": "s1"}, headers=bearer(good))
         assert ok.status_code == 200
-        refused = client.get("/presence/s1", headers={"Authorization": f"Bearer {hs256}"})
+        refused = client.get("/presence/s1", headers=bearer(hs256))
         assert refused.status_code == 401
         with client.websocket_connect(f"/ws/presence?study_id=s1&token={good}") as ws:
             assert ws.receive_json()["type"] == "connected"

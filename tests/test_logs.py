@@ -19,7 +19,6 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from presence_svc.auth import issue_token
 from presence_svc.logs import (
     REDACTED,
     UVICORN_LOGGERS,
@@ -29,6 +28,7 @@ from presence_svc.logs import (
     redact,
 )
 from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
+from tests.support import auth as support_auth
 from tests.support.processes import NodeProcess
 
 ISO_MS_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -90,7 +90,7 @@ async def test_a_node_logs_no_token(tmp_path: Path) -> None:
     # The embedded mode needs no Redis: enough to see what uvicorn logs for a handshake.
     clean = {k: "" for k in os.environ if k.startswith("PRESENCE_")}
     node = NodeProcess(clean, tmp_path, log_level="info").start()
-    token = issue_token("alice", DEV_JWT_SECRET)
+    token = support_auth.token("alice", secret=DEV_JWT_SECRET)
     try:
         async with connect(f"{node.ws_url}/ws/presence?study_id=s1&token={token}") as ws:
             await ws.recv()
@@ -316,7 +316,7 @@ async def test_a_json_node_logs_json_lines_with_request_and_connection_ids(
     clean = {k: "" for k in os.environ if k.startswith("PRESENCE_")}
     node = NodeProcess({**clean, "PRESENCE_LOG_FORMAT": "json"}, tmp_path, log_level="info")
     node.start()
-    token = issue_token("alice", DEV_JWT_SECRET)
+    token = support_auth.token("alice", secret=DEV_JWT_SECRET)
     try:
         async with httpx.AsyncClient() as http:
             response = await http.get(

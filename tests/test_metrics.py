@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
-import fakeredis
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from presence_svc.app import create_app
-from presence_svc.auth import issue_token
-from presence_svc.settings import load_settings
-
-SECRET = "metric-tests-secret-0123456789abcdef0123456789"
+from tests.support.app import app_client
+from tests.support.auth import auth, token
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
 def client(key_prefix: str) -> Iterator[TestClient]:
-    settings = load_settings(
+    with app_client(
         key_prefix=key_prefix,
-        jwt_secret=SECRET,
         idle_after=0.2,
         away_after=0.4,
         expire_after=30,
         sweep_interval=0.05,
         rest_heartbeat_rate=1,
         rest_heartbeat_burst=1,
-    )
-    with TestClient(create_app(settings, redis=fakeredis.FakeAsyncRedis())) as test_client:
+    ) as test_client:
         yield test_client
 
 
@@ -46,18 +40,12 @@ def value(client: TestClient, name: str, **labels: str) -> float:
     return samples(client).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def auth(user: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {issue_token(user, SECRET)}"}
-
-
 def test_heartbeats_by_transport_and_outcome(client: TestClient) -> None:
     body = {"study_id": "s1"}
     client.post("/presence/heartbeat", json=body, headers=auth("alice"))
     client.post("/presence/heartbeat", json=body, headers=auth("alice"))  # rate limited
     client.post("/presence/heartbeat", json={"study_id": "-"}, headers=auth("bob"))
-    with client.websocket_connect(
-        f"/ws/presence?study_id=s1&token={issue_token('c', SECRET)}"
-    ) as ws:
+    with client.websocket_connect(f"/ws/presence?study_id=s1&token={token('c')}") as ws:
         ws.receive_json()
         ws.receive_json()
         ws.send_json({"type": "heartbeat"})
@@ -73,10 +61,10 @@ def test_heartbeats_by_transport_and_outcome(client: TestClient) -> None:
 
 
 def test_deliveries_latency_gauges_and_sweeps(client: TestClient) -> None:
-    token = issue_token("viewer", SECRET)
+    viewer = token("viewer")
     with (
-        client.websocket_connect(f"/ws/presence?study_id=s1&token={token}") as first,
-        client.websocket_connect(f"/ws/presence?study_id=s1&token={token}") as second,
+        client.websocket_connect(f"/ws/presence?study_id=s1&token={viewer}") as first,
+        client.websocket_connect(f"/ws/presence?study_id=s1&token={viewer}") as second,
     ):
         for ws in (first, second):
             ws.receive_json()
@@ -92,9 +80,6 @@ def test_deliveries_latency_gauges_and_sweeps(client: TestClient) -> None:
         assert value(client, "presence_event_delivery_latency_seconds_count") >= 2
         assert value(client, "presence_sweep_transitions_total") >= 1
         assert value(client, "presence_sweep_duration_seconds_count") >= 1
-    deadline = time.monotonic() + 5
-    while value(client, "presence_websocket_connections") and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert value(client, "presence_websocket_connections") == 0
+    eventually(lambda: value(client, "presence_websocket_connections") == 0, what="sockets gone")
     assert value(client, "presence_subscribed_studies") == 0
     assert value(client, "presence_pubsub_connected") == 1

@@ -9,7 +9,6 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import fakeredis
 import pytest
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import StreamingResponse
@@ -18,14 +17,11 @@ from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from presence_svc import requestid
-from presence_svc.app import create_app
-from presence_svc.auth import issue_token
 from presence_svc.logs import JsonFormatter
-from presence_svc.node import Node
 from presence_svc.requestid import RequestIdMiddleware
-from presence_svc.settings import load_settings
+from tests.support.app import app_client, node_of
+from tests.support.auth import token
 
-SECRET = "request-id-tests-secret-0123456789abcdef"
 GENERATED = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -60,17 +56,8 @@ def lines() -> Iterator[Lines]:
 
 @pytest.fixture
 def client(key_prefix: str) -> Iterator[TestClient]:
-    settings = load_settings(redis_url=None, jwt_secret=SECRET, key_prefix=key_prefix)
-    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    with TestClient(create_app(settings, redis=redis)) as tc:
+    with app_client(key_prefix=key_prefix) as tc:
         yield tc
-        assert tc.portal is not None
-        tc.portal.call(redis.aclose)
-
-
-def node_of(client: TestClient) -> Node:
-    node: Node = client.app.state.node  # type: ignore[attr-defined]
-    return node
 
 
 # --- X-Request-ID over the real app ------------------------------------------------------------
@@ -166,10 +153,10 @@ def test_lines_logged_during_a_websocket_carry_its_connection_id(
 
     # ws.py logs an error when it cannot subscribe: a real line of a real connection.
     monkeypatch.setattr(node_of(client).fanout, "add", unavailable)
-    token = issue_token("alice", SECRET)
+    alice = token("alice")
     for _ in range(2):
         with (
-            client.websocket_connect(f"/ws/presence?study_id=s1&token={token}") as ws,
+            client.websocket_connect(f"/ws/presence?study_id=s1&token={alice}") as ws,
             pytest.raises(WebSocketDisconnect),
         ):
             ws.receive_text()
@@ -184,8 +171,7 @@ def test_the_connected_message_names_the_connection_id_the_logs_carry(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(requestid, "new_id", lambda: "conn-from-the-middleware")
-    token = issue_token("alice", SECRET)
-    with client.websocket_connect(f"/ws/presence?study_id=s1&token={token}") as ws:
+    with client.websocket_connect(f"/ws/presence?study_id=s1&token={token('alice')}") as ws:
         connected = ws.receive_json()
     assert connected["type"] == "connected"
     assert connected["data"]["connection_id"] == "conn-from-the-middleware"

@@ -7,11 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import pytest
-from starlette.testclient import TestClient
 
-from presence_svc.app import RELEASE_TIMEOUT, create_app
+from presence_svc.app import RELEASE_TIMEOUT
 from presence_svc.settings import Settings
 from presence_svc.web.rest import ROUTES
 from tests.deploy.artifacts import (
@@ -32,6 +30,7 @@ from tests.deploy.artifacts import (
     stages,
     unknown_settings,
 )
+from tests.support.app import app_client
 
 ROUTE_PATHS = {route.path for route in ROUTES}
 # Interpreter exit and closing Redis connections after the lease release.
@@ -131,12 +130,9 @@ def test_probes_answer_200_on_a_node_configured_by_the_configmap(settings: Setti
     paths = {
         spec[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")
     }
-    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    with TestClient(create_app(settings, redis=redis)) as client:
+    with app_client(settings) as client:
         for path in sorted(paths):
             assert client.get(path).status_code == 200, path
-        assert client.portal is not None
-        client.portal.call(redis.aclose)
 
 
 def test_service_maps_port_80_to_the_http_container_port() -> None:

@@ -3,25 +3,17 @@ true: real responses (TestClient on fakeredis) validate against the schemas it d
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import fakeredis
 import jsonschema_rs  # comes with schemathesis (the test extra): a JSON Schema 2020-12 validator
 import pytest
-import redis.asyncio as aioredis
 import schemathesis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from presence_svc.app import create_app
-from presence_svc.auth import ALL_STUDIES, issue_token
+from presence_svc.auth import ALL_STUDIES
 from presence_svc.models import ID_PATTERN, HeartbeatRequest
-from presence_svc.settings import load_settings
 from presence_svc.web import openapi
 from presence_svc.web.rest import ROUTES
 from presence_svc.web.schemas import (
@@ -31,9 +23,9 @@ from presence_svc.web.schemas import (
     ReadinessOut,
     SessionOut,
 )
-from tests.support.processes import free_port
+from tests.support import auth as support_auth
+from tests.support.app import app_client, unreachable_redis
 
-SECRET = "openapi-tests-secret-" + "0123456789abcdef" * 2
 DOC = openapi.document()
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 PRESENCE_OPERATIONS = {
@@ -55,45 +47,29 @@ DOCUMENTED = {
 
 
 def auth(user: str = "alice", studies: str | list[str] = ALL_STUDIES) -> dict[str, str]:
-    return {"Authorization": f"Bearer {issue_token(user, SECRET, studies=studies)}"}
-
-
-@contextmanager
-def app_client(redis: Any, **overrides: Any) -> Iterator[TestClient]:
-    """A TestClient (lifespan included) on `redis`, with study grants required."""
-    settings = load_settings(
-        redis_url=None,
-        jwt_secret=SECRET,
-        require_study_grant=True,
-        key_prefix=f"test-{uuid.uuid4().hex[:12]}",
-        **overrides,
-    )
-    with TestClient(create_app(settings, redis=redis)) as tc:
-        yield tc
-        tc.portal.call(redis.aclose)
+    """Study grants are required here: a token grants every study unless told otherwise."""
+    return support_auth.auth(user, studies=studies)
 
 
 @pytest.fixture
 def client() -> Iterator[TestClient]:
-    with app_client(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())) as tc:
+    with app_client(require_study_grant=True) as tc:
         yield tc
 
 
 @pytest.fixture
 def limited_client() -> Iterator[TestClient]:
     """One REST heartbeat per user, then 429 for a long while."""
-    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    with app_client(redis, rest_heartbeat_rate=0.01, rest_heartbeat_burst=1) as tc:
+    with app_client(
+        require_study_grant=True, rest_heartbeat_rate=0.01, rest_heartbeat_burst=1
+    ) as tc:
         yield tc
 
 
 @pytest.fixture
 def down_client() -> Iterator[TestClient]:
     """An app whose Redis is a closed loopback port (no retries, so failures are quick)."""
-    redis = aioredis.Redis(
-        host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
-    )
-    with app_client(redis) as tc:
+    with app_client(redis=unreachable_redis(), require_study_grant=True) as tc:
         yield tc
 
 

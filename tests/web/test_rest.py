@@ -10,23 +10,19 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import fakeredis
 import jwt
 import pytest
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from starlette.testclient import TestClient
 
-from presence_svc.app import create_app
-from presence_svc.auth import issue_token
 from presence_svc.models import MOVE_PATH_MAX_LENGTH
-from presence_svc.settings import DEV_JWT_SECRET, Settings, load_settings
+from presence_svc.settings import DEV_JWT_SECRET, Settings
 from presence_svc.store import StoreUnavailable
 from presence_svc.sweeper import Sweeper
-from tests.support.processes import free_port
+from tests.support import app as support_app
+from tests.support.app import app_client, unreachable_redis
+from tests.support.auth import SECRET, auth, token
+from tests.support.waiting import eventually
 
-SECRET = "http-tests-secret-" + "0123456789abcdef" * 3  # 66 bytes: long enough for HS512
 ISO_MS_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 SESSION_FIELDS = {
     "session_id",
@@ -42,19 +38,20 @@ SESSION_FIELDS = {
 
 def make_settings(key_prefix: str, jwt_secret: str | None = SECRET) -> Settings:
     # Long thresholds: nothing turns idle while a test runs.
-    return load_settings(
-        redis_url=None,
+    return support_app.make_settings(
+        key_prefix,
         jwt_secret=jwt_secret,
         idle_after=30,
         away_after=60,
         expire_after=90,
         sweep_interval=0.1,
-        key_prefix=key_prefix,
     )
 
 
-def auth(user: str = "alice", secret: str = SECRET) -> dict[str, str]:
-    return {"Authorization": f"Bearer {issue_token(user, secret)}"}
+def past_this_millisecond() -> None:
+    """Wait until the wall clock (the service's) has reached a later millisecond than now."""
+    now_ms = int(time.time() * 1000)
+    eventually(lambda: int(time.time() * 1000) > now_ms, within=1.0, what="the next millisecond")
 
 
 def parse_iso(text: str) -> datetime:
@@ -69,24 +66,15 @@ def settings(key_prefix: str) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    with TestClient(create_app(settings, redis=redis)) as tc:
+    with app_client(settings) as tc:
         yield tc
-        tc.portal.call(redis.aclose)
 
 
 @pytest.fixture
 def down_client(settings: Settings) -> Iterator[TestClient]:
     """An app whose Redis is a closed loopback port (no retries, so failures are quick)."""
-    redis = aioredis.Redis(
-        host="127.0.0.1",
-        port=free_port(),
-        socket_connect_timeout=0.5,
-        retry=Retry(NoBackoff(), 0),
-    )
-    with TestClient(create_app(settings, redis=redis)) as tc:
+    with app_client(settings, redis=unreachable_redis()) as tc:
         yield tc
-        tc.portal.call(redis.aclose)
 
 
 def heartbeat(client: TestClient, body: Any, user: str = "alice") -> Any:
@@ -155,7 +143,7 @@ def test_heartbeat_without_cursor_fields_gives_nulls(client: TestClient) -> None
 
 def test_second_heartbeat_keeps_the_session_and_refreshes_its_time(client: TestClient) -> None:
     first = heartbeat(client, {"study_id": "s1", "chapter_id": "c1"})
-    time.sleep(0.005)
+    past_this_millisecond()
     second = heartbeat(client, {"study_id": "s1"})
     assert second["session_id"] == first["session_id"]
     assert second["joined_at"] == first["joined_at"]
@@ -197,7 +185,7 @@ def test_get_after_heartbeats(client: TestClient) -> None:
     alice = heartbeat(
         client, {"study_id": "s1", "chapter_id": "c1", "move_path": "main.2"}, "alice"
     )
-    time.sleep(0.003)  # distinct joined_at, so the order is by join time
+    past_this_millisecond()  # distinct joined_at, so the order is by join time
     bob = heartbeat(client, {"study_id": "s1"}, "bob")
     heartbeat(client, {"study_id": "other"}, "carol")
 
@@ -298,7 +286,7 @@ BAD_AUTH: dict[str, Callable[[], dict[str, str]]] = {
     "empty": lambda: {"Authorization": ""},
     "bearer-without-token": lambda: {"Authorization": "Bearer "},
     "basic-scheme": lambda: {"Authorization": "Basic YWxpY2U6cHc="},
-    "token-without-scheme": lambda: {"Authorization": issue_token("alice", SECRET)},
+    "token-without-scheme": lambda: {"Authorization": token("alice")},
     "garbage": lambda: {"Authorization": "Bearer not.a.jwt"},
     "forged": lambda: auth(secret="another-secret-that-is-long-enough-0123456789"),
     "dev-secret-on-configured-node": lambda: auth(secret=DEV_JWT_SECRET),
@@ -360,21 +348,20 @@ def test_auth_is_checked_before_the_body(client: TestClient) -> None:
 
 
 def test_scheme_is_case_insensitive(client: TestClient) -> None:
-    token = issue_token("alice", SECRET)
-    response = client.get("/presence/s1", headers={"Authorization": f"bearer {token}"})
+    response = client.get("/presence/s1", headers={"Authorization": f"bearer {token('alice')}"})
     assert response.status_code == 200
 
 
 def test_embedded_mode_uses_the_dev_secret(key_prefix: str) -> None:
-    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    with TestClient(create_app(make_settings(key_prefix, jwt_secret=None), redis=redis)) as tc:
+    with app_client(make_settings(key_prefix, jwt_secret=None)) as tc:
         response = tc.post(
-            "/presence/heartbeat", json={"study_id": "s1"}, headers=auth("dev", DEV_JWT_SECRET)
+            "/presence/heartbeat",
+            json={"study_id": "s1"},
+            headers=auth("dev", secret=DEV_JWT_SECRET),
         )
         assert response.status_code == 200
         assert response.json()["user_id"] == "dev"
         assert_error(tc.get("/presence/s1", headers=auth()), 401, "unauthorized")
-        tc.portal.call(redis.aclose)
 
 
 # --- body validation -----------------------------------------------------------------------
@@ -631,10 +618,8 @@ def test_shutdown_ends_a_background_task_that_lost_its_cancel(
     stopped = threading.Event()
 
     def serve() -> None:
-        redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        with TestClient(create_app(settings, redis=redis)) as tc:
+        with app_client(settings) as tc:
             assert tc.get("/healthz").status_code == 200
-            tc.portal.call(redis.aclose)
         stopped.set()
 
     thread = threading.Thread(target=serve, daemon=True)

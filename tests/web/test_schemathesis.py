@@ -8,28 +8,26 @@ must be documented: no 5xx, a documented status code, content type, headers and 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 
-import fakeredis
 import pytest
 import schemathesis
 from hypothesis import settings
 
 from presence_svc.app import create_app
-from presence_svc.auth import ALL_STUDIES, issue_token
-from presence_svc.settings import load_settings
+from presence_svc.auth import ALL_STUDIES
 from presence_svc.web import openapi
+from tests.support.app import fake_redis, make_settings
+from tests.support.auth import token
 
-SECRET = "schemathesis-tests-secret-" + "0123456789abcdef" * 2
 MAX_EXAMPLES = 30
 
 
 def _config() -> schemathesis.Config:
-    token = issue_token("fuzzer", SECRET, studies=ALL_STUDIES)
+    fuzzer = token("fuzzer", studies=ALL_STUDIES)
     return schemathesis.Config.from_dict(
         {
-            "auth": {"openapi": {openapi.SECURITY_SCHEME: {"bearer": token}}},
+            "auth": {"openapi": {openapi.SECURITY_SCHEME: {"bearer": fuzzer}}},
             "generation": {
                 "max-examples": MAX_EXAMPLES,
                 "database": "none",
@@ -41,17 +39,14 @@ def _config() -> schemathesis.Config:
     )
 
 
-REDIS = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+REDIS = fake_redis()
 APP = create_app(
-    load_settings(
-        redis_url=None,
-        jwt_secret=SECRET,
+    make_settings(
         # Grants are checked (the token grants every study), and the heartbeat rate limit is
         # high enough that the fuzzer's heartbeats reach the store rather than a 429.
         require_study_grant=True,
         rest_heartbeat_rate=10_000,
         rest_heartbeat_burst=10_000,
-        key_prefix=f"test-{uuid.uuid4().hex[:12]}",
     ),
     redis=REDIS,
 )
