@@ -79,7 +79,8 @@ class ManualTimer:
         await self._settle(lambda: self.asleep >= count, f"{count} sleeping task(s)")
 
     async def advance(self, seconds: float) -> None:
-        """Move time on by `seconds`, running every sleep that ends meanwhile, in time order."""
+        """Move time on by `seconds`, running every sleep that ends meanwhile, in time order
+        (ties in the order the sleeps began)."""
         target = self.now + seconds
         while due := sorted(
             (s for s in self._sleepers if s.until <= target and not s.woken.done()),
