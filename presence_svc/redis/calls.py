@@ -1,4 +1,5 @@
-"""What the Redis-backed store's parts share: script calls, lease members, unreachable Redis."""
+"""What the Redis-backed store's parts share: script calls and their errors, lease members,
+unreachable Redis."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_svc.models import Holder, Lease
 from presence_svc.redis.batch import Command
+from presence_svc.redis.scripts import located
 from presence_svc.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ def reachable(
     method: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
     """Report Redis being unavailable as StoreUnavailable (and count it on the method's owner,
-    if it keeps `redis_errors`)."""
+    if it keeps `redis_errors`), and a script's error with its file and line (scripts.located).
+    """
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -47,6 +50,11 @@ def reachable(
             if hasattr(owner, "redis_errors"):
                 owner.redis_errors += 1
             raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+        except ResponseError as exc:
+            explained = located(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
 
     return wrapper
 

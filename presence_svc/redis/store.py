@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ResponseError
+
 from presence_svc.models import (
     CursorUpdate,
     Holder,
@@ -28,7 +30,7 @@ from presence_svc.redis.calls import UNAVAILABLE, call, lease_member, reachable,
 from presence_svc.redis.cluster import ClusterBatcher, is_cluster
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.nodes import RedisNodes
-from presence_svc.redis.scripts import Scripts
+from presence_svc.redis.scripts import Scripts, located
 
 if TYPE_CHECKING:
     from presence_svc.store import NodeRegistry, PresenceStore
@@ -93,7 +95,10 @@ class RedisStore:
         self._redis = redis
         self._keys = keys
         cluster = is_cluster(redis)
-        self._scripts = Scripts.register(redis, sharded=cluster)
+        self._scripts = Scripts.register(redis)
+        # Sharded pub/sub on Redis Cluster: a channel stays on its slot's shard instead of being
+        # broadcast over the cluster bus. The publishing scripts accept these two values only.
+        self._publish = "SPUBLISH" if cluster else "PUBLISH"
         self._batch: Batcher | ClusterBatcher = (
             ClusterBatcher(redis, self._scripts.sources())
             if cluster
@@ -151,6 +156,7 @@ class RedisStore:
                     "1" if cursor.sets_move_path else "0",
                     cursor.move_path or "",
                     holder.connection_id if holder is not None else "",
+                    self._publish,
                 ],
             )
         )
@@ -174,7 +180,7 @@ class RedisStore:
     async def leave(self, user_id: str, study_id: str, now_ms: int) -> bool:
         """End the session and publish user_left; False if there was no session."""
         keys = self._keys.study(study_id).of_session(user_id)
-        args = [user_id, now_ms, iso_from_ms(now_ms), EMPTY_STUDY_TTL_MS]
+        args = [user_id, now_ms, iso_from_ms(now_ms), EMPTY_STUDY_TTL_MS, self._publish]
         [ended] = await self._batch.run([call(self._scripts.leave, keys, args)])
         self.events_published += int(ended)  # user_left, when there was a session
         return bool(ended)
@@ -325,6 +331,7 @@ class RedisStore:
                 away_wm,
                 expire_wm,
                 EMPTY_STUDY_TTL_MS,
+                self._publish,
                 *users,
             ],
         )
@@ -349,7 +356,9 @@ class RedisStore:
             if isinstance(reply, UNAVAILABLE):
                 raise reply
             if isinstance(reply, BaseException):
-                log.error("sweep step failed: %s", reply)
+                # Logged here, not raised: worded with its script and line as `reachable` would.
+                error = located(reply) if isinstance(reply, ResponseError) else reply
+                log.error("sweep step failed: %s", error)
                 out.append(None)
             else:
                 out.append(reply[0])

@@ -1,12 +1,10 @@
--- Shared prelude, prepended to every operation script when it is loaded.
+-- Shared prelude: scripts.py loads every operation script as this file, a newline, then the
+-- script (and maps the line numbers in Redis's errors back to the two files).
 -- A pure-Lua MessagePack encoder: fakeredis's Lua has no cmsgpack or struct, real Redis does,
 -- and both must publish byte-identical envelopes. It covers what events need: nil, integers,
 -- strings and maps with a fixed key order.
 
 local MP_NIL = {}
--- SPUBLISH on Redis Cluster (scripts.py swaps this line): a sharded channel stays on its slot's
--- shard instead of being broadcast over the cluster bus.
-local PUBLISH = 'PUBLISH'
 
 local function mp_uint(n, width)
   local out = {}
@@ -78,9 +76,23 @@ local function or_nil(v)
   return v
 end
 
+-- Where and how a script publishes a study's events: the study's meta hash (holding its seq),
+-- its channel, the publish command and the time the events carry. The command comes from the
+-- caller (SPUBLISH on Redis Cluster: a sharded channel stays on its slot's shard instead of
+-- being broadcast over the cluster bus); only these two commands are run, so a caller's bug
+-- cannot make a script run anything else. The error names the script's line (level 2), and
+-- scripts call this before they write anything.
+local function publisher(meta_key, channel, command, now_ms, now_iso)
+  if command ~= 'PUBLISH' and command ~= 'SPUBLISH' then
+    error('publish command must be PUBLISH or SPUBLISH, got ' .. tostring(command), 2)
+  end
+  return {meta_key = meta_key, channel = channel, command = command, now_ms = now_ms,
+    now_iso = now_iso}
+end
+
 -- Raises the study's seq by one and publishes one presence event for session `s`.
-local function emit(meta_key, channel, event_type, s, now_iso, now_ms)
-  local seq = redis.call('HINCRBY', meta_key, 'seq', 1)
+local function emit(pub, event_type, s)
+  local seq = redis.call('HINCRBY', pub.meta_key, 'seq', 1)
   local data = mp_map({
     'session_id', s.session_id,
     'user_id', s.user_id,
@@ -88,11 +100,11 @@ local function emit(meta_key, channel, event_type, s, now_iso, now_ms)
     'chapter_id', or_nil(s.chapter_id),
     'move_path', or_nil(s.move_path),
     'status', s.status,
-    'timestamp', now_iso,
+    'timestamp', pub.now_iso,
     'seq', seq,
   })
-  local envelope = mp_map({'type', event_type, 'data', data, 'ts', now_ms})
-  redis.call(PUBLISH, channel, envelope.mp_raw)
+  local envelope = mp_map({'type', event_type, 'data', data, 'ts', pub.now_ms})
+  redis.call(pub.command, pub.channel, envelope.mp_raw)
   return seq
 end
 
@@ -112,3 +124,18 @@ local function hold(conns_key, leaving_key, user_id, conn)
   redis.call('ZREM', leaving_key, user_id)
 end
 
+-- Removes what may be left of a user's session besides its hash: its index entry, its pending
+-- leave and its connection set.
+local function drop_remains(index_key, leaving_key, conns_key, user_id)
+  redis.call('ZREM', index_key, user_id)
+  redis.call('ZREM', leaving_key, user_id)
+  redis.call('DEL', conns_key)
+end
+
+-- Ends session `s` (its hash as a table) of `user_id`: deletes it and all it has in the study,
+-- raises seq and publishes user_left. The caller settles the study if it may now be empty.
+local function end_session(pub, index_key, leaving_key, session_key, conns_key, user_id, s)
+  redis.call('DEL', session_key)
+  drop_remains(index_key, leaving_key, conns_key, user_id)
+  emit(pub, 'presence.user_left', s)
+end

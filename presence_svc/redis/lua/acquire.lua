@@ -5,8 +5,11 @@
 -- ARGV[1] user_id   ARGV[2] connection id
 -- Returns 1 if the session exists and is now held, 0 if it has ended meanwhile.
 
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local session_key, conns_key, leaving_key = KEYS[1], KEYS[2], KEYS[3]
+local user_id, conn = ARGV[1], ARGV[2]
+
+if redis.call('EXISTS', session_key) == 0 then
   return 0
 end
-hold(KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+hold(conns_key, leaving_key, user_id, conn)
 return 1

@@ -9,26 +9,36 @@
 -- ARGV[6] '1' if chapter_id is given   ARGV[7] chapter_id ('' clears it)
 -- ARGV[8] '1' if move_path is given    ARGV[9] move_path ('' clears it)
 -- ARGV[10] connection id holding the session ('' for a heartbeat that holds nothing, e.g. REST)
+-- ARGV[11] publish command: 'PUBLISH', or 'SPUBLISH' on Redis Cluster (anything else: an error)
 -- Returns {session_id, chapter_id, move_path, status, last_heartbeat, joined_at, events}
 -- with '' for an absent cursor field and events = the number of events published.
 
-local now = tonumber(ARGV[3])
-local existing = redis.call('HGETALL', KEYS[1])
+local session_key, index_key, meta_key, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local conns_key, leaving_key = KEYS[5], KEYS[6]
+local user_id, study_id, now_ms, now_iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local new_session_id = ARGV[5]
+local sets_chapter, chapter_id = ARGV[6] == '1', ARGV[7]
+local sets_move, move_path = ARGV[8] == '1', ARGV[9]
+local conn, publish = ARGV[10], ARGV[11]
+local now = tonumber(now_ms)  -- now_ms stays text for joined_at, stored exactly as given
+local pub = publisher(meta_key, channel, publish, now, now_iso)
+
+local existing = redis.call('HGETALL', session_key)
 local s
 local is_new = #existing == 0
 if is_new then
-  s = {session_id = ARGV[5], user_id = ARGV[1], study_id = ARGV[2], status = 'active',
-       joined_at = ARGV[3]}
+  s = {session_id = new_session_id, user_id = user_id, study_id = study_id, status = 'active',
+       joined_at = now_ms}
 else
   s = hash_to_table(existing)
 end
 
 local old_chapter, old_move, old_status = s.chapter_id, s.move_path, s.status
-if ARGV[6] == '1' then
-  if ARGV[7] == '' then s.chapter_id = nil else s.chapter_id = ARGV[7] end
+if sets_chapter then
+  if chapter_id == '' then s.chapter_id = nil else s.chapter_id = chapter_id end
 end
-if ARGV[8] == '1' then
-  if ARGV[9] == '' then s.move_path = nil else s.move_path = ARGV[9] end
+if sets_move then
+  if move_path == '' then s.move_path = nil else s.move_path = move_path end
 end
 
 -- A node with a lagging clock must not move a heartbeat back in time.
@@ -39,31 +49,31 @@ end
 s.status = 'active'
 s.last_heartbeat = beat
 
-redis.call('HSET', KEYS[1], 'session_id', s.session_id, 'user_id', s.user_id,
+redis.call('HSET', session_key, 'session_id', s.session_id, 'user_id', s.user_id,
   'study_id', s.study_id, 'status', 'active', 'last_heartbeat', beat, 'joined_at', s.joined_at)
-if s.chapter_id then redis.call('HSET', KEYS[1], 'chapter_id', s.chapter_id)
-else redis.call('HDEL', KEYS[1], 'chapter_id') end
-if s.move_path then redis.call('HSET', KEYS[1], 'move_path', s.move_path)
-else redis.call('HDEL', KEYS[1], 'move_path') end
-redis.call('ZADD', KEYS[2], beat, ARGV[1])
-redis.call('PERSIST', KEYS[3])
-if ARGV[10] ~= '' then
-  hold(KEYS[5], KEYS[6], ARGV[1], ARGV[10])
+if s.chapter_id then redis.call('HSET', session_key, 'chapter_id', s.chapter_id)
+else redis.call('HDEL', session_key, 'chapter_id') end
+if s.move_path then redis.call('HSET', session_key, 'move_path', s.move_path)
+else redis.call('HDEL', session_key, 'move_path') end
+redis.call('ZADD', index_key, beat, user_id)
+redis.call('PERSIST', meta_key)
+if conn ~= '' then
+  hold(conns_key, leaving_key, user_id, conn)
 else
-  redis.call('ZREM', KEYS[6], ARGV[1])
+  redis.call('ZREM', leaving_key, user_id)
 end
 
 local events = 0
 if is_new then
-  emit(KEYS[3], KEYS[4], 'presence.user_joined', s, ARGV[4], now)
+  emit(pub, 'presence.user_joined', s)
   events = 1
 else
   if old_status ~= 'active' then
-    emit(KEYS[3], KEYS[4], 'presence.user_active', s, ARGV[4], now)
+    emit(pub, 'presence.user_active', s)
     events = events + 1
   end
   if old_chapter ~= s.chapter_id or old_move ~= s.move_path then
-    emit(KEYS[3], KEYS[4], 'presence.cursor_moved', s, ARGV[4], now)
+    emit(pub, 'presence.cursor_moved', s)
     events = events + 1
   end
 end

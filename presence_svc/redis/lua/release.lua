@@ -4,16 +4,19 @@
 -- KEYS[1] session hash   KEYS[2] session's connection set   KEYS[3] study's pending leaves
 -- ARGV[1] user_id   ARGV[2] connection id   ARGV[3] leave_at ms
 -- Returns 1 if a leave was scheduled (the caller then schedules a sweep for leave_at), else 0.
+-- An earlier pending leave is kept: leave_at only ever moves a pending leave earlier.
 
-if redis.call('SREM', KEYS[2], ARGV[2]) == 0 then
+local session_key, conns_key, leaving_key = KEYS[1], KEYS[2], KEYS[3]
+local user_id, conn, leave_at = ARGV[1], ARGV[2], tonumber(ARGV[3])
+
+if redis.call('SREM', conns_key, conn) == 0 then
   return 0
 end
-if redis.call('SCARD', KEYS[2]) > 0 or redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('SCARD', conns_key) > 0 or redis.call('EXISTS', session_key) == 0 then
   return 0
 end
-local leave_at = tonumber(ARGV[3])
-local pending = redis.call('ZSCORE', KEYS[3], ARGV[1])
+local pending = redis.call('ZSCORE', leaving_key, user_id)
 if not pending or tonumber(pending) > leave_at then
-  redis.call('ZADD', KEYS[3], leave_at, ARGV[1])
+  redis.call('ZADD', leaving_key, leave_at, user_id)
 end
 return 1

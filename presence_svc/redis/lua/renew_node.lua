@@ -4,9 +4,12 @@
 -- Returns 1 normally, 0 if the node had been declared dead (its leases may have been released
 -- and must be taken again).
 
-local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+local live_key, dead_key = KEYS[1], KEYS[2]
+local node_id, now_ms = ARGV[1], ARGV[2]
+
+local known = redis.call('ZSCORE', live_key, node_id)
+redis.call('ZADD', live_key, now_ms, node_id)
+redis.call('ZREM', dead_key, node_id)
 if known then
   return 1
 end

@@ -4,12 +4,15 @@
 -- study past this heartbeat's due time.
 -- KEYS[1] schedule shard
 -- ARGV[1] study_id   ARGV[2] due ms   ARGV[3] now ms
+-- Returns 1.
 
-local current = redis.call('ZSCORE', KEYS[1], ARGV[1])
-local due, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local schedule_key = KEYS[1]
+local study_id, due, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+
+local current = redis.call('ZSCORE', schedule_key, study_id)
 if not current or tonumber(current) > due then
-  redis.call('ZADD', KEYS[1], due, ARGV[1])
+  redis.call('ZADD', schedule_key, due, study_id)
 elseif tonumber(current) <= now then
-  redis.call('ZADD', KEYS[1], tonumber(current) - 1, ARGV[1])
+  redis.call('ZADD', schedule_key, tonumber(current) - 1, study_id)
 end
 return 1
