@@ -14,10 +14,9 @@ repeat after a partial run (ours are: their plain commands are idempotent, and n
 runs when it is missing).
 
 Replies are parsed by a hiredis reader fed straight from the connection's stream, many per
-read; redis-py's `read_response` costs several microseconds of Python per reply, which was
-the largest single item of a heartbeat's CPU. Error replies become the same exception types
-redis-py raises (its parser's `parse_error`). Connections without a plain asyncio stream
-(fakeredis) are read through `read_response`, one reply at a time, as before.
+read (hiredis_replies.py, the one module that touches redis-py's connection internals); error
+replies become the same exception types redis-py raises. Connections without a plain asyncio
+stream (fakeredis) are read through `read_response`, one reply at a time.
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
+
+from presence_svc.redis.hiredis_replies import RawReplies
 
 Command = tuple[Any, ...]
 _Operation = tuple[list[Command], "asyncio.Future[list[Any]]"]
@@ -37,83 +37,6 @@ _Operation = tuple[list[Command], "asyncio.Future[list[Any]]"]
 MAX_IN_FLIGHT = 4
 MAX_BATCH = 1024  # operations per pipeline
 READ_TIMEOUT = 10.0  # seconds for all replies of one pipeline
-READ_SIZE = 65536
-
-_MORE = object()  # what the hiredis reader answers while no whole reply is buffered
-
-
-_PUSH: type | None = getattr(hiredis, "PushNotification", None)  # hiredis >= 3.2
-
-
-class _RawReplies:
-    """A hiredis reader fed from one redis-py connection's asyncio stream."""
-
-    __slots__ = ("_parser", "_reader", "stream")
-
-    def __init__(self, connection: Any, stream: asyncio.StreamReader) -> None:
-        self.stream = stream
-        self._parser = connection._parser
-        encoder = connection.encoder
-        if encoder.decode_responses:
-            self._reader = hiredis.Reader(
-                protocolError=InvalidResponse,
-                replyError=connection._parser.parse_error,
-                notEnoughData=_MORE,
-                encoding=encoder.encoding,
-                errors=encoder.encoding_errors,
-            )
-        else:
-            self._reader = hiredis.Reader(
-                protocolError=InvalidResponse,
-                replyError=connection._parser.parse_error,
-                notEnoughData=_MORE,
-            )
-
-    @classmethod
-    def of(cls, connection: Any) -> _RawReplies | None:
-        """A raw reader for `connection`, or None where only `read_response` will do."""
-        stream = getattr(connection, "_reader", None)
-        parser = getattr(connection, "_parser", None)
-        if not isinstance(stream, asyncio.StreamReader) or parser is None:
-            return None  # not a socket (fakeredis), or not connected
-        if not hasattr(parser, "parse_error"):
-            return None
-        if str(getattr(connection, "protocol", 2)) != "2" and (
-            _PUSH is None or not hasattr(parser, "handle_push_response")
-        ):
-            return None  # RESP3 push messages could not be told from replies
-        return cls(connection, stream)
-
-    async def read(self, count: int) -> tuple[list[Any], bool]:
-        """The next `count` replies, and whether any of them is an error reply."""
-        replies: list[Any] = []
-        failed = False
-        gets = self._reader.gets
-        while True:
-            reply = gets()
-            if reply is _MORE:
-                try:
-                    data = await self.stream.read(READ_SIZE)
-                except OSError as exc:
-                    raise RedisConnectionError(f"Error while reading from Redis: {exc}") from exc
-                if not data:
-                    raise RedisConnectionError("Connection closed by server.")
-                self._reader.feed(data)
-                continue
-            # As redis-py's read_response: a connection-level error fails the whole stream, and
-            # a RESP3 push message (no reply to anything) goes to the parser's handlers.
-            if _PUSH is not None and type(reply) is _PUSH:
-                await self._parser.handle_push_response(reply)
-                continue
-            if isinstance(reply, Exception):
-                if isinstance(reply, RedisConnectionError):
-                    raise reply
-                failed = True
-            elif type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
-                raise reply[0]
-            replies.append(reply)
-            if len(replies) == count:
-                return replies, failed
 
 
 class Batcher:
@@ -126,7 +49,7 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
         self._connection: Any = None
-        self._raw: _RawReplies | None = None  # for self._connection, when it can be read raw
+        self._raw: RawReplies | None = None  # for self._connection, when it can be read raw
         self._turn: asyncio.Future[None] | None = (
             None  # done when the last batch's replies are read
         )
@@ -241,9 +164,8 @@ class Batcher:
 
     async def _read(self, connection: Any, count: int) -> tuple[list[Any], bool]:
         raw = self._raw
-        if raw is None or raw.stream is not getattr(connection, "_reader", None):
-            # A (re)connected stream starts with an empty reader.
-            raw = self._raw = _RawReplies.of(connection)
+        if raw is None or not raw.reads(connection):
+            raw = self._raw = RawReplies.of(connection)
         if raw is not None:
             return await raw.read(count)
         flat: list[Any] = []

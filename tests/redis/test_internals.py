@@ -1,0 +1,139 @@
+"""The redis-py and hiredis internals hiredis_replies.py reads replies through, still there.
+
+batch.py falls back to `read_response` wherever a connection cannot be read raw, so a
+redis-py release that renamed an internal would not fail a single behaviour test: heartbeats
+would silently cost what they did before the raw reader (docs/performance.md). These tests
+fail instead, naming what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import hiredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+
+from presence_svc.redis import hiredis_replies
+from presence_svc.redis.hiredis_replies import RawReplies, unusable
+
+VERSIONS = f"redis-py {redis.__version__}, hiredis {hiredis.__version__}"
+RECHECK = "recheck presence_svc/redis/hiredis_replies.py against"
+
+
+@pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
+async def connection(request: pytest.FixtureRequest, cleanup_real_redis: str) -> AsyncIterator[Any]:
+    """A connected redis-py connection to a real server, given back afterwards."""
+    client: Any = aioredis.Redis.from_url(cleanup_real_redis, protocol=request.param)
+    conn = await client.connection_pool.get_connection()
+    try:
+        yield conn
+    finally:
+        await client.connection_pool.release(conn)
+        await client.aclose()
+
+
+async def test_a_real_connection_is_read_raw(connection: Any) -> None:
+    reason = unusable(connection)
+    assert reason is None, f"{VERSIONS}: {reason}; batch.py reads it slowly now: {RECHECK} it"
+    assert RawReplies.of(connection) is not None
+
+
+async def test_error_replies_become_redis_py_exceptions(connection: Any, key_prefix: str) -> None:
+    raw = RawReplies.of(connection)
+    assert raw is not None, f"{VERSIONS}: {unusable(connection)}"
+    commands: list[tuple[Any, ...]] = [
+        ("EVALSHA", "0" * 40, 0),
+        ("INCR", f"{key_prefix}:text"),
+        ("SET", f"{key_prefix}:text", "x"),
+        ("INCR", f"{key_prefix}:text"),
+        ("PING",),
+    ]
+    await connection.send_packed_command(
+        b"".join(hiredis.pack_command(c) for c in commands), check_health=False
+    )
+    replies, failed = await raw.read(len(commands))
+    assert failed
+    assert type(replies[0]) is NoScriptError, f"{VERSIONS}: parse_error gave {replies[0]!r}"
+    assert replies[1:3] == [1, b"OK"]
+    assert type(replies[3]) is ResponseError, f"{VERSIONS}: parse_error gave {replies[3]!r}"
+    assert replies[4] == b"PONG"
+    assert raw.reads(connection)
+
+
+async def test_a_reconnected_connection_needs_a_new_reader(connection: Any) -> None:
+    raw = RawReplies.of(connection)
+    assert raw is not None and raw.reads(connection)
+    await connection.disconnect()
+    await connection.connect()
+    assert not raw.reads(connection), f"{VERSIONS}: connection._reader outlived a reconnect"
+
+
+async def test_a_resp3_push_goes_to_the_parser_handlers(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    client: Any = aioredis.Redis.from_url(cleanup_real_redis, protocol=3)
+    other = aioredis.Redis.from_url(cleanup_real_redis)
+    conn = await client.connection_pool.get_connection()
+    pushed: list[Any] = []
+
+    async def invalidated(message: Any) -> None:
+        pushed.append(message)
+
+    try:
+        conn._parser.set_invalidation_push_handler(invalidated)
+        raw = RawReplies.of(conn)
+        assert raw is not None, f"{VERSIONS}: {unusable(conn)}"
+        key = f"{key_prefix}:tracked"
+        commands: list[tuple[Any, ...]] = [("CLIENT", "TRACKING", "ON"), ("GET", key)]
+        await conn.send_packed_command(b"".join(hiredis.pack_command(c) for c in commands))
+        assert await raw.read(2) == ([b"OK", None], False)
+        await other.set(key, "changed")  # Redis pushes an invalidation to the tracking client
+        await conn.send_packed_command(hiredis.pack_command(("PING",)))
+        assert await raw.read(1) == ([b"PONG"], False), f"{VERSIONS}: a push read as a reply"
+        assert len(pushed) == 1 and pushed[0][0] == b"invalidate", pushed
+    finally:
+        await client.connection_pool.release(conn)
+        await client.aclose()
+        await other.aclose()
+
+
+def test_the_hiredis_reader_takes_what_hiredis_replies_gives_it() -> None:
+    sentinel = object()
+    reader = hiredis.Reader(
+        protocolError=InvalidResponse,
+        replyError=ResponseError,
+        notEnoughData=sentinel,
+        encoding="utf-8",
+        errors="strict",
+    )
+    reader.feed(b"$5\r\nhel")
+    assert reader.gets() is sentinel, f"hiredis {hiredis.__version__}: notEnoughData ignored"
+    reader.feed(b"lo\r\n-ERR no\r\n")
+    assert reader.gets() == "hello"
+    assert type(reader.gets()) is ResponseError
+    assert hiredis_replies._PUSH is not None, (
+        f"hiredis {hiredis.__version__} has no PushNotification: RESP3 cannot be read raw"
+    )
+
+
+async def test_fakeredis_is_read_through_read_response() -> None:
+    client: Any = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    conn = await client.connection_pool.get_connection()
+    try:
+        await conn.connect()
+        assert unusable(conn) is not None
+        assert RawReplies.of(conn) is None
+    finally:
+        await client.connection_pool.release(conn)
+        await client.aclose()
+
+
+async def test_a_stream_alone_is_not_enough() -> None:
+    bare = type("Bare", (), {"_reader": asyncio.StreamReader()})()
+    assert unusable(bare) == "connection._parser (NoneType) has no parse_error"
