@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from presence_svc.auth import TokenVerifier
+from presence_svc.clock import Clock, SystemClock
 from presence_svc.coalesce import Coalescer
 from presence_svc.codec import Outgoing
 from presence_svc.fanout import Fanout
@@ -33,6 +34,7 @@ class Node:
     verifier: TokenVerifier
     rest_heartbeats: KeyedBuckets  # per user
     metrics: Metrics
+    clock: Clock = field(default_factory=SystemClock)  # token expiry; tests move it
     sockets_by_user: Counter[str] = field(default_factory=Counter)
     draining: bool = False
     open_sockets: int = 0

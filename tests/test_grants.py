@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from presence_svc.app import create_app
 from presence_svc.auth import ALL_STUDIES, AuthError, TokenVerifier, issue_token
 from presence_svc.cli import main
 from presence_svc.settings import DEV_JWT_SECRET, load_settings
+from tests.support.movable_clock import MovableClock
 
 SECRET = "grant-tests-secret-0123456789abcdef0123456789"
 
@@ -85,9 +85,16 @@ def test_the_token_command_grants(
 
 
 @pytest.fixture
-def client(key_prefix: str) -> Iterator[TestClient]:
+def wall() -> MovableClock:
+    """The node's clock, which token expiry follows."""
+    return MovableClock()
+
+
+@pytest.fixture
+def client(key_prefix: str, wall: MovableClock) -> Iterator[TestClient]:
     settings = load_settings(key_prefix=key_prefix, jwt_secret=SECRET, require_study_grant=True)
     with TestClient(create_app(settings, redis=fakeredis.FakeAsyncRedis())) as test_client:
+        test_client.app.state.node.clock = wall  # type: ignore[attr-defined]
         yield test_client
 
 
@@ -137,22 +144,27 @@ def test_a_socket_with_a_grant_is_served(client: TestClient) -> None:
         assert ws.receive_json()["type"] == "presence.snapshot"
 
 
-def short_lived(user: str = "alice") -> str:
-    # exp is whole seconds: this token expires within the next second or two.
-    return issue_token(user, SECRET, ttl=1, studies=["s1"])
+def open_for(client: TestClient, ttl: int) -> Any:
+    token = issue_token("alice", SECRET, ttl=ttl, studies=["s1"])
+    return client.websocket_connect(f"/ws/presence?study_id=s1&token={token}")
 
 
-def test_a_socket_whose_token_expires_is_closed_with_4401(client: TestClient) -> None:
-    with client.websocket_connect(f"/ws/presence?study_id=s1&token={short_lived()}") as ws:
+def test_a_socket_whose_token_expires_is_closed_with_4401(
+    client: TestClient, wall: MovableClock
+) -> None:
+    with open_for(client, ttl=60) as ws:
         assert ws.receive_json()["type"] == "connected"
         assert ws.receive_json()["type"] == "presence.snapshot"
+        ws.send_json({"type": "ping"})
+        assert ws.receive_json()["type"] == "pong"  # open before the expiry
+        wall.advance(61)
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()  # nothing else arrives before the close
-        assert closed.value.code == 4401
+        assert (closed.value.code, closed.value.reason) == (4401, "token expired")
 
 
-def test_a_refreshed_socket_stays_open(client: TestClient) -> None:
-    with client.websocket_connect(f"/ws/presence?study_id=s1&token={short_lived()}") as ws:
+def test_a_refreshed_socket_stays_open(client: TestClient, wall: MovableClock) -> None:
+    with open_for(client, ttl=60) as ws:
         ws.receive_json()
         ws.receive_json()
         ws.send_json({"type": "refresh", "token": issue_token("mallory", SECRET, studies="*")})
@@ -161,12 +173,16 @@ def test_a_refreshed_socket_stays_open(client: TestClient) -> None:
         assert refused["data"]["code"] == "invalid_token"
         ws.send_json({"type": "refresh", "token": issue_token("alice", SECRET, studies=["s2"])})
         assert ws.receive_json()["data"]["code"] == "invalid_token"
-        ws.send_json({"type": "refresh", "token": issue_token("alice", SECRET, 60, ["s1"])})
+        ws.send_json({"type": "refresh", "token": issue_token("alice", SECRET, 600, ["s1"])})
         refreshed = ws.receive_json()
         assert refreshed["type"] == "refreshed"
-        time.sleep(2.2)  # past the first token's expiry
+        wall.advance(120)  # past the first token's expiry
         ws.send_json({"type": "ping"})
         assert ws.receive_json()["type"] == "pong"
+        wall.advance(600)  # past the fresh token's expiry too
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 4401
 
 
 def test_a_long_refusal_reason_is_cut_to_fit_a_close_frame(client: TestClient) -> None:

@@ -21,10 +21,12 @@ import uuid
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from presence_svc import requestid
 from presence_svc.auth import AuthError, Principal, bearer
+from presence_svc.clock import Clock, Timer
 from presence_svc.codec import Outgoing, json_text
 from presence_svc.limits import TokenBucket
 from presence_svc.models import (
@@ -39,7 +41,7 @@ from presence_svc.models import (
 from presence_svc.node import Node
 from presence_svc.store import StoreUnavailable
 from presence_svc.web.errors import validation_problems
-from presence_svc.web.ws_connection import Connection, error_message
+from presence_svc.web.ws_connection import Connection, Disconnected, error_message
 from presence_svc.web.ws_heartbeats import Heartbeats
 
 log = logging.getLogger(__name__)
@@ -79,73 +81,94 @@ async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
     await websocket.close(code, reason.encode()[:123].decode(errors="ignore"))
 
 
-async def presence_socket(websocket: WebSocket) -> None:
-    node: Node = websocket.app.state.node
+class PresenceSocket:
+    """The endpoint, as a raw ASGI app: Starlette routes an endpoint that is not a function as
+    ASGI, as is, so frames are read with the ASGI `receive` and sent with the ASGI `send`
+    themselves, with no coroutine of Starlette's around every message. Starlette's WebSocket
+    does the handshake only (headers, query parameters, accept, refusals); the state it would
+    keep afterwards is kept by the Connection (ws_connection.py).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        node: Node = websocket.app.state.node
+        admitted = await _admit(websocket, node)
+        if admitted is None:
+            return
+        principal, study_id = admitted
+        user_id = principal.user_id
+        await websocket.accept()
+        node.open_sockets += 1
+        node.sockets_by_user[user_id] += 1
+        try:
+            await _serve(receive, send, node, principal, study_id)
+        finally:
+            node.open_sockets -= 1
+            node.sockets_by_user[user_id] -= 1
+            if not node.sockets_by_user[user_id]:
+                del node.sockets_by_user[user_id]
+
+
+presence_socket = PresenceSocket()
+
+
+async def _admit(websocket: WebSocket, node: Node) -> tuple[Principal, str] | None:
+    """The socket's user and study; None once it has been refused (and closed)."""
     origin = websocket.headers.get("origin")
     allowed = node.settings.allowed_origins
     if allowed and origin is not None and origin.rstrip("/") not in allowed:
         # Cross-site WebSocket hijacking: a page elsewhere riding on a user's token or cookie.
         await _refuse(websocket, CLOSE_FORBIDDEN, "origin not allowed")
-        return
+        return None
     token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
     try:
         principal = node.verifier.principal(token)
     except AuthError as exc:
         await _refuse(websocket, CLOSE_UNAUTHORIZED, str(exc))
-        return
+        return None
     study_id = websocket.query_params.get("study_id", "")
     if not _STUDY_ID.fullmatch(study_id):
         await _refuse(websocket, CLOSE_BAD_REQUEST, f"study_id must match {ID_PATTERN}")
-        return
+        return None
     if node.settings.study_grant_required and not principal.may_access(study_id):
         await _refuse(websocket, CLOSE_FORBIDDEN, "the token grants no access to this study")
-        return
-
-    user_id = principal.user_id
-    if node.sockets_by_user[user_id] >= node.settings.max_sockets_per_user:
+        return None
+    if node.sockets_by_user[principal.user_id] >= node.settings.max_sockets_per_user:
         await _refuse(websocket, CLOSE_TOO_MANY_SOCKETS, "too many sockets for this user")
-        return
-    await websocket.accept()
-    node.open_sockets += 1
-    node.sockets_by_user[user_id] += 1
-    try:
-        await _serve(websocket, node, principal, study_id)
-    finally:
-        node.open_sockets -= 1
-        node.sockets_by_user[user_id] -= 1
-        if not node.sockets_by_user[user_id]:
-            del node.sockets_by_user[user_id]
+        return None
+    return principal, study_id
 
 
 class _Expiry:
     """Closes the socket with 4401 when its token expires, unless a refresh pushed it back."""
 
-    def __init__(self, conn: Connection, expires_at: float) -> None:
+    def __init__(self, conn: Connection, expires_at: float, clock: Clock) -> None:
         self._conn = conn
-        self._timer: asyncio.TimerHandle | None = None
+        self._clock = clock
+        self._timer: Timer | None = None
         self.move(expires_at)
 
     def move(self, expires_at: float) -> None:
         self.cancel()
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, expires_at - time.time())
-        self._timer = loop.call_later(
-            delay, self._conn.close_with, CLOSE_UNAUTHORIZED, "token expired"
-        )
+        self._timer = self._clock.call_at(expires_at, self._expired)
+
+    def _expired(self) -> None:
+        self._conn.close_with(CLOSE_UNAUTHORIZED, "token expired")
 
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
 
 
-async def _serve(websocket: WebSocket, node: Node, principal: Principal, study_id: str) -> None:
-    user_id = principal.user_id
-    conn = Connection(websocket, node.settings.socket_queue_size, node.count_slow_consumer)
+async def _serve(
+    receive: Receive, send: Send, node: Node, principal: Principal, study_id: str
+) -> None:
+    conn = Connection(send, node.settings.socket_queue_size, node.count_slow_consumer)
     try:
         await node.fanout.add(study_id, conn)
     except Exception as exc:
         log.error("cannot subscribe to study %s: %s", study_id, exc)
-        await websocket.close(CLOSE_INTERNAL, "cannot subscribe to the study")
+        await conn.close(CLOSE_INTERNAL, "cannot subscribe to the study")
         return
     # The id the logs carry for this socket (requestid.py), so a client's report and the
     # node's log lines meet; made here when the app runs without that middleware (tests).
@@ -154,35 +177,34 @@ async def _serve(websocket: WebSocket, node: Node, principal: Principal, study_i
         try:
             snapshot = await node.snapshots(study_id)
         except StoreUnavailable:
-            await websocket.close(CLOSE_INTERNAL, "presence storage is unreachable")
+            await conn.close(CLOSE_INTERNAL, "presence storage is unreachable")
             return
         connected = {
             "connection_id": connection_id,
-            "user_id": user_id,
+            "user_id": principal.user_id,
             "study_id": study_id,
             "timestamp": _now_iso(),
         }
-        await websocket.send_text(json_text({"type": "connected", "data": connected}))
-        await websocket.send_text(snapshot.text)
+        await conn.send_text(json_text({"type": "connected", "data": connected}))
+        await conn.send_text(snapshot.text)
         conn.start(snapshot.floor or 0)
-        expiry = _Expiry(conn, principal.expires_at)
+        expiry = _Expiry(conn, principal.expires_at, node.clock)
         try:
-            await _read(websocket, node, conn, expiry, principal, connection_id, study_id)
+            await _read(receive, node, conn, expiry, principal, connection_id, study_id)
         finally:
             expiry.cancel()
-    except WebSocketDisconnect:
+    except Disconnected:
         pass
     finally:
         await conn.stop()
         await node.fanout.remove(study_id, conn)
         await node.leases.release(connection_id)
-        if websocket.application_state != WebSocketState.DISCONNECTED:
-            with contextlib.suppress(Exception):
-                await websocket.close()
+        with contextlib.suppress(Exception):
+            await conn.close()
 
 
 async def _read(
-    websocket: WebSocket,
+    receive: Receive,
     node: Node,
     conn: Connection,
     expiry: _Expiry,
@@ -192,16 +214,13 @@ async def _read(
 ) -> None:
     beats: Heartbeats | None = None  # made at the first heartbeat: idle sockets hold none
     budget = TokenBucket(node.settings.ws_message_rate, node.settings.ws_message_burst)
-    # The ASGI receive itself, once accepted: Starlette's WebSocket.receive adds a coroutine
-    # and checks to every message; the state it keeps is kept here.
-    receive = websocket._receive
     try:
         while True:
             frame = await receive()
             kind = frame["type"]
             if kind != "websocket.receive":
                 if kind == "websocket.disconnect":
-                    websocket.client_state = WebSocketState.DISCONNECTED
+                    conn.client_gone()
                     return
                 raise RuntimeError(
                     'Expected ASGI message "websocket.receive" or "websocket.disconnect", '

@@ -4,22 +4,30 @@ The fan-out delivers to every local socket of a study in one loop turn, so sendi
 wait there: a send the socket can take right away runs to completion synchronously; one that
 would wait becomes the socket's backlog, drained by a task of its own, and a backlog past the
 queue size closes the socket with 1013 (a slow consumer).
+
+It sends with the ASGI `send` callable itself (the endpoint is a raw ASGI app, ws.py), and
+keeps the little state that Starlette's WebSocket would: once a close frame has gone out or a
+send failed (the client is gone), nothing more is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable
 from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketState
+from starlette.types import Send
 
 from presence_svc.codec import Outgoing, json_text
+from presence_svc.web import stepping
 
 CLOSE_SLOW_CONSUMER = 1013
+
+
+class Disconnected(Exception):
+    """The client is gone: a send to it failed."""
 
 
 def error_message(code: str, message: str, errors: list[dict[str, Any]] | None = None) -> Outgoing:
@@ -28,31 +36,6 @@ def error_message(code: str, message: str, errors: list[dict[str, Any]] | None =
     if errors is not None:
         data["errors"] = errors
     return Outgoing(None, json_text({"type": "error", "data": data}))
-
-
-_Sending = Coroutine[Any, Any, None]
-
-
-@types.coroutine
-def _finish(step: _Sending, yielded: Any) -> Generator[Any, Any, None]:
-    """Await the rest of `step`, whose first step already ran (elsewhere) and yielded
-    `yielded`: what `await step` would have done from there on, in the awaiting task."""
-    while True:
-        try:
-            sent = yield yielded
-        except GeneratorExit:
-            step.close()
-            raise
-        except BaseException as exc:  # the awaiting task was cancelled: so is the step
-            try:
-                yielded = step.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                yielded = step.send(sent)
-            except StopIteration:
-                return
 
 
 class Connection:
@@ -76,30 +59,25 @@ class Connection:
         "_on_overflow",
         "_pending",
         "_send",
+        "_shut",
         "_stalled",
         "_started",
         "_writer",
-        "_ws",
     )
 
     def __init__(
-        self,
-        websocket: WebSocket,
-        queue_size: int,
-        on_overflow: Callable[[], None] | None = None,
+        self, send: Send, queue_size: int, on_overflow: Callable[[], None] | None = None
     ) -> None:
-        self._ws = websocket
-        # The ASGI send itself: Starlette's send_text and send add two coroutines and their
-        # checks to every message; _sending keeps the one that matters (connected state).
-        self._send = websocket._send if isinstance(websocket, WebSocket) else None
+        self._send = send
         self._on_overflow = on_overflow
         self._pending: deque[Outgoing] | None = None  # the backlog, while there is one
         self._limit = queue_size
         self._floor = 0  # events with seq <= floor are already in the client's snapshot
         self._closing: tuple[int, str] | None = None
         self._started = False  # the snapshot is out: events may follow
-        self._stalled: tuple[_Sending, Any] | None = None  # a send waiting for the socket
+        self._stalled: tuple[stepping.Step, Any] | None = None  # a send waiting for the socket
         self._broken = False  # a send failed: the socket is gone, nothing more is sent
+        self._shut = False  # a close frame went out, or the client is gone: no frame follows
         self._writer: asyncio.Task[None] | None = None  # while there is a backlog
         self._closer: asyncio.Task[None] | None = None  # a close that had to wait
 
@@ -107,6 +85,34 @@ class Connection:
     def overflowed(self) -> bool:
         """True once the client fell so far behind that the socket is being closed (1013)."""
         return self._closing is not None and self._closing[0] == CLOSE_SLOW_CONSUMER
+
+    async def send_text(self, text: str) -> None:
+        """Send `text` and wait until the socket took it (before `start`); raises
+        Disconnected if the client is gone."""
+        if self._shut:
+            raise Disconnected("the socket is closed")
+        try:
+            await self._send({"type": "websocket.send", "text": text})
+        except OSError as exc:
+            self._failed(exc)
+            raise Disconnected(str(exc)) from exc
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the socket with `code` now, unless a close went out already or the client
+        is gone; nothing is delivered after it."""
+        if self._closing is None:
+            self._closing = (code, reason)
+            if self._writer is not None:
+                self._writer.cancel()
+        if self._shut:
+            return
+        self._shut = True
+        with contextlib.suppress(OSError):  # the client is gone already
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def client_gone(self) -> None:
+        """The client disconnected: no close frame is owed to it."""
+        self._shut = True
 
     def deliver(self, event: Outgoing) -> None:
         if self._closing is not None:
@@ -128,30 +134,23 @@ class Connection:
             return
         pending.append(event)
 
-    def _sending(self, text: str) -> _Sending:
-        ws = self._ws
-        if self._send is not None and ws.application_state is WebSocketState.CONNECTED:
-            return self._send({"type": "websocket.send", "text": text})  # type: ignore[return-value]
-        return ws.send_text(text)  # raises in the other states, as it should
-
     def _send_now(self, text: str) -> None:
         """Send `text` if the socket takes it at once; else leave the rest to the writer."""
-        step = self._sending(text)
         try:
-            yielded = step.send(None)
-        except StopIteration:
-            return
+            stalled = stepping.first_step(self._send({"type": "websocket.send", "text": text}))
         except Exception as exc:
             self._failed(exc)
             return
-        self._stalled = (step, yielded)
+        if stalled is None:
+            return
+        self._stalled = stalled
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._pump())
 
     def _failed(self, exc: Exception) -> None:
         # As Starlette's WebSocket.send: a write error means the client is gone.
-        if isinstance(exc, OSError) and isinstance(self._ws, WebSocket):
-            self._ws.application_state = WebSocketState.DISCONNECTED
+        if isinstance(exc, OSError):
+            self._shut = True
         self._broken = True  # the reader side sees the disconnect
 
     def close_with(self, code: int, reason: str) -> None:
@@ -165,18 +164,22 @@ class Connection:
 
     def _close_now(self) -> None:
         assert self._closing is not None
-        step = self._ws.close(*self._closing)
-        try:
-            yielded = step.send(None)
-        except StopIteration:
+        if self._shut:
             return
+        self._shut = True
+        code, reason = self._closing
+        try:
+            stalled = stepping.first_step(
+                self._send({"type": "websocket.close", "code": code, "reason": reason})
+            )
         except Exception:  # the socket is gone already
             return
-        self._closer = asyncio.get_running_loop().create_task(self._finish_close(step, yielded))
+        if stalled is not None:
+            self._closer = asyncio.get_running_loop().create_task(self._finish_close(*stalled))
 
-    async def _finish_close(self, step: _Sending, yielded: Any) -> None:
+    async def _finish_close(self, step: stepping.Step, yielded: Any) -> None:
         with contextlib.suppress(Exception):
-            await _finish(step, yielded)
+            await stepping.finish(step, yielded)
 
     def start(self, floor: int) -> None:
         """The snapshot is sent: deliver what came meanwhile (above `floor`) and what follows."""
@@ -191,7 +194,7 @@ class Connection:
         try:
             while True:
                 if self._stalled is not None:
-                    await _finish(*self._stalled)
+                    await stepping.finish(*self._stalled)
                     self._stalled = None
                 elif self._broken or not self._pending:
                     break

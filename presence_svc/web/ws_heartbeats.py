@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Generator
 from typing import Any
 
 from presence_svc.models import CursorUpdate
 from presence_svc.node import Node
 from presence_svc.store import StoreUnavailable
+from presence_svc.web import stepping
 from presence_svc.web.ws_connection import Connection, error_message
 
 log = logging.getLogger(__name__)
 
 HEARTBEATS_IN_FLIGHT = 16  # per socket; reading pauses beyond it
-
-_Step = Generator[Any, None, Any]  # an awaitable's __await__()
 
 
 class Heartbeats:
@@ -26,8 +23,7 @@ class Heartbeats:
     A Task per heartbeat (its creation and registration, a loop turn to start it, another to
     report it done) cost more than parsing the message. A heartbeat's first step runs at once
     in the reader, which queues its Redis commands; every future it then waits on resumes it
-    from that future's done callback, as a Task would. The store path uses nothing that needs
-    a current Task (no asyncio.timeout; batch.py times out its own tasks).
+    from that future's done callback, as a Task would (stepping.py: what that relies on).
     """
 
     __slots__ = (
@@ -63,11 +59,11 @@ class Heartbeats:
         try:
             call = self._leases.heartbeat(
                 self._connection_id, self._user_id, self._study_id, cursor
-            ).__await__()
+            )
         except BaseException as exc:
             self._finished(exc)
         else:
-            self._advance(call, None)
+            stepping.drive(call, self._finished)
         if self.in_flight < HEARTBEATS_IN_FLIGHT:
             return None
         self._slot = asyncio.get_running_loop().create_future()
@@ -79,24 +75,6 @@ class Heartbeats:
             return None
         self._idle = asyncio.get_running_loop().create_future()
         return self._idle
-
-    def _resume(self, call: _Step, _: object) -> None:
-        self._advance(call, None)
-
-    def _advance(self, call: _Step, error: BaseException | None) -> None:
-        try:
-            yielded = call.send(None) if error is None else call.throw(error)
-        except BaseException as exc:  # StopIteration when it is done
-            self._finished(exc)
-            return
-        # What Task.__step does with what a coroutine yields.
-        if getattr(yielded, "_asyncio_future_blocking", None):
-            yielded._asyncio_future_blocking = False
-            yielded.add_done_callback(functools.partial(self._resume, call))
-        elif yielded is None:
-            asyncio.get_running_loop().call_soon(self._resume, call, None)
-        else:
-            self._advance(call, RuntimeError(f"heartbeat got bad yield: {yielded!r}"))
 
     def _finished(self, outcome: BaseException) -> None:
         try:

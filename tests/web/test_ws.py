@@ -24,6 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.applications import Starlette
 from starlette.testclient import TestClient, WebSocketTestSession
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -38,7 +39,7 @@ from presence_svc.publisher import study_event
 from presence_svc.redis.keys import Keys
 from presence_svc.settings import Settings, load_settings
 from presence_svc.store import StoreUnavailable
-from presence_svc.web.ws_connection import CLOSE_SLOW_CONSUMER, Connection
+from presence_svc.web.ws_connection import CLOSE_SLOW_CONSUMER, Connection, Disconnected
 from presence_svc.web.ws_heartbeats import HEARTBEATS_IN_FLIGHT, Heartbeats
 from tests.support.clients import Watcher, rest_heartbeat
 from tests.support.processes import free_port
@@ -632,23 +633,23 @@ def test_unreachable_redis_closes_with_1011(key_prefix: str) -> None:
 
 
 class _StuckSocket:
-    """A socket whose client never reads: every send blocks."""
+    """The ASGI send of a socket whose client never reads: every message blocks."""
 
     def __init__(self) -> None:
         self.sent: list[str] = []
         self.closed: tuple[int, str] | None = None
 
-    async def send_text(self, text: str) -> None:
-        self.sent.append(text)
+    async def send(self, message: Message) -> None:
+        if message["type"] == "websocket.close":
+            self.closed = (message["code"], message["reason"])
+            return
+        self.sent.append(message["text"])
         await asyncio.Event().wait()
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        self.closed = (code, reason or "")
 
 
 async def test_slow_consumer_is_closed_with_1013() -> None:
     socket = _StuckSocket()
-    conn = Connection(socket, queue_size=4)  # type: ignore[arg-type]
+    conn = Connection(socket.send, queue_size=4)
     conn.start(floor=0)
     for seq in range(1, 6):
         conn.deliver(Outgoing(seq, f"event {seq}"))
@@ -666,49 +667,120 @@ async def test_slow_consumer_is_closed_with_1013() -> None:
     assert socket.sent == ["event 1"]
 
 
+class _Socket:
+    """An ASGI send that records every message; while `writable` is clear, sends wait."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.messages: list[Message] = []
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.error = error  # raised by every send, as a server's send to a gone client
+
+    async def send(self, message: Message) -> None:
+        await self.writable.wait()
+        if self.error is not None:
+            raise self.error
+        self.messages.append(message)
+
+    @property
+    def sent(self) -> list[str]:
+        return [m["text"] for m in self.messages if m["type"] == "websocket.send"]
+
+    @property
+    def closes(self) -> list[tuple[int, str]]:
+        return [(m["code"], m["reason"]) for m in self.messages if m["type"] == "websocket.close"]
+
+
 async def test_connection_skips_events_at_or_below_the_floor() -> None:
-    sent: list[str] = []
-
-    class Socket:
-        async def send_text(self, text: str) -> None:
-            sent.append(text)
-
-    conn = Connection(Socket(), queue_size=16)  # type: ignore[arg-type]
+    socket = _Socket()
+    conn = Connection(socket.send, queue_size=16)
     for seq in (3, 4, 5, None, 6):
         conn.deliver(Outgoing(seq, f"e{seq}"))
     conn.start(floor=4)
     for _ in range(10):
         await asyncio.sleep(0)
     await conn.stop()
-    assert sent == ["e5", "eNone", "e6"]
+    assert socket.sent == ["e5", "eNone", "e6"]
 
 
 async def test_connection_sends_at_once_and_keeps_the_order_when_a_send_waits() -> None:
-    sent: list[str] = []
-    writable = asyncio.Event()
-    writable.set()
-
-    class Socket:
-        async def send_text(self, text: str) -> None:
-            await writable.wait()
-            sent.append(text)
-
-    conn = Connection(Socket(), queue_size=16)  # type: ignore[arg-type]
+    socket = _Socket()
+    conn = Connection(socket.send, queue_size=16)
     conn.start(floor=0)
     conn.deliver(Outgoing(1, "e1"))
-    assert sent == ["e1"]  # sent by the caller, without a turn of the loop
-    writable.clear()
+    assert socket.sent == ["e1"]  # sent by the caller, without a turn of the loop
+    socket.writable.clear()
     conn.deliver(Outgoing(2, "e2"))  # has to wait for the socket: the writer finishes it
     conn.deliver(Outgoing(3, "e3"))  # queued behind it
     await asyncio.sleep(0)
-    assert sent == ["e1"]
-    writable.set()
+    assert socket.sent == ["e1"]
+    socket.writable.set()
     for _ in range(10):
         await asyncio.sleep(0)
-    assert sent == ["e1", "e2", "e3"]
+    assert socket.sent == ["e1", "e2", "e3"]
     conn.deliver(Outgoing(4, "e4"))
-    assert sent == ["e1", "e2", "e3", "e4"]
+    assert socket.sent == ["e1", "e2", "e3", "e4"]
     await conn.stop()
+
+
+async def test_connection_sends_one_close_frame_at_most() -> None:
+    socket = _Socket()
+    conn = Connection(socket.send, queue_size=16)
+    conn.start(floor=0)
+    conn.close_with(4401, "token expired")
+    await conn.close()  # the endpoint's own close, at the end: nothing more goes out
+    conn.deliver(Outgoing(1, "e1"))
+    await conn.stop()
+    assert socket.messages == [{"type": "websocket.close", "code": 4401, "reason": "token expired"}]
+
+
+async def test_a_close_that_has_to_wait_still_goes_out() -> None:
+    socket = _Socket()
+    conn = Connection(socket.send, queue_size=16)
+    conn.start(floor=0)
+    socket.writable.clear()
+    conn.close_with(1008, "message rate exceeded")
+    stopping = asyncio.ensure_future(conn.stop())
+    await asyncio.sleep(0)
+    assert not stopping.done()  # stop waits for the close frame
+    socket.writable.set()
+    await asyncio.wait_for(stopping, 1)
+    assert socket.closes == [(1008, "message rate exceeded")]
+
+
+async def test_a_close_before_the_snapshot_goes_out_with_it() -> None:
+    socket = _Socket()
+    conn = Connection(socket.send, queue_size=16)
+    conn.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
+    assert socket.messages == []  # the client has not had its snapshot yet
+    await conn.send_text("snapshot")
+    conn.start(floor=0)
+    await conn.stop()
+    assert (socket.sent, socket.closes) == (["snapshot"], [(CLOSE_SLOW_CONSUMER, "slow consumer")])
+
+
+async def test_a_failed_send_means_the_client_is_gone() -> None:
+    socket = _Socket(error=ConnectionResetError("gone"))
+    conn = Connection(socket.send, queue_size=16)
+    with pytest.raises(Disconnected):
+        await conn.send_text("connected")
+    conn.start(floor=0)
+    conn.deliver(Outgoing(1, "e1"))
+    socket.error = None  # were anything still sent, it would be recorded now
+    conn.close_with(4401, "token expired")
+    await conn.close()
+    await conn.stop()
+    assert socket.messages == []
+
+
+async def test_no_close_frame_is_owed_to_a_client_that_disconnected() -> None:
+    socket = _Socket()
+    conn = Connection(socket.send, queue_size=16)
+    conn.start(floor=0)
+    conn.client_gone()
+    await conn.close()
+    await conn.stop()
+    assert socket.closes == []
 
 
 class _PendingLeases:
