@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from presence_svc.auth import issue_token
+from tests.support import auth as support_auth
 from tests.support.processes import NodeProcess, RedisServer
 
 SECRET = "fault-tests-secret-0123456789abcdef0123456789"
@@ -37,7 +37,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def token(user: str) -> str:
-    return issue_token(user, SECRET, ttl=600, studies="*")
+    """A token of the nodes' secret granting every study."""
+    return support_auth.token(user, secret=SECRET, ttl=600, studies="*")
 
 
 def study() -> str:

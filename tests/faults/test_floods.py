@@ -9,6 +9,7 @@ import time
 import httpx
 
 from tests.faults.conftest import NodeFactory, record, study, token
+from tests.support.auth import bearer
 from tests.support.clients import Watcher
 
 
@@ -25,7 +26,7 @@ async def ping_times(watcher: Watcher, count: int, gap: float) -> list[float]:
             what="pong",
         )
         times.append(time.monotonic() - sent)
-        await asyncio.sleep(gap)
+        await asyncio.sleep(gap)  # the pace of the pings, not a wait
     return times
 
 
@@ -39,7 +40,7 @@ async def test_floods_do_not_starve_other_clients(nodes: NodeFactory) -> None:
     statuses: dict[int, int] = {}
 
     async def rest_flood() -> None:
-        headers = {"Authorization": f"Bearer {token('flooder')}"}
+        headers = bearer(token("flooder"))
         async with httpx.AsyncClient(timeout=5) as http:
             while not stop.is_set():
                 response = await http.post(

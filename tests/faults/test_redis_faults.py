@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import redis
 
 from tests.faults.conftest import GRACE, SWEEP, NodeFactory, record, study, token
+from tests.support.auth import bearer
 from tests.support.clients import Watcher, rest_heartbeat
 from tests.support.processes import NodeProcess, RedisServer
-
-
-async def poll(check: Callable[[], bool], within: float, what: str) -> float:
-    """Wait until `check()` holds; seconds it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > within:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
+from tests.support.waiting import eventually_async
 
 
 def ready(node: NodeProcess) -> bool:
@@ -55,12 +47,12 @@ async def cursor_traffic(base: str, sid: str, stop: asyncio.Event) -> list[int]:
                 response = await http.post(
                     f"{base}/presence/heartbeat",
                     json={"study_id": sid, "chapter_id": "ch1", "move_path": f"main.{step}"},
-                    headers={"Authorization": f"Bearer {token('mover')}"},
+                    headers=bearer(token("mover")),
                 )
                 codes.append(response.status_code)
             except httpx.HTTPError:
                 codes.append(0)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the pace of the traffic, not a wait
     return codes
 
 
@@ -73,11 +65,11 @@ async def test_redis_restart_mid_traffic(redis_server: RedisServer, nodes: NodeF
     await watcher.wait_until(lambda w: len(w.events()) >= 1, what="u1 joined")
     stop = asyncio.Event()
     traffic = asyncio.create_task(cursor_traffic(b.base_url, sid, stop))
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # half a second of traffic before the outage
 
     redis_server.kill()
     killed = time.monotonic()
-    detect = await poll(lambda: not ready(a), 10, "node A to report not ready")
+    detect = await eventually_async(lambda: not ready(a), within=10, what="A not ready")
     record("redis restart", "readyz not ready after kill", detect)
 
     async with httpx.AsyncClient(timeout=10) as http:
@@ -85,7 +77,7 @@ async def test_redis_restart_mid_traffic(redis_server: RedisServer, nodes: NodeF
         response = await http.post(
             f"{a.base_url}/presence/heartbeat",
             json={"study_id": sid},
-            headers={"Authorization": f"Bearer {token('u2')}"},
+            headers=bearer(token("u2")),
         )
         record("redis restart", "REST answer while Redis is down", time.monotonic() - started)
     assert response.status_code == 503
@@ -98,13 +90,14 @@ async def test_redis_restart_mid_traffic(redis_server: RedisServer, nodes: NodeF
     assert [m["data"]["code"] for m in holder.messages if m["type"] == "error"] == ["unavailable"]
     assert not watcher.closed and not holder.closed
 
+    # Redis stays down 2 s of real time: the nodes' retries and liveness have to ride it out.
     await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - killed)))
     redis_server.start()
     restarted = time.monotonic()
     await watcher.wait_until(lambda w: bool(w.snapshots()), within=15, what="a fresh snapshot")
     record("redis restart", "resync snapshot after restart", time.monotonic() - restarted)
     for node in (a, b):
-        await poll(lambda node=node: ready(node), 15, "nodes ready again")  # type: ignore[misc]
+        await eventually_async(functools.partial(ready, node), within=15, what="ready again")
     record("redis restart", "readyz ready after restart", time.monotonic() - restarted)
     stop.set()
     codes = await traffic
@@ -118,11 +111,12 @@ async def test_redis_restart_mid_traffic(redis_server: RedisServer, nodes: NodeF
     await watcher.wait_until(
         lambda w: any(e["data"]["user_id"] == "late" for e in w.events()), what="late joined"
     )
+    # Real node processes: nothing to await for "no more events"; three sweeps would show one.
     await asyncio.sleep(3 * SWEEP)
     floor, after = seqs_after_last_snapshot(watcher)
     assert after == list(range(floor + 1, floor + 1 + len(after)))
     # No node mistook its peers for dead after the outage: u1 did not leave.
-    await asyncio.sleep(GRACE)
+    await asyncio.sleep(GRACE)  # a wrong reap would have made u1 leave within the grace
     assert not [e for e in watcher.events("presence.user_left") if e["data"]["user_id"] == "u1"]
     await asyncio.gather(watcher.close(), holder.close())
 
@@ -149,10 +143,10 @@ async def test_pubsub_connection_killed(redis_server: RedisServer, nodes: NodeFa
     for watcher in watchers:
         await watcher.wait_until(lambda w: bool(w.snapshots()), within=5, what="resync snapshot")
         record("pubsub killed", "detect + resubscribe + snapshot", time.monotonic() - killed_at)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # a second of traffic after the resync
     stop.set()
     await traffic
-    await asyncio.sleep(3 * SWEEP)
+    await asyncio.sleep(3 * SWEEP)  # the last events reach the watchers (real processes)
     for watcher in watchers:
         floor, after = seqs_after_last_snapshot(watcher)
         assert len(after) >= 5, "events flow again after the resync"

@@ -22,13 +22,15 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from presence_svc.auth import issue_token
 from presence_svc.publisher import StudyEventPublisher
 from presence_svc.redis.keys import Keys
 from tests.conftest import _delete_prefix
+from tests.support import auth as support_auth
+from tests.support.auth import bearer
 from tests.support.clients import Watcher, rest_heartbeat
 from tests.support.cluster import crossslot_errors
 from tests.support.processes import NodeProcess
+from tests.support.waiting import eventually_async
 
 pytestmark = pytest.mark.multinode
 
@@ -110,7 +112,8 @@ def cluster(
 
 
 def token(user: str) -> str:
-    return issue_token(user, SECRET, ttl=600, studies="*")
+    """A token of the nodes' secret granting every study."""
+    return support_auth.token(user, secret=SECRET, ttl=600, studies="*")
 
 
 def study() -> str:
@@ -163,7 +166,8 @@ async def test_lifecycle_reaches_every_watcher_once_in_order(cluster: Any) -> No
         )
 
     await watchers[0].wait_until(u2_away, within=AWAY + 10, what="u2 away")
-    await asyncio.sleep(EXPIRE)  # past u2's expiry by heartbeat age: the socket keeps it
+    # Real time on real nodes: past u2's expiry by heartbeat age, which the socket must outlive.
+    await asyncio.sleep(EXPIRE)
     assert not any(e["data"]["user_id"] == "u2" for e in watchers[0].events("presence.user_left"))
     closed_at = time.time()
     await u2.close()
@@ -173,7 +177,7 @@ async def test_lifecycle_reaches_every_watcher_once_in_order(cluster: Any) -> No
 
     for watcher in watchers:
         await watcher.wait_until(both_left, within=EXPIRE + 10, what="two user_left")
-    await asyncio.sleep(3 * SWEEP)  # anything duplicated would have arrived by now
+    await asyncio.sleep(3 * SWEEP)  # a duplicate has no event to await: it would be here by now
 
     reference = assert_seq_run(watchers[0], 9)
     for watcher in watchers[1:]:
@@ -223,15 +227,12 @@ async def test_heartbeat_on_another_node_makes_an_idle_user_active(cluster: Any)
         session = await rest_heartbeat(http, c.base_url, token("u1"), study_id=sid)
         assert session["status"] == "active"
         await watcher.wait_until(lambda w: len(w.events()) == 3, what="user_active")
-        response = await http.delete(
-            f"{a.base_url}/presence/{sid}", headers={"Authorization": f"Bearer {token('u1')}"}
-        )
+        response = await http.delete(f"{a.base_url}/presence/{sid}", headers=bearer(token("u1")))
         assert response.json() == {"status": "success"}
         await watcher.wait_until(lambda w: len(w.events()) == 4, what="user_left")
-        listing = await http.get(
-            f"{c.base_url}/presence/{sid}", headers={"Authorization": f"Bearer {token('x')}"}
-        )
-    await asyncio.sleep(IDLE + 3 * SWEEP)  # a left user must not turn idle or leave again
+        listing = await http.get(f"{c.base_url}/presence/{sid}", headers=bearer(token("x")))
+    # A left user must not turn idle or leave again: real sweeps, so real time to wait.
+    await asyncio.sleep(IDLE + 3 * SWEEP)
     types = [e["type"] for e in assert_seq_run(watcher, 4)]
     assert types == [
         "presence.user_joined",
@@ -276,23 +277,16 @@ async def test_concurrent_heartbeats_through_two_nodes(cluster: Any) -> None:
         for watcher in watchers:
             await watcher.wait_until(lambda w: len(w.events()) >= total, what=f"{total} events")
         listing = (
-            await http.get(
-                f"{b.base_url}/presence/{sid}", headers={"Authorization": f"Bearer {token('x')}"}
-            )
+            await http.get(f"{b.base_url}/presence/{sid}", headers=bearer(token("x")))
         ).json()
         await asyncio.gather(
-            *(
-                http.delete(
-                    f"{c.base_url}/presence/{sid}", headers={"Authorization": f"Bearer {token(u)}"}
-                )
-                for u in users
-            )
+            *(http.delete(f"{c.base_url}/presence/{sid}", headers=bearer(token(u))) for u in users)
         )
         for watcher in watchers:
             await watcher.wait_until(
                 lambda w: len(w.events()) >= total + len(users), what="user_left of everyone"
             )
-    await asyncio.sleep(3 * SWEEP)
+    await asyncio.sleep(3 * SWEEP)  # a duplicate has no event to await: it would be here by now
     events = assert_seq_run(watchers[0], total + len(users))
     assert watchers[1].raw == watchers[0].raw
     for user in users:
@@ -350,14 +344,16 @@ async def test_nodes_hold_a_study_subscription_only_while_they_have_its_sockets(
         third = await Watcher.open(b.ws_url, sid, token("v3"))
         assert subscribers() == 2  # one subscription per node, not per socket
         await close_all(first, third)
-        await asyncio.sleep(0.3)
-        assert subscribers() == 1
+
+        def closed() -> bool:
+            return bool(a.health()["sockets"] == 1 and b.health()["sockets"] == 0)
+
+        # Each node has finished closing its socket (its fan-out is told before the count).
+        await eventually_async(closed, what="the two sockets closed on their nodes")
+        assert a.health()["studies"] == 1, "A dropped the study though `second` still watches"
+        await eventually_async(lambda: subscribers() == 1, what="b's subscription dropped")
         await second.close()
-        for _ in range(50):
-            if subscribers() == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert subscribers() == 0
+        await eventually_async(lambda: subscribers() == 0, what="a's subscription dropped")
     finally:
         client.close()
 

@@ -17,7 +17,6 @@ The ACL blocks are read from the document itself (each fenced block that starts 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import secrets
 import shutil
@@ -40,14 +39,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.retry import Retry
 
-from presence_svc.auth import issue_token
 from presence_svc.leases import LeaseKeeper
 from presence_svc.publisher import StudyEventPublisher
 from presence_svc.redis.keys import Keys
 from presence_svc.service import PresenceService
+from tests.support import auth as support_auth
 from tests.support.clients import Watcher, rest_heartbeat
+from tests.support.clock import ManualTimer
 from tests.support.cluster import LocalCluster
 from tests.support.processes import NodeProcess, RedisServer, free_port, terminate
+from tests.support.tasks import stop
 
 pytestmark = [pytest.mark.redis, pytest.mark.multinode]
 
@@ -160,11 +161,12 @@ def node_env(url: str) -> dict[str, str]:
 
 
 def token(user: str, *studies: str) -> str:
-    return issue_token(user, SECRET, ttl=600, studies=list(studies))
+    """A token of the nodes' secret granting `studies` only."""
+    return support_auth.token(user, secret=SECRET, ttl=600, studies=studies)
 
 
 def auth(user: str, *studies: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token(user, *studies)}"}
+    return support_auth.bearer(token(user, *studies))
 
 
 def saw(watcher: Watcher, event_type: str, user: str) -> bool:
@@ -395,20 +397,27 @@ class _RefusingService:
 
 
 async def test_a_refused_command_does_not_stop_the_lease_keeper(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, timer: ManualTimer
 ) -> None:
     # Found with an ACL lacking +srandmember: the refusal ended the lease task silently, the
     # node stopped renewing and its peers took it for dead (releasing its sockets' sessions).
     service = _RefusingService()
-    keeper = LeaseKeeper(cast(PresenceService, service), lease_ttl=0.03)  # a tick every 10 ms
+    keeper = LeaseKeeper(
+        cast(PresenceService, service), lease_ttl=3.0, monotonic=timer.monotonic, sleep=timer.sleep
+    )
     await keeper.start()
     task = asyncio.create_task(keeper.run())
-    await asyncio.sleep(0.3)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    assert service.renewals >= 10, "the lease keeper stopped renewing"
-    assert "lease renewal failed" in caplog.text and "srandmember" in caplog.text
+    try:
+        await timer.wait_asleep()
+        # Ten ticks; from the third (a whole TTL of renewals) each also tries to reap, refused.
+        await timer.advance(10.0)
+        assert not task.done(), "the lease keeper stopped"
+    finally:
+        await stop(task)
+    assert service.renewals == 1 + 10, "the lease keeper stopped renewing"
+    refusals = [r for r in caplog.records if "lease renewal failed" in r.getMessage()]
+    assert len(refusals) == 8
+    assert all("srandmember" in r.getMessage() for r in refusals)
 
 
 # --- TLS: rediss:// with everything in the URL -----------------------------------------------

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 
 import pytest
 import redis
@@ -28,28 +27,13 @@ from presence_svc.redis.store import RedisStore
 from presence_svc.store import StoreUnavailable
 from tests.conftest import open_redis
 from tests.support.cluster import LocalCluster, crossslot_errors
+from tests.support.recorder import Recorder
 from tests.support.store import THRESHOLDS
 from tests.support.tasks import stop
+from tests.support.waiting import eventually_async
 
 WAIT = 10.0
 NOW = 1_800_000_000_000
-
-
-@dataclass(eq=False)
-class Recorder:
-    events: list[Outgoing] = field(default_factory=list)
-
-    def deliver(self, event: Outgoing) -> None:
-        self.events.append(event)
-
-    def types(self) -> list[str]:
-        return [e.text.split('"type":"', 1)[1].split('"', 1)[0] for e in self.events]
-
-    async def wait_for(self, count: int) -> None:
-        deadline = time.monotonic() + WAIT
-        while len(self.events) < count:
-            assert time.monotonic() < deadline, f"got {self.types()}, wanted {count} events"
-            await asyncio.sleep(0.01)
 
 
 class Node:
@@ -173,10 +157,11 @@ async def test_one_primary_losing_its_link_resyncs_only_that_primarys_studies(
         host, port = victim.rsplit(":", 1)
         with redis.Redis(host=host, port=int(port)) as admin:
             assert admin.client_kill_filter(_type="pubsub") >= 1
-        deadline = time.monotonic() + WAIT
-        while sorted(node.resyncs) != sorted(layout[victim]):
-            assert time.monotonic() < deadline, node.resyncs
-            await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: sorted(node.resyncs) == sorted(layout[victim]),
+            within=WAIT,
+            what=f"resyncs of {layout[victim]} only",
+        )
         assert node.fanout.reconnects == 1
         assert node.fanout.connected
         # Resubscribed slot by slot, and nothing resubscribed behind the fan-out's back.
@@ -185,7 +170,7 @@ async def test_one_primary_losing_its_link_resyncs_only_that_primarys_studies(
             await node.store.heartbeat("after", study, CursorUpdate(), NOW)
         for study, recorder in recorders.items():
             resynced = study in layout[victim]
-            await recorder.wait_for(2 if resynced else 1)
+            await recorder.wait_for(2 if resynced else 1, within=WAIT)
             expected = ["presence.snapshot"] if resynced else []
             assert recorder.types() == [*expected, "presence.user_joined"]
     finally:
@@ -226,7 +211,7 @@ async def test_store_and_fan_out_follow_a_slot_to_its_new_primary(
         recorder = Recorder()
         await node.fanout.add(study, recorder)
         await node.store.heartbeat("alice", study, CursorUpdate(), NOW)
-        await recorder.wait_for(1)
+        await recorder.wait_for(1, within=WAIT)
         slot = key_slot(keys.channel(study).encode())
         source = int(owner(client, keys.channel(study)).rsplit(":", 1)[1])
         target = next(port for port in own_cluster.ports if port != source)
@@ -235,12 +220,11 @@ async def test_store_and_fan_out_follow_a_slot_to_its_new_primary(
 
         # The server drops the channel's subscription on the old primary: the fan-out follows
         # it and resyncs; the store's stale slot map meets MOVED and is refreshed.
-        deadline = time.monotonic() + WAIT
-        while node.resyncs != [study]:
-            assert time.monotonic() < deadline, "the moved channel was not followed"
-            await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: node.resyncs == [study], within=WAIT, what="the moved channel followed"
+        )
         await node.store.heartbeat("bob", study, CursorUpdate(), NOW + 1)
-        await recorder.wait_for(3)
+        await recorder.wait_for(3, within=WAIT)
         assert recorder.types() == [
             "presence.user_joined",
             "presence.snapshot",
@@ -308,19 +292,21 @@ async def test_store_and_fan_out_follow_a_failover_to_the_replica(
         recorder = Recorder()
         await node.fanout.add(study, recorder)
         await node.store.heartbeat("alice", study, CursorUpdate(), NOW)
-        await recorder.wait_for(1)
+        await recorder.wait_for(1, within=WAIT)
         victim = owner(client, keys.channel(study))
         replicated_cluster.kill(int(victim.rsplit(":", 1)[1]))
         deadline = time.monotonic() + 30
         assert await heartbeat_until_served(node, "bob", study, deadline) > 0
         assert owner(client, keys.channel(study)) != victim
         # The link to the dead primary is replaced on the new one and the study resynced.
-        while node.resyncs != [study]:
-            assert time.monotonic() < deadline, "the fan-out never resubscribed the study"
-            await asyncio.sleep(0.05)
+        await eventually_async(
+            lambda: node.resyncs == [study],
+            within=deadline - time.monotonic(),
+            what="the fan-out resubscribing the study",
+        )
         seen = len(recorder.events)
         await node.store.heartbeat("carol", study, CursorUpdate(), NOW + 100)
-        await recorder.wait_for(seen + 1)
+        await recorder.wait_for(seen + 1, within=WAIT)
         assert '"user_id":"carol"' in recorder.events[-1].text
         assert "presence.snapshot" in recorder.types()
 
