@@ -21,7 +21,7 @@ from presence_svc.models import (
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.store import RedisStore
 from presence_svc.service import PresenceService
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 THRESHOLDS = Thresholds(idle_after=30, away_after=300, expire_after=600)
 

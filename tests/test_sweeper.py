@@ -16,7 +16,7 @@ from presence_svc.redis.store import RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.store import StoreUnavailable
 from presence_svc.sweeper import Sweeper
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 REAL_SLEEP = asyncio.sleep
 

@@ -10,7 +10,7 @@ import presence_svc.redis.store as redis_store
 from presence_svc.models import CursorUpdate, Thresholds
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.store import RedisStore
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 THRESHOLDS = Thresholds(idle_after=30, away_after=300, expire_after=600)
 
