@@ -106,7 +106,7 @@ class LocalCluster:
     def _synced(self, port: int) -> bool:
         with self.client(port) as client:
             info = client.info("replication")
-            return info.get("role") == "master" or info.get("master_link_status") == "up"
+            return bool(info.get("role") == "master" or info.get("master_link_status") == "up")
 
     def kill(self, port: int) -> None:
         """SIGKILL the server on `port` (its replica, if any, takes over)."""
@@ -146,7 +146,7 @@ def crossslot_errors(url: str) -> int:
     client = RedisCluster.from_url(url)
     try:
         total = 0
-        for node in client.get_primaries():
+        for node in client.get_primaries():  # type: ignore[no-untyped-call]
             stats = client.info("errorstats", target_nodes=node)
             total += int(stats.get("errorstat_CROSSSLOT", {}).get("count", 0))
         return total
