@@ -1,4 +1,9 @@
-"""Fanout on fakeredis and on a real Redis: subscriptions, delivery, bad messages."""
+"""Fanout, the registry of local subscribers: subscribe on first, unsubscribe on last, delivery.
+
+On fakeredis and a real Redis (subscriptions, delivery, bad messages), and on in-memory links
+(tests/support-free stubs below) for what needs Redis to stall: per-study locking, races with a
+reconnect, events held during a resync. The links' own lifecycle is tests/redis/test_pubsub.py.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,10 @@ from typing import Any
 import msgpack
 import pytest
 
-import presence_svc.fanout as fanout_module
 from presence_svc.codec import Outgoing, encode_envelope, json_text
-from presence_svc.fanout import Fanout, SingleLinks
+from presence_svc.fanout import Fanout
 from presence_svc.redis.keys import Keys
+from presence_svc.redis.pubsub import LinkTuning, SingleLinks
 from tests.conftest import open_redis
 from tests.support.tasks import stop
 
@@ -52,11 +57,11 @@ class Recorder:
 
 
 class Harness:
-    def __init__(self, redis: Any, keys: Keys) -> None:
+    def __init__(self, redis: Any, keys: Keys, tuning: LinkTuning | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.resyncs: list[str] = []
-        self.fanout = Fanout(SingleLinks(redis), keys, self.resync)
+        self.fanout = Fanout(SingleLinks(redis), keys, self.resync, tuning=tuning)
         self.task: asyncio.Task[None] | None = None
 
     async def resync(self, study: str) -> Outgoing:
@@ -111,6 +116,16 @@ async def idle_harness(any_redis: Any, key_prefix: str) -> AsyncIterator[Harness
         await h.close()
 
 
+@pytest.fixture
+async def impatient_idle_harness(any_redis: Any, key_prefix: str) -> AsyncIterator[Harness]:
+    """An idle harness whose subscriptions time out after 0.3 s."""
+    h = Harness(any_redis, Keys(key_prefix), LinkTuning(subscribe_timeout=0.3))
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
 async def test_publish_right_after_add_is_received(harness: Harness) -> None:
     for n, study in enumerate(["s1", "s2", "s3"], start=1):
         sub = Recorder()
@@ -123,9 +138,9 @@ async def test_publish_right_after_add_is_received(harness: Harness) -> None:
 
 
 async def test_add_does_not_return_before_the_subscription_is_confirmed(
-    idle_harness: Harness, monkeypatch: pytest.MonkeyPatch
+    impatient_idle_harness: Harness,
 ) -> None:
-    monkeypatch.setattr(fanout_module, "SUBSCRIBE_TIMEOUT", 0.3)
+    idle_harness = impatient_idle_harness
     sub = Recorder()
     # Nobody reads the pub/sub connection, so no confirmation can arrive.
     with pytest.raises(TimeoutError):

@@ -16,8 +16,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from presence_svc.fanout import Links, SingleLinks
 from presence_svc.redis.cluster import ClusterLinks, is_cluster
+from presence_svc.redis.pubsub import Links, SingleLinks
 from presence_svc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ class RedisClients:
     """The node's client for commands, and the pub/sub links fan-out subscribes on.
 
     Pub/sub connections never reconnect on their own: redis-py would resubscribe silently and
-    the node would not know that events were lost meanwhile (fanout.py reconnects and resyncs).
+    the node would not know that events were lost meanwhile (pubsub.py reconnects, fanout.py
+    resyncs).
     """
 
     commands: Any

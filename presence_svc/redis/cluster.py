@@ -9,7 +9,7 @@ key slot) and adds what redis-py cannot do for us:
   same primary travel together, and each such run waits for the one before, so the order the
   store relies on ("listed before it holds", "scheduled after the change") still holds.
   A MOVED or ASK reply (a slot changed hands) refreshes the slot map and sends the command again.
-- `ClusterLinks`: where fanout.py subscribes each study channel: one sharded pub/sub
+- `ClusterLinks`: where pubsub.py subscribes each study channel: one sharded pub/sub
   connection (`SSUBSCRIBE`) per primary, carrying every channel whose slot that primary owns.
 """
 
@@ -58,7 +58,7 @@ def command_key(command: Command) -> Any:
 def node_client(node: ClusterNode, *, reconnect: bool = True) -> Redis:
     """A plain client of one cluster node, with the cluster client's credentials and TLS.
 
-    `reconnect=False` gives the no-retry client fanout.py wants for pub/sub.
+    `reconnect=False` gives the no-retry client pubsub.py wants for its links.
     """
     kwargs = dict(node.connection_kwargs)
     if not reconnect:

@@ -1,6 +1,8 @@
-"""Fanout losing its pub/sub connection: detection, resubscription, resync, delivery after.
+"""Pub/sub links losing their connection: detection, resubscription, resync, delivery after.
 
-On a real Redis the fan-out's own connection (and only it: other tests share the server) is
+Through a Fanout, as the node uses them, plus the pieces of the link lifecycle on their own
+(backoff bounds, redis-py's own reconnect kept from resubscribing). On a real Redis the
+fan-out's own connection (and only it: other tests share the server) is
 killed with CLIENT KILL ID, found in CLIENT LIST by a unique client name. On fakeredis the whole
 fake server goes offline (`FakeServer.connected = False`) and comes back.
 Detection and recovery times are printed (run with -s to see them).
@@ -10,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import fakeredis
@@ -23,59 +26,44 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-import presence_svc.fanout as fanout_module
 from presence_svc.codec import Outgoing, encode_envelope, json_text
-from presence_svc.fanout import DEAD_AFTER, PING_AFTER, Fanout, SingleLinks
+from presence_svc.fanout import Fanout
 from presence_svc.redis.keys import Keys
+from presence_svc.redis.pubsub import LinkTuning, PubSubLinks, SingleLinks
+from tests.support.recorder import Recorder
 from tests.support.tasks import stop
+from tests.support.waiting import eventually_async
 
 WAIT = 5.0
 LOST = "pub/sub connection lost"
-
-
-@dataclass(eq=False)
-class Recorder:
-    """A subscriber that keeps every event it is handed, and when (monotonic) it got each."""
-
-    events: list[Outgoing] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def deliver(self, event: Outgoing) -> None:
-        self.events.append(event)
-        self.times.append(time.monotonic())
-        self.changed.set()
-
-    async def wait_for(self, count: int, within: float = WAIT) -> list[Outgoing]:
-        deadline = time.monotonic() + within
-        while len(self.events) < count:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"got {len(self.events)} events, wanted {count}: {self.events}"
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-        return self.events
-
-    def snapshots(self) -> list[Outgoing]:
-        return [e for e in self.events if e.floor is not None]
+LOGGER = "presence_svc.redis.pubsub"
+DEFAULT = LinkTuning()
+PING_AFTER, DEAD_AFTER = DEFAULT.ping_after, DEFAULT.dead_after
 
 
 class Harness:
     """A running Fanout whose resync answers with a snapshot carrying a rising floor."""
 
-    def __init__(self, fanout_client: Any, publisher: Any, keys: Keys) -> None:
+    def __init__(
+        self, fanout_client: Any, publisher: Any, keys: Keys, tuning: LinkTuning | None = None
+    ) -> None:
         self.publisher = publisher
         self.keys = keys
         self.resyncs: list[str] = []
         self.floor = 100
-        self.fanout = Fanout(SingleLinks(fanout_client), keys, self.resync)
+        # Runs between reading a snapshot and handing it out (to race an event with it).
+        self.after_read: Callable[[str], Awaitable[None]] | None = None
+        self.fanout = Fanout(SingleLinks(fanout_client), keys, self.resync, tuning=tuning)
         self.task: asyncio.Task[None] = asyncio.create_task(self.fanout.run())
 
     async def resync(self, study: str) -> Outgoing:
         self.resyncs.append(study)
         self.floor += 1
         text = json_text({"type": "presence.snapshot", "data": {"study_id": study}})
-        return Outgoing(None, text, floor=self.floor)
+        snapshot = Outgoing(None, text, floor=self.floor)
+        if self.after_read is not None:
+            await self.after_read(study)
+        return snapshot
 
     async def event(self, study: str, seq: int) -> int:
         data = {"user_id": "u1", "study_id": study, "status": "active", "seq": seq}
@@ -92,22 +80,11 @@ class Harness:
         await self.fanout.close()
 
 
-def seqs(recorder: Recorder) -> list[int | None]:
-    return [e.seq for e in recorder.events if e.floor is None]
-
-
 def lost_at(caplog: pytest.LogCaptureFixture, after: float) -> float:
     """Wall-clock time the fan-out logged the loss of its connection (first one after `after`)."""
     times = [r.created for r in caplog.records if LOST in r.getMessage() and r.created >= after]
     assert times, "the fan-out never logged the lost connection"
     return min(times)
-
-
-async def until(condition: Any, what: str, within: float = WAIT) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {within}s: {what}"
-        await asyncio.sleep(0.005)
 
 
 # --- real Redis: CLIENT KILL ------------------------------------------------------------------
@@ -120,26 +97,41 @@ class RealSetup:
     name: str
 
 
-@pytest.fixture
-async def real(cleanup_real_redis: str, key_prefix: str) -> AsyncIterator[RealSetup]:
-    url = cleanup_real_redis
-    name = f"fanout-{uuid.uuid4().hex[:12]}"
-    # Built like redis_client.connect's pub/sub client: no silent reconnects inside redis-py.
-    fanout_client = aioredis.Redis.from_url(
+def pubsub_client(url: str, name: str) -> Any:
+    """Built like redis/client.py's pub/sub client: no silent reconnects inside redis-py."""
+    return aioredis.Redis.from_url(
         url,
         client_name=name,
         socket_connect_timeout=2,
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
     )
-    admin = aioredis.Redis.from_url(url)
-    harness = Harness(fanout_client, admin, Keys(key_prefix))
-    try:
-        yield RealSetup(harness, admin, name)
-    finally:
-        await harness.close()
-        await fanout_client.aclose()
-        await admin.aclose()
+
+
+OpenReal = Callable[[LinkTuning | None], Awaitable[RealSetup]]
+
+
+@pytest.fixture
+async def open_real(cleanup_real_redis: str, key_prefix: str) -> AsyncIterator[OpenReal]:
+    """Opens running fan-outs on the real Redis (closed after the test), each tuned as asked."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def open_one(tuning: LinkTuning | None) -> RealSetup:
+            name = f"fanout-{uuid.uuid4().hex[:12]}"
+            fanout_client = pubsub_client(cleanup_real_redis, name)
+            stack.push_async_callback(fanout_client.aclose)
+            admin = aioredis.Redis.from_url(cleanup_real_redis)
+            stack.push_async_callback(admin.aclose)
+            harness = Harness(fanout_client, admin, Keys(key_prefix), tuning)
+            stack.push_async_callback(harness.close)
+            return RealSetup(harness, admin, name)
+
+        yield open_one
+
+
+@pytest.fixture
+async def real(open_real: OpenReal) -> RealSetup:
+    return await open_real(None)
 
 
 async def connections_named(admin: Any, name: str) -> list[dict[str, Any]]:
@@ -158,7 +150,7 @@ async def kill_fanout_connection(setup: RealSetup, channels: int) -> float:
 async def test_killed_pubsub_connection_is_replaced_and_resynced(
     real: RealSetup, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
     h = real.harness
     a, b, c = Recorder(), Recorder(), Recorder()
     await h.fanout.add("s1", a)
@@ -210,7 +202,7 @@ async def test_killed_pubsub_connection_is_replaced_and_resynced(
         await b.wait_for(counts[1] + 2)
         await c.wait_for(counts[2] + 2)
 
-    assert seqs(a) == seqs(b) == seqs(c) == [1, 2, 3]
+    assert a.seqs() == b.seqs() == c.seqs() == [1, 2, 3]
     assert h.fanout.dropped_messages == 0
 
 
@@ -220,17 +212,14 @@ async def test_an_event_published_during_a_resync_reaches_sockets_after_its_snap
     h = real.harness
     rec = Recorder()
     await h.fanout.add("s1", rec)
-    read_snapshot = h.resync
 
-    async def resync_racing_an_event(study: str) -> Outgoing:
+    async def publish_an_event(study: str) -> None:
         # The snapshot is read, then an event is published and reaches the node before the
         # snapshot's reply is handled: its subscribers must still see the snapshot first.
-        snapshot = await read_snapshot(study)
         assert await h.event(study, 7) == 1
         await asyncio.sleep(0.2)
-        return snapshot
 
-    h.fanout._resync = resync_racing_an_event
+    h.after_read = publish_an_event
     await kill_fanout_connection(real, 1)
     await rec.wait_for(2)
     snapshot, event = rec.events
@@ -240,14 +229,14 @@ async def test_an_event_published_during_a_resync_reaches_sockets_after_its_snap
 async def test_kill_with_no_study_subscribed_then_subscribe_again(
     real: RealSetup, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
     h = real.harness
     a = Recorder()
     await h.fanout.add("s1", a)
     await h.fanout.remove("s1", a)
     assert h.fanout.studies == 0
     killed_at = await kill_fanout_connection(real, 0)
-    await until(lambda: h.fanout.reconnects == 1, "the fan-out replaces its connection")
+    await eventually_async(lambda: h.fanout.reconnects == 1, what="the connection is replaced")
     assert lost_at(caplog, killed_at) - killed_at < 5.0
     assert h.resyncs == []
 
@@ -260,13 +249,11 @@ async def test_kill_with_no_study_subscribed_then_subscribe_again(
 
 
 async def test_a_quiet_healthy_connection_is_kept(
-    real: RealSetup, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    open_real: OpenReal, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """No events for several DEAD_AFTER periods: answered pings keep the connection."""
-    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
-    monkeypatch.setattr(fanout_module, "PING_AFTER", 0.1)
-    monkeypatch.setattr(fanout_module, "DEAD_AFTER", 0.4)
-    monkeypatch.setattr(fanout_module, "_POLL", 0.05)
+    """No events for several dead_after periods: answered pings keep the connection."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    real = await open_real(LinkTuning(ping_after=0.1, dead_after=0.4))
     h = real.harness
     a = Recorder()
     await h.fanout.add("s1", a)
@@ -349,7 +336,7 @@ class FreezingProxy:
 async def test_silent_pubsub_connection_is_replaced_after_unanswered_pings(
     cleanup_real_redis: str, key_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
     admin = aioredis.Redis.from_url(cleanup_real_redis)
     host, port = (
         admin.connection_pool.connection_kwargs["host"],
@@ -391,7 +378,7 @@ async def test_silent_pubsub_connection_is_replaced_after_unanswered_pings(
         assert await h.event("s1", 2) >= 1
         await a.wait_for(3)
         await asyncio.sleep(0.05)
-        assert seqs(a) == [1, 2]
+        assert a.seqs() == [1, 2]
     finally:
         await h.close()
         await fanout_client.aclose()
@@ -405,7 +392,7 @@ async def test_silent_pubsub_connection_is_replaced_after_unanswered_pings(
 async def test_fakeredis_outage_is_detected_and_resynced(
     key_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="presence_svc.fanout")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
     server = fakeredis.FakeServer()
     client = fakeredis.FakeAsyncRedis(server=server)
     h = Harness(client, client, Keys(key_prefix))
@@ -419,7 +406,9 @@ async def test_fakeredis_outage_is_detected_and_resynced(
         down_at = time.time()
         server.connected = False
         # No read error here: the fan-out notices through its unanswered ping.
-        await until(lambda: not h.fanout.connected, "the outage is noticed", PING_AFTER + WAIT)
+        await eventually_async(
+            lambda: not h.fanout.connected, PING_AFTER + WAIT, "the outage is noticed"
+        )
         detected = lost_at(caplog, down_at) - down_at
         assert detected < DEAD_AFTER + 1.0
         await asyncio.sleep(0.3)  # reconnect attempts fail meanwhile
@@ -448,9 +437,80 @@ async def test_fakeredis_outage_is_detected_and_resynced(
         await a.wait_for(3)
         await c.wait_for(2)
         await asyncio.sleep(0.05)  # a duplicate (old subscription still delivering) would show
-        assert seqs(a) == [1, 2]
-        assert seqs(c) == [2]
+        assert a.seqs() == [1, 2]
+        assert c.seqs() == [2]
     finally:
         server.connected = True
         await h.close()
         await client.aclose()
+
+
+# --- the link lifecycle's pieces on their own --------------------------------------------------
+
+
+def test_reconnect_backoff_doubles_up_to_its_cap() -> None:
+    tuning = LinkTuning(backoff_first=0.1, backoff_cap=1.0)
+    assert list(itertools.islice(tuning.backoffs(), 6)) == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert list(itertools.islice(DEFAULT.backoffs(), 8))[-2:] == [5.0, 5.0]
+
+
+def test_a_read_waits_short_enough_to_ping_on_time() -> None:
+    assert DEFAULT.poll == 0.5
+    assert LinkTuning(ping_after=0.1, dead_after=0.4).poll == 0.05
+
+
+@dataclass(eq=False)
+class Inbox:
+    messages: list[tuple[str, Any]]
+    resubscribed: list[str]
+
+    def on_message(self, channel: str, data: Any) -> None:
+        self.messages.append((channel, data))
+
+    def on_resubscribed(self, channel: str) -> None:
+        self.resubscribed.append(channel)
+
+
+class KeptLinks(SingleLinks):
+    """SingleLinks that keep every PubSub they open, for the test to reach into."""
+
+    def __init__(self, redis: Any) -> None:
+        super().__init__(redis)
+        self.opened: list[Any] = []
+
+    def open(self, shard: str) -> Any:
+        pubsub = super().open(shard)
+        self.opened.append(pubsub)
+        return pubsub
+
+
+async def test_redis_py_reconnecting_a_link_resubscribes_nothing(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    """redis-py reconnects a failed pub/sub connection itself; its channels stay unsubscribed
+    (the links replace the connection and resubscribe, knowing that events were lost)."""
+    name = f"pubsub-{uuid.uuid4().hex[:12]}"
+    client = pubsub_client(cleanup_real_redis, name)
+    admin = aioredis.Redis.from_url(cleanup_real_redis)
+    links = KeptLinks(client)
+    inbox = Inbox([], [])
+    pubsub_links = PubSubLinks(links, inbox)
+    reading = asyncio.create_task(pubsub_links.run())
+    try:
+        channel = Keys(key_prefix).channel("s1")
+        await pubsub_links.subscribe(channel)
+        await stop(reading)  # nobody reads: the reconnect below is redis-py's alone
+        [pubsub] = links.opened
+        [before] = await connections_named(admin, name)
+        assert int(before["sub"]) == 1
+        await pubsub.connection.disconnect()
+        await pubsub.connection.connect()  # runs the connection's on-connect callbacks
+        [after] = await connections_named(admin, name)
+        assert after["id"] != before["id"]
+        assert int(after["sub"]) == 0
+        assert await admin.publish(channel, b"x") == 0
+    finally:
+        await stop(reading)
+        await pubsub_links.close()
+        await client.aclose()
+        await admin.aclose()
