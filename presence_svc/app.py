@@ -24,6 +24,7 @@ from presence_svc.node import Node
 from presence_svc.redis.client import RedisClients, connect
 from presence_svc.redis.cluster import is_cluster
 from presence_svc.redis.keys import Keys
+from presence_svc.redis.pubsub import LinkTuning
 from presence_svc.redis.store import RedisStore
 from presence_svc.requestid import RequestIdMiddleware
 from presence_svc.service import PresenceService
@@ -70,7 +71,9 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
         store=store,
         service=service,
         snapshots=snapshots,
-        fanout=Fanout(clients.links, keys, snapshots, metrics.delivered),
+        fanout=Fanout(
+            clients.links, keys, snapshots, metrics.delivered, tuning=link_tuning(settings)
+        ),
         sweeper=Sweeper(service, settings.sweep_interval, swept),
         leases=LeaseKeeper(service, settings.lease_ttl),
         verifier=TokenVerifier.from_settings(settings),
@@ -79,6 +82,17 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
     )
     _register_readings(node, store)
     return node
+
+
+def link_tuning(settings: Settings) -> LinkTuning:
+    """How the node's pub/sub links are watched and replaced (PRESENCE_PUBSUB_*)."""
+    return LinkTuning(
+        subscribe_timeout=settings.pubsub_subscribe_timeout,
+        ping_after=settings.pubsub_ping_after,
+        dead_after=settings.pubsub_dead_after,
+        backoff_first=settings.pubsub_backoff_first,
+        backoff_cap=settings.pubsub_backoff_cap,
+    )
 
 
 def _register_readings(node: Node, store: RedisStore) -> None:

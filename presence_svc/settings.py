@@ -68,6 +68,22 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Connections to Redis for commands (pub/sub has its own); callers beyond it wait.
     redis_max_connections: int = Field(50, ge=2, le=10_000)
+    # Start-up: attempts to reach Redis before giving up, waiting 0.2 s after the first and
+    # doubling up to the cap (seconds) between the next.
+    redis_connect_attempts: int = Field(10, ge=1, le=1000)
+    redis_connect_backoff_cap: float = Field(5.0, ge=0.2, le=300)
+    # Seconds to open a Redis connection, and for a command's reply (pub/sub has no read
+    # timeout: its links are watched with pings instead).
+    redis_connect_timeout: float = Field(2.0, gt=0, le=60)
+    redis_socket_timeout: float = Field(5.0, gt=0, le=300)
+    # Pub/sub links (seconds): how long Redis may take to confirm a subscription; silence
+    # before a link is pinged, and before it is taken for dead and replaced; the reconnect
+    # backoff, random up to a bound that starts at `first` and doubles up to `cap`.
+    pubsub_subscribe_timeout: float = Field(5.0, gt=0, le=60)
+    pubsub_ping_after: float = Field(1.0, ge=0.05, le=60)
+    pubsub_dead_after: float = Field(3.0, gt=0, le=300)
+    pubsub_backoff_first: float = Field(0.1, gt=0, le=60)
+    pubsub_backoff_cap: float = Field(5.0, gt=0, le=300)
     # Events a socket may have queued before it counts as a slow consumer and is closed.
     socket_queue_size: int = Field(1024, ge=16, le=1_000_000)
     # `text` for a terminal; `json` (one object per line, with request/connection ids) for log
@@ -151,6 +167,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"PRESENCE_JWT_ALGORITHM={self.jwt_algorithm} needs exactly one of "
                 "PRESENCE_JWT_PUBLIC_KEY and PRESENCE_JWT_JWKS_FILE"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pubsub_timings_fit(self) -> Settings:
+        if not self.pubsub_ping_after < self.pubsub_dead_after:
+            raise ValueError(
+                f"PRESENCE_PUBSUB_DEAD_AFTER ({self.pubsub_dead_after}) must be more than "
+                f"PRESENCE_PUBSUB_PING_AFTER ({self.pubsub_ping_after})"
+            )
+        if not self.pubsub_backoff_first <= self.pubsub_backoff_cap:
+            raise ValueError(
+                f"PRESENCE_PUBSUB_BACKOFF_CAP ({self.pubsub_backoff_cap}) must be at least "
+                f"PRESENCE_PUBSUB_BACKOFF_FIRST ({self.pubsub_backoff_first})"
             )
         return self
 

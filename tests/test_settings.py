@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pydantic
 import pytest
 
+from presence_svc.app import link_tuning
+from presence_svc.redis.client import connect
+from presence_svc.redis.pubsub import LinkTuning
 from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
 
 SECRET = "s3cret-for-tests-0123456789abcdef-0123"  # >= 32 bytes
@@ -176,3 +180,118 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(pydantic.ValidationError):
         settings.idle_after = 1.0
     assert settings.idle_after == 30.0
+
+
+# --- Redis connections and pub/sub links ------------------------------------------------------
+
+
+def test_redis_and_pubsub_tunables_default_to_the_former_constants() -> None:
+    settings = load_settings()
+    assert (settings.redis_connect_attempts, settings.redis_connect_backoff_cap) == (10, 5.0)
+    assert (settings.redis_connect_timeout, settings.redis_socket_timeout) == (2.0, 5.0)
+    assert settings.pubsub_subscribe_timeout == 5.0
+    assert (settings.pubsub_ping_after, settings.pubsub_dead_after) == (1.0, 3.0)
+    assert (settings.pubsub_backoff_first, settings.pubsub_backoff_cap) == (0.1, 5.0)
+
+
+def test_redis_and_pubsub_tunables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "PRESENCE_REDIS_CONNECT_ATTEMPTS": "3",
+        "PRESENCE_REDIS_CONNECT_BACKOFF_CAP": "1.5",
+        "PRESENCE_REDIS_CONNECT_TIMEOUT": "0.5",
+        "PRESENCE_REDIS_SOCKET_TIMEOUT": "9",
+        "PRESENCE_PUBSUB_SUBSCRIBE_TIMEOUT": "2",
+        "PRESENCE_PUBSUB_PING_AFTER": "0.25",
+        "PRESENCE_PUBSUB_DEAD_AFTER": "0.75",
+        "PRESENCE_PUBSUB_BACKOFF_FIRST": "0.05",
+        "PRESENCE_PUBSUB_BACKOFF_CAP": "0.05",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert (settings.redis_connect_attempts, settings.redis_connect_backoff_cap) == (3, 1.5)
+    assert (settings.redis_connect_timeout, settings.redis_socket_timeout) == (0.5, 9.0)
+    assert settings.pubsub_subscribe_timeout == 2.0
+    assert (settings.pubsub_ping_after, settings.pubsub_dead_after) == (0.25, 0.75)
+    assert (settings.pubsub_backoff_first, settings.pubsub_backoff_cap) == (0.05, 0.05)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PRESENCE_REDIS_CONNECT_ATTEMPTS", "0"),
+        ("PRESENCE_REDIS_CONNECT_ATTEMPTS", "1.5"),
+        ("PRESENCE_REDIS_CONNECT_BACKOFF_CAP", "0.1"),
+        ("PRESENCE_REDIS_CONNECT_BACKOFF_CAP", "301"),
+        ("PRESENCE_REDIS_CONNECT_TIMEOUT", "0"),
+        ("PRESENCE_REDIS_CONNECT_TIMEOUT", "61"),
+        ("PRESENCE_REDIS_SOCKET_TIMEOUT", "-1"),
+        ("PRESENCE_REDIS_SOCKET_TIMEOUT", "301"),
+        ("PRESENCE_PUBSUB_SUBSCRIBE_TIMEOUT", "0"),
+        ("PRESENCE_PUBSUB_SUBSCRIBE_TIMEOUT", "61"),
+        ("PRESENCE_PUBSUB_PING_AFTER", "0.01"),
+        ("PRESENCE_PUBSUB_DEAD_AFTER", "0"),
+        ("PRESENCE_PUBSUB_DEAD_AFTER", "301"),
+        ("PRESENCE_PUBSUB_BACKOFF_FIRST", "0"),
+        ("PRESENCE_PUBSUB_BACKOFF_CAP", "abc"),
+    ],
+)
+def test_invalid_redis_or_pubsub_tunable_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert variable in str(caught.value)
+
+
+@pytest.mark.parametrize(("ping", "dead"), [("1", "1"), ("2", "1.5"), ("5", "3")])
+def test_pubsub_dead_after_must_exceed_ping_after(
+    monkeypatch: pytest.MonkeyPatch, ping: str, dead: str
+) -> None:
+    monkeypatch.setenv("PRESENCE_PUBSUB_PING_AFTER", ping)
+    monkeypatch.setenv("PRESENCE_PUBSUB_DEAD_AFTER", dead)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "PRESENCE_PUBSUB_DEAD_AFTER" in message
+    assert "PRESENCE_PUBSUB_PING_AFTER" in message
+
+
+@pytest.mark.parametrize(("first", "cap"), [("0.5", "0.4"), ("2", "1")])
+def test_pubsub_backoff_cap_must_be_at_least_its_first_wait(
+    monkeypatch: pytest.MonkeyPatch, first: str, cap: str
+) -> None:
+    monkeypatch.setenv("PRESENCE_PUBSUB_BACKOFF_FIRST", first)
+    monkeypatch.setenv("PRESENCE_PUBSUB_BACKOFF_CAP", cap)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "PRESENCE_PUBSUB_BACKOFF_CAP" in message
+    assert "PRESENCE_PUBSUB_BACKOFF_FIRST" in message
+
+
+def test_the_node_tunes_its_pubsub_links_as_the_settings_say() -> None:
+    settings = load_settings(
+        pubsub_subscribe_timeout=2,
+        pubsub_ping_after=0.5,
+        pubsub_dead_after=1.5,
+        pubsub_backoff_first=0.2,
+        pubsub_backoff_cap=3,
+    )
+    assert link_tuning(settings) == LinkTuning(2.0, 0.5, 1.5, 0.2, 3.0)
+    assert link_tuning(load_settings()) == LinkTuning()
+
+
+async def test_start_up_gives_up_after_the_configured_attempts() -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = load_settings(
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        jwt_secret=SECRET,
+        redis_connect_attempts=2,
+        redis_connect_backoff_cap=0.2,
+    )
+    with pytest.raises(RuntimeError, match="cannot reach Redis after 2 attempts"):
+        await connect(settings)

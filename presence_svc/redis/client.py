@@ -22,8 +22,6 @@ from presence_svc.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CONNECT_ATTEMPTS = 10
-
 
 def embedded_redis() -> Any:
     """An in-process Redis (fakeredis with Lua) for the single-node dev mode."""
@@ -72,7 +70,7 @@ async def connect(settings: Settings) -> RedisClients:
         embedded = embedded_redis()
         return RedisClients(embedded, SingleLinks(embedded))
     if settings.redis_cluster:
-        return await _connect_cluster(settings.redis_url, settings.redis_max_connections)
+        return await _connect_cluster(settings.redis_url, settings)
     # A bounded pool that makes callers wait for a free connection: a burst of thousands of
     # requests must queue, not open thousands of connections or fail. One quick retry, so a
     # request fails over to 503 in well under a second when Redis is down.
@@ -80,34 +78,34 @@ async def connect(settings: Settings) -> RedisClients:
         settings.redis_url,
         max_connections=settings.redis_max_connections,
         timeout=5,
-        socket_connect_timeout=2,
-        socket_timeout=5,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        socket_timeout=settings.redis_socket_timeout,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
     )
     client = Redis.from_pool(pool)  # owns the pool: closing the client closes its connections
-    await _until_reachable(client, "Redis", client.ping)
+    await _until_reachable(client, "Redis", client.ping, settings)
     pubsub = Redis.from_url(
         settings.redis_url,
         # RESP2: redis-py 8 handles every RESP3 push (each pub/sub message) through a logger
         # lookup and a str() of the whole message, even with debug logs off.
         protocol=2,
-        socket_connect_timeout=2,
+        socket_connect_timeout=settings.redis_connect_timeout,
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
     )
     return RedisClients(client, SingleLinks(pubsub, owned=True))
 
 
-async def _connect_cluster(seed_url: str, max_connections: int) -> RedisClients:
+async def _connect_cluster(seed_url: str, settings: Settings) -> RedisClients:
     # The cluster client routes plain commands by slot and follows MOVED/ASK itself; the
     # batched calls and the pub/sub links use its slot map (cluster.py).
     client = RedisCluster.from_url(
         seed_url,
-        max_connections=max_connections,
-        socket_connect_timeout=2,
-        socket_timeout=5,
+        max_connections=settings.redis_max_connections,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        socket_timeout=settings.redis_socket_timeout,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
@@ -117,21 +115,27 @@ async def _connect_cluster(seed_url: str, max_connections: int) -> RedisClients:
         await client.initialize()
         await client.ping()
 
-    await _until_reachable(client, "Redis Cluster", ready)
+    await _until_reachable(client, "Redis Cluster", ready, settings)
     return RedisClients(client, ClusterLinks(client))
 
 
-async def _until_reachable(client: Any, what: str, probe: Callable[[], Awaitable[Any]]) -> None:
+async def _until_reachable(
+    client: Any,
+    what: str,
+    probe: Callable[[], Awaitable[Any]],
+    settings: Settings,
+) -> None:
     """Run `probe` until it succeeds, with capped backoff; close `client` if it never does."""
+    attempts, cap = settings.redis_connect_attempts, settings.redis_connect_backoff_cap
     delay = 0.2
-    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+    for attempt in range(1, attempts + 1):
         try:
             await probe()
             return
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
-            if attempt == CONNECT_ATTEMPTS:
+            if attempt == attempts:
                 await client.aclose()
                 raise RuntimeError(f"cannot reach {what} after {attempt} attempts: {exc}") from exc
             log.warning("%s not reachable (attempt %d): %s; retrying", what, attempt, exc)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, cap)
