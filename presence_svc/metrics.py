@@ -68,6 +68,13 @@ class Metrics:
             "Idle, away and leave transitions applied by this node's sweeps.",
             registry=self.registry,
         )
+        self.protocol_closes = Counter(
+            "presence_ws_protocol_closes",
+            "WebSocket connections closed by the protocol layer, by reason (outgoing_buffer, "
+            "invalid_utf8, bad_handshake).",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def gauge(self, name: str, documentation: str, read: Reading) -> None:
         self._readings.gauges.append((name, documentation, read))

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # The `--log-level` option of `serve` overrides it.
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # Bytes the node may hold unsent for one WebSocket, checked whenever it reads from it; past
+    # it the socket is closed with 1013 (a client sending pings and never reading the pongs).
+    # Must exceed the largest message the node sends: a snapshot of the largest study.
+    ws_max_outgoing_buffer: int = Field(4 * 1024 * 1024, ge=256 * 1024, le=1024 * 1024 * 1024)
 
     @field_validator(
         "redis_url",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+from starlette.applications import Starlette
 
 from presence_svc.auth import TokenVerifier
-from presence_svc.cli import main
+from presence_svc.cli import _count_protocol_close, main
+from presence_svc.metrics import Metrics
 from presence_svc.settings import DEV_JWT_SECRET
 
 
@@ -33,6 +36,7 @@ def serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"PRESENCE_KEY_PREFIX": "a{b}"}, "PRESENCE_KEY_PREFIX"),
         ({"PRESENCE_REDIS_URL": "redis://127.0.0.1:1/0"}, "PRESENCE_JWT_SECRET"),
         ({"PRESENCE_JWT_SECRET": "short"}, "PRESENCE_JWT_SECRET"),
+        ({"PRESENCE_WS_MAX_OUTGOING_BUFFER": "65536"}, "PRESENCE_WS_MAX_OUTGOING_BUFFER"),
     ],
 )
 def test_invalid_settings_stop_the_node_naming_the_variable(
@@ -60,3 +64,16 @@ def test_token_uses_the_given_secret(capsys: pytest.CaptureFixture[str]) -> None
 def test_token_refuses_bad_input(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert "presence-svc:" in capsys.readouterr().err
+
+
+def test_protocol_closes_are_counted_in_the_node_metrics() -> None:
+    app = Starlette()
+    count = _count_protocol_close(app)
+    count("bad_handshake")  # before start-up built the node: nothing to count in, no error
+    metrics = Metrics()
+    app.state.node = SimpleNamespace(metrics=metrics)
+    count("invalid_utf8")
+    count("invalid_utf8")
+    text = metrics.render().decode()
+    assert 'presence_ws_protocol_closes_total{reason="invalid_utf8"} 2.0' in text
+    assert 'reason="bad_handshake"' not in text

@@ -1,0 +1,161 @@
+"""The WebSocket protocol the node serves: uvicorn's `websockets-sansio` one, with limits.
+
+1. A socket whose outgoing buffer passes PRESENCE_WS_MAX_OUTGOING_BUFFER bytes after the node
+   read what the client sent is closed with 1013. Pongs are written by the protocol, not the
+   app, so neither the app's send queue nor uvicorn's write flow control bounds them: a client
+   that sends pings and never reads would grow the buffer until its TCP connection closes.
+   Since such a client may never read the close frame either, the connection is aborted once
+   uvicorn's close timeout has passed.
+2. Pings that arrive before the handshake is answered get no pong (RFC 6455 4.1: a client
+   sends no frames before the 101; the pong would be written ahead of the HTTP response).
+3. A handshake websockets refuses (a header line or request line over 8 KiB, too many
+   headers, or no valid HTTP request) is answered, 431 / 414 / 400, and closed. uvicorn 0.54
+   leaves that answer unsent and the connection open.
+
+And an invalid UTF-8 text message still closes with 1007, but is counted and logged at info
+once per process (debug afterwards) rather than as an ERROR traceback every time.
+
+Each case is counted by `on_close(reason)` with one of `REASONS`.
+
+uvicorn internals relied on (checked against uvicorn 0.54.0 with websockets 17.4;
+tests/web/test_protocol.py fails if they change): `WebSocketsSansIOProtocol.data_received`,
+`handle_ping`, `send_receive_event_to_app` and `handle_parser_exception`, and its attributes
+`conn`, `transport`, `loop`, `frames`, `curr_msg_data_type`, `handshake_initiated`,
+`handshake_complete`, `close_sent`, `disconnected` and `close_timeout`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import ClassVar
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+log = logging.getLogger(__name__)
+
+CLOSE_NOT_READING = 1013  # the client does not read what the node sends it
+CLOSE_INVALID_DATA = 1007
+
+OUTGOING_BUFFER = "outgoing_buffer"
+INVALID_UTF8 = "invalid_utf8"
+BAD_HANDSHAKE = "bad_handshake"
+REASONS = (OUTGOING_BUFFER, INVALID_UTF8, BAD_HANDSHAKE)
+
+_EXPLAINED = {
+    OUTGOING_BUFFER: "a WebSocket client that does not read was closed with 1013",
+    INVALID_UTF8: "a WebSocket text message was not valid UTF-8; the socket was closed with 1007",
+    BAD_HANDSHAKE: "a WebSocket handshake too large or malformed was refused",
+}
+
+
+@dataclass
+class Limits:
+    """What every socket of one server shares: the bound, the counter, what was logged."""
+
+    max_outgoing_buffer: int
+    on_close: Callable[[str], None]
+    logged: set[str] = field(default_factory=set)
+
+
+class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """Configured through `protocol_class`, which sets `limits` on a subclass."""
+
+    limits: ClassVar[Limits]
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated:
+            if self.conn.handshake_exc is not None:
+                self._refuse_handshake()
+            return
+        # Checked once per read rather than per frame: one read adds at most about its own
+        # size in pongs, so the bound is overshot by little.
+        if (
+            self.handshake_complete
+            and not self.transport.is_closing()
+            and self.transport.get_write_buffer_size() > self.limits.max_outgoing_buffer
+        ):
+            self._close_not_reading()
+
+    def handle_ping(self) -> None:
+        if self.handshake_complete:
+            super().handle_ping()
+        else:
+            self.conn.data_to_send()  # drops the pong websockets queued
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                self._close_invalid_utf8()
+                return
+        super().send_receive_event_to_app()
+
+    def _refuse_handshake(self) -> None:
+        self._report(BAD_HANDSHAKE, str(self.conn.handshake_exc))
+        # websockets queued a 431 or 414 response, or only an end of stream for a request it
+        # could not parse at all.
+        output = b"".join(self.conn.data_to_send())
+        if not output:
+            refusal = self.conn.reject(HTTPStatus.BAD_REQUEST, "Invalid WebSocket handshake.\n")
+            output = refusal.serialize()
+        self.handshake_complete = True
+        self.close_sent = True
+        self.transport.write(output)
+        self.transport.close()
+
+    def _close_not_reading(self) -> None:
+        size = self.transport.get_write_buffer_size()
+        self._report(OUTGOING_BUFFER, f"{size} bytes buffered for it")
+        self._fail(CLOSE_NOT_READING, "the client does not read")
+        # close() waits for the buffer to drain, which a client that does not read never lets
+        # happen: the memory would stay held until the TCP connection dies. (Aborting a
+        # transport that has closed meanwhile does nothing.)
+        self.loop.call_later(self.close_timeout, self.transport.abort)
+
+    def _close_invalid_utf8(self) -> None:
+        self._report(INVALID_UTF8, "")
+        self._fail(CLOSE_INVALID_DATA, "invalid UTF-8 in a text message")
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Send a close frame (unless one was sent), tell the app, stop reading, close."""
+        if not self.close_sent and self.conn.state is State.OPEN:
+            self.conn.send_close(code, reason)
+            self.handle_parser_exception()  # uvicorn's path for 1009: app told, frame written
+        else:
+            self.transport.close()
+        # The app may still be setting up the socket: its sends must now fail as they do on a
+        # lost connection (ClientDisconnected, which uvicorn drops silently), not with the
+        # RuntimeError uvicorn raises for a send after a close it sent itself.
+        self.disconnected = True
+
+    def _report(self, reason: str, detail: str) -> None:
+        self.limits.on_close(reason)
+        # Any client can cause these at will: one line at info, the rest at debug.
+        level = logging.DEBUG if reason in self.limits.logged else logging.INFO
+        self.limits.logged.add(reason)
+        log.log(
+            level,
+            '%s:%s: %s%s; counted in presence_ws_protocol_closes_total{reason="%s"}',
+            *(self.client or ("unknown client", "")),
+            _EXPLAINED[reason],
+            f" ({detail})" if detail else "",
+            reason,
+        )
+
+
+def protocol_class(
+    max_outgoing_buffer: int, on_close: Callable[[str], None]
+) -> type[LimitedWebSocketProtocol]:
+    """The protocol class to pass as `ws=` to uvicorn.Config (uvicorn builds one per socket)."""
+
+    class Configured(LimitedWebSocketProtocol):
+        limits = Limits(max_outgoing_buffer, on_close)
+
+    return Configured
