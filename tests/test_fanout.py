@@ -1,15 +1,13 @@
 """Fanout, the registry of local subscribers: subscribe on first, unsubscribe on last, delivery.
 
-On fakeredis and a real Redis (subscriptions, delivery, bad messages), and on in-memory links
-(tests/support-free stubs below) for what needs Redis to stall: per-study locking, races with a
-reconnect, events held during a resync. The links' own lifecycle is tests/redis/test_pubsub.py.
+On fakeredis and a real Redis (subscriptions, delivery, bad messages); what needs Redis to
+stall (per-study locking, races with a reconnect, events held during a resync) is on in-memory
+links in tests/test_fanout_locking.py. The links' own lifecycle is tests/redis/test_pubsub.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +19,9 @@ from presence_svc.fanout import Fanout
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.pubsub import LinkTuning, SingleLinks
 from tests.conftest import open_redis
+from tests.support.recorder import Recorder
 from tests.support.tasks import stop
+from tests.support.waiting import eventually_async
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -29,31 +29,6 @@ async def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIte
     """Single-Redis clients only: this module tests what a cluster has per shard."""
     async with open_redis(request.param, request, key_prefix) as client:
         yield client
-
-
-WAIT = 5.0
-
-
-class Recorder:
-    """A subscriber that keeps every event it is handed."""
-
-    def __init__(self) -> None:
-        self.events: list[Outgoing] = []
-        self._changed = asyncio.Event()
-
-    def deliver(self, event: Outgoing) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    async def wait_for(self, count: int, within: float = WAIT) -> list[Outgoing]:
-        deadline = time.monotonic() + within
-        while len(self.events) < count:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"got {len(self.events)} events, wanted {count}"
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
-        return self.events
 
 
 class Harness:
@@ -85,10 +60,10 @@ class Harness:
 
     async def wait_numsub(self, study: str, expected: int) -> None:
         # The (un)subscribe is sent on another connection: give Redis a moment to apply it.
-        deadline = time.monotonic() + WAIT
-        while await self.numsub(study) != expected:
-            assert time.monotonic() < deadline, f"NUMSUB never became {expected}"
-            await asyncio.sleep(0.01)
+        async def reached() -> bool:
+            return await self.numsub(study) == expected
+
+        await eventually_async(reached, what=f"NUMSUB of {study} becomes {expected}")
 
     async def close(self) -> None:
         if self.task is not None:
@@ -159,8 +134,9 @@ async def test_add_does_not_return_before_the_subscription_is_confirmed(
 async def test_add_is_cancelled_cleanly(idle_harness: Harness) -> None:
     sub = Recorder()
     adding = asyncio.create_task(idle_harness.fanout.add("s1", sub))
-    await asyncio.sleep(0.1)
-    assert not adding.done()  # waiting for the confirmation nobody reads
+    # Redis has the SUBSCRIBE: add() now waits for the confirmation nobody reads.
+    await idle_harness.wait_numsub("s1", 1)
+    assert not adding.done()
     await stop(adding)
     assert idle_harness.fanout.studies == 0
 
@@ -370,6 +346,8 @@ async def test_idle_run_is_cancellable(any_redis: Any, key_prefix: str) -> None:
     # run() with no subscription yet just waits; cancelling it is immediate.
     h = Harness(any_redis, Keys(key_prefix))
     h.run()
+    # That run() does not end on its own cannot be awaited: a short bounded look (any Redis
+    # round trip it made at start would be over by then).
     await asyncio.sleep(0.05)
     assert h.task is not None
     assert not h.task.done()
