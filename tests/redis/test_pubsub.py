@@ -36,6 +36,7 @@ from tests.support.waiting import eventually_async
 
 WAIT = 5.0
 LOST = "pub/sub connection lost"
+FAILED = "pub/sub reconnect failed"
 LOGGER = "presence_svc.redis.pubsub"
 DEFAULT = LinkTuning()
 PING_AFTER, DEAD_AFTER = DEFAULT.ping_after, DEFAULT.dead_after
@@ -85,6 +86,11 @@ def lost_at(caplog: pytest.LogCaptureFixture, after: float) -> float:
     times = [r.created for r in caplog.records if LOST in r.getMessage() and r.created >= after]
     assert times, "the fan-out never logged the lost connection"
     return min(times)
+
+
+def reconnects_failed(caplog: pytest.LogCaptureFixture, after: float) -> int:
+    """How many reconnect attempts the fan-out logged as failed since `after` (wall clock)."""
+    return sum(r.created >= after and FAILED in r.getMessage() for r in caplog.records)
 
 
 # --- real Redis: CLIENT KILL ------------------------------------------------------------------
@@ -210,20 +216,27 @@ async def test_an_event_published_during_a_resync_reaches_sockets_after_its_snap
     real: RealSetup,
 ) -> None:
     h = real.harness
-    rec = Recorder()
+    rec, marker = Recorder(), Recorder()
     await h.fanout.add("s1", rec)
+    await h.fanout.add("s2", marker)
 
     async def publish_an_event(study: str) -> None:
-        # The snapshot is read, then an event is published and reaches the node before the
+        # s1's snapshot is read, then an event is published and reaches the node before the
         # snapshot's reply is handled: its subscribers must still see the snapshot first.
-        assert await h.event(study, 7) == 1
-        await asyncio.sleep(0.2)
+        if study != "s1":
+            return
+        assert await h.event("s1", 7) == 1
+        # Published after it, s2's event comes after it on the node's one connection: once
+        # s2's subscriber has it (after s2's own snapshot), s1's event has been read.
+        assert await h.event("s2", 8) == 1
+        await marker.wait_for(2)
 
     h.after_read = publish_an_event
-    await kill_fanout_connection(real, 1)
+    await kill_fanout_connection(real, 2)
     await rec.wait_for(2)
     snapshot, event = rec.events
     assert snapshot.floor is not None and event.seq == 7
+    assert marker.seqs() == [8]
 
 
 async def test_kill_with_no_study_subscribed_then_subscribe_again(
@@ -258,11 +271,14 @@ async def test_a_quiet_healthy_connection_is_kept(
     a = Recorder()
     await h.fanout.add("s1", a)
     [before] = await connections_named(real.admin, real.name)
+    # What must hold is that nothing happens while time passes, so there is nothing to await:
+    # a bounded wait of several dead_after periods (the links' clock is the real one).
     await asyncio.sleep(1.5)
     assert h.fanout.reconnects == 0
     assert not [r for r in caplog.records if LOST in r.getMessage()]
     [after] = await connections_named(real.admin, real.name)
     assert after["id"] == before["id"]
+    assert after["cmd"] == "ping", after  # it was quiet but pinged, and kept
     assert await h.event("s1", 1) == 1
     await a.wait_for(1)
     assert h.resyncs == []
@@ -374,11 +390,12 @@ async def test_silent_pubsub_connection_is_replaced_after_unanswered_pings(
         assert h.resyncs == ["s1"]
         assert h.fanout.reconnects == 1
         # The frozen connection is still open on the server, so NUMSUB may count it: what
-        # matters is that events reach the subscriber exactly once through the new one.
+        # matters is that events reach the subscriber exactly once through the new one. A
+        # duplicate of 2 would come on that connection before 3, published after it.
         assert await h.event("s1", 2) >= 1
-        await a.wait_for(3)
-        await asyncio.sleep(0.05)
-        assert a.seqs() == [1, 2]
+        assert await h.event("s1", 3) >= 1
+        await a.wait_for(4)
+        assert a.seqs() == [1, 2, 3]
     finally:
         await h.close()
         await fanout_client.aclose()
@@ -411,7 +428,9 @@ async def test_fakeredis_outage_is_detected_and_resynced(
         )
         detected = lost_at(caplog, down_at) - down_at
         assert detected < DEAD_AFTER + 1.0
-        await asyncio.sleep(0.3)  # reconnect attempts fail meanwhile
+        await eventually_async(
+            lambda: reconnects_failed(caplog, down_at) >= 2, WAIT, "two reconnect attempts fail"
+        )
         assert h.fanout.reconnects == 0
         assert not h.fanout.connected
 
@@ -432,13 +451,14 @@ async def test_fakeredis_outage_is_detected_and_resynced(
         assert h.fanout.connected
 
         # (fakeredis keeps a closed pub/sub's subscriptions, so PUBLISH may count the old one)
-        assert await h.event("s1", 2) >= 1
-        assert await h.event("s2", 2) >= 1
-        await a.wait_for(3)
-        await c.wait_for(2)
-        await asyncio.sleep(0.05)  # a duplicate (old subscription still delivering) would show
-        assert a.seqs() == [1, 2]
-        assert c.seqs() == [2]
+        # A duplicate of 2 (the old subscription still delivering) would come before 3.
+        for seq in (2, 3):
+            assert await h.event("s1", seq) >= 1
+            assert await h.event("s2", seq) >= 1
+        await a.wait_for(4)
+        await c.wait_for(3)
+        assert a.seqs() == [1, 2, 3]
+        assert c.seqs() == [2, 3]
     finally:
         server.connected = True
         await h.close()
