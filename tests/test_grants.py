@@ -5,19 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import fakeredis
 import jwt
 import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from presence_svc.app import create_app
 from presence_svc.auth import ALL_STUDIES, AuthError, TokenVerifier, issue_token
 from presence_svc.cli import main
 from presence_svc.settings import DEV_JWT_SECRET, load_settings
-from tests.support.movable_clock import MovableClock
-
-SECRET = "grant-tests-secret-0123456789abcdef0123456789"
+from tests.support.app import app_client, node_of
+from tests.support.auth import SECRET, auth, token
+from tests.support.clock import MovableClock
 
 
 def claims_token(**claims: Any) -> str:
@@ -47,6 +45,7 @@ def test_a_malformed_studies_claim_is_refused(claim: object) -> None:
 
 
 def test_issue_token_grants() -> None:
+    # issue_token itself is under test here, so it is called directly, not through the toolkit.
     verifier = TokenVerifier(SECRET)
     assert verifier.principal(issue_token("a", SECRET, studies=["s2", "s1"])).studies == {
         "s1",
@@ -80,8 +79,8 @@ def test_the_token_command_grants(
     argv: list[str], granted: set[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(argv) == 0
-    token = capsys.readouterr().out.strip()
-    assert TokenVerifier(DEV_JWT_SECRET).principal(token).studies == granted
+    printed = capsys.readouterr().out.strip()
+    assert TokenVerifier(DEV_JWT_SECRET).principal(printed).studies == granted
 
 
 @pytest.fixture
@@ -92,14 +91,9 @@ def wall() -> MovableClock:
 
 @pytest.fixture
 def client(key_prefix: str, wall: MovableClock) -> Iterator[TestClient]:
-    settings = load_settings(key_prefix=key_prefix, jwt_secret=SECRET, require_study_grant=True)
-    with TestClient(create_app(settings, redis=fakeredis.FakeAsyncRedis())) as test_client:
-        test_client.app.state.node.clock = wall  # type: ignore[attr-defined]
+    with app_client(key_prefix=key_prefix, require_study_grant=True) as test_client:
+        node_of(test_client).clock = wall
         yield test_client
-
-
-def auth(**grant: Any) -> dict[str, str]:
-    return {"Authorization": f"Bearer {issue_token('alice', SECRET, **grant)}"}
 
 
 def test_rest_with_a_grant(client: TestClient) -> None:
@@ -131,22 +125,22 @@ def test_rest_without_a_grant_is_403_and_changes_nothing(
 
 
 def test_a_socket_without_a_grant_is_closed_with_4403_before_any_data(client: TestClient) -> None:
-    url = f"/ws/presence?study_id=s1&token={issue_token('alice', SECRET, studies=['s2'])}"
+    url = f"/ws/presence?study_id=s1&token={token('alice', studies=['s2'])}"
     with client.websocket_connect(url) as ws, pytest.raises(WebSocketDisconnect) as refused:
         ws.receive_text()
     assert refused.value.code == 4403
 
 
 def test_a_socket_with_a_grant_is_served(client: TestClient) -> None:
-    url = f"/ws/presence?study_id=s1&token={issue_token('alice', SECRET, studies=['s1'])}"
+    url = f"/ws/presence?study_id=s1&token={token('alice', studies=['s1'])}"
     with client.websocket_connect(url) as ws:
         assert ws.receive_json()["type"] == "connected"
         assert ws.receive_json()["type"] == "presence.snapshot"
 
 
 def open_for(client: TestClient, ttl: int) -> Any:
-    token = issue_token("alice", SECRET, ttl=ttl, studies=["s1"])
-    return client.websocket_connect(f"/ws/presence?study_id=s1&token={token}")
+    signed = token("alice", ttl=ttl, studies=["s1"])
+    return client.websocket_connect(f"/ws/presence?study_id=s1&token={signed}")
 
 
 def test_a_socket_whose_token_expires_is_closed_with_4401(
@@ -167,13 +161,13 @@ def test_a_refreshed_socket_stays_open(client: TestClient, wall: MovableClock) -
     with open_for(client, ttl=60) as ws:
         ws.receive_json()
         ws.receive_json()
-        ws.send_json({"type": "refresh", "token": issue_token("mallory", SECRET, studies="*")})
+        ws.send_json({"type": "refresh", "token": token("mallory", studies="*")})
         refused = ws.receive_json()
         assert refused["type"] == "error"
         assert refused["data"]["code"] == "invalid_token"
-        ws.send_json({"type": "refresh", "token": issue_token("alice", SECRET, studies=["s2"])})
+        ws.send_json({"type": "refresh", "token": token("alice", studies=["s2"])})
         assert ws.receive_json()["data"]["code"] == "invalid_token"
-        ws.send_json({"type": "refresh", "token": issue_token("alice", SECRET, 600, ["s1"])})
+        ws.send_json({"type": "refresh", "token": token("alice", ttl=600, studies=["s1"])})
         refreshed = ws.receive_json()
         assert refreshed["type"] == "refreshed"
         wall.advance(120)  # past the first token's expiry

@@ -1,14 +1,16 @@
-"""The test toolkit's own promises: ManualTimer runs whole ticks, eventually() says what failed."""
+"""The test toolkit's own promises: ManualTimer runs whole ticks, MovableClock fires due timers,
+eventually() says what failed."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import jwt
 import pytest
 
 from tests.support.auth import SECRET, auth, token
-from tests.support.clock import ManualTimer
+from tests.support.clock import ManualTimer, MovableClock
 from tests.support.tasks import stop
 from tests.support.waiting import eventually, eventually_async
 
@@ -66,6 +68,28 @@ async def test_advance_fails_on_a_woken_task_that_never_settles() -> None:
             await timer.advance(1)
     finally:
         await stop(task)
+
+
+async def test_movable_clock_runs_due_timers_in_time_order_in_their_loop() -> None:
+    wall = MovableClock(start=100.0)
+    ran: list[str] = []
+    wall.call_at(103, lambda: ran.append("c"))
+    wall.call_at(101, lambda: ran.append("a"))
+    wall.call_at(102, lambda: ran.append("cancelled")).cancel()
+    wall.call_at(110, lambda: ran.append("later"))
+    assert wall.pending == 3
+    await asyncio.to_thread(wall.advance, 5)  # from another thread, as a TestClient test does
+    done = asyncio.Event()
+    wall.call_at(104, done.set)  # already past: runs at once, after the timers due before it
+    await asyncio.wait_for(done.wait(), 5)
+    assert ran == ["a", "c"]
+    assert (wall.time(), wall(), wall.pending) == (105.0, 105.0, 1)
+
+
+def test_movable_clock_starts_at_the_real_time() -> None:
+    before = time.time()
+    wall = MovableClock()
+    assert before <= wall.time() <= time.time()
 
 
 def test_eventually_returns_once_true_and_fails_naming_what() -> None:

@@ -1,12 +1,39 @@
-"""Time that tests move: a settable wall clock, and a monotonic clock with a sleep that obeys it."""
+"""Time that tests move: settable wall clocks, and a monotonic clock with a sleep that obeys it.
+
+    clock = FakeClock()             # store and service tests: clock() is "now"
+    wall = MovableClock()           # the node's clock (presence_svc.clock.Clock)
+    node_of(client).clock = wall    # before the sockets under test connect
+    wall.advance(61)                # a 60 s token's expiry timer fires now
+    timer = ManualTimer()           # LeaseKeeper's monotonic and sleep
+    await timer.advance(interval)   # one whole tick of its loop has run
+
+MovableClock is a FakeClock with timers; MovableClock and ManualTimer pick what came due
+with one helper, `_due`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+
+class _Scheduled(Protocol):
+    @property
+    def until(self) -> float: ...
+
+
+_S = TypeVar("_S", bound=_Scheduled)
+
+
+def _due(entries: Iterable[_S], by: float) -> list[_S]:
+    """The entries due at or before `by`, earliest first (ties in the order they are listed)."""
+    return sorted((e for e in entries if e.until <= by), key=lambda e: e.until)
 
 
 class FakeClock:
@@ -24,6 +51,65 @@ class FakeClock:
     @property
     def ms(self) -> int:
         return int(self.now * 1000)
+
+
+@dataclass(eq=False)
+class _Timer:
+    until: float
+    callback: Callable[[], object]
+    loop: asyncio.AbstractEventLoop
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def run(self) -> None:
+        if not self.cancelled:
+            self.callback()
+
+
+class MovableClock(FakeClock):
+    """A node clock (presence_svc.clock.Clock) that moves only when the test says so.
+
+    Starts at the real time, since the tokens it is used with are checked against the real one
+    when a socket connects. `advance` may be called from the test's thread while the app runs
+    in TestClient's loop thread: due timers are handed to their loop with call_soon_threadsafe,
+    in time order.
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        super().__init__(time.time() if start is None else start)
+        self._timers: list[_Timer] = []
+        self._lock = threading.Lock()  # the test's thread and the app's loop both come here
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> _Timer:
+        timer = _Timer(when, callback, asyncio.get_running_loop())
+        with self._lock:
+            self._timers.append(timer)
+        self._fire()  # a timer for a past instant runs at once, as the real clock's would
+        return timer
+
+    @property
+    def pending(self) -> int:
+        """Timers not yet due and not cancelled."""
+        with self._lock:
+            return sum(not t.cancelled for t in self._timers)
+
+    def advance(self, seconds: float) -> None:
+        """Move time on by `seconds`; every timer that came due runs (in its loop, soon)."""
+        with self._lock:
+            super().advance(seconds)
+        self._fire()
+
+    def _fire(self) -> None:
+        with self._lock:
+            due = _due(self._timers, self.now)
+            self._timers = [t for t in self._timers if t.until > self.now]
+        for timer in due:
+            timer.loop.call_soon_threadsafe(timer.run)
 
 
 @dataclass(eq=False)
@@ -82,10 +168,7 @@ class ManualTimer:
         """Move time on by `seconds`, running every sleep that ends meanwhile, in time order
         (ties in the order the sleeps began)."""
         target = self.now + seconds
-        while due := sorted(
-            (s for s in self._sleepers if s.until <= target and not s.woken.done()),
-            key=lambda s: s.until,
-        ):
+        while due := _due((s for s in self._sleepers if not s.woken.done()), target):
             self.now = max(self.now, due[0].until)
             woken = [s for s in due if s.until <= self.now]
             for sleeper in woken:
