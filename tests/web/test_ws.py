@@ -14,14 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import anyio
-import fakeredis
 import httpx
 import jwt
 import pytest
 import redis.asyncio as aioredis
 import uvicorn
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from starlette.applications import Starlette
 from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.types import Message
@@ -30,21 +27,22 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from presence_svc.app import create_app
-from presence_svc.auth import issue_token
+from presence_svc.auth import ALL_STUDIES
 from presence_svc.codec import Outgoing
 from presence_svc.metrics import Metrics
 from presence_svc.models import NO_CURSOR
 from presence_svc.node import Node
 from presence_svc.publisher import study_event
 from presence_svc.redis.keys import Keys
-from presence_svc.settings import Settings, load_settings
 from presence_svc.store import StoreUnavailable
 from presence_svc.web.ws_connection import CLOSE_SLOW_CONSUMER, Connection, Disconnected
 from presence_svc.web.ws_heartbeats import HEARTBEATS_IN_FLIGHT, Heartbeats
+from tests.support.app import app_client, fake_redis, make_settings, node_of, unreachable_redis
+from tests.support.auth import SECRET, auth, bearer, token
 from tests.support.clients import Watcher, rest_heartbeat
 from tests.support.processes import free_port
+from tests.support.waiting import eventually, eventually_async
 
-SECRET = "ws-tests-secret-" + "0123456789abcdef" * 3
 ISO_MS_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 EVENT_FIELDS = {
     "session_id",
@@ -57,14 +55,13 @@ EVENT_FIELDS = {
     "seq",
 }
 RECEIVE_TIMEOUT = 5.0
-
-
-def token(user: str = "alice", secret: str = SECRET) -> str:
-    return issue_token(user, secret, studies="*")
-
-
-def bearer(user: str = "alice") -> dict[str, str]:
-    return {"Authorization": f"Bearer {token(user)}"}
+# The in-process node's thresholds: far longer than any test, so only its sockets make events.
+THRESHOLDS: dict[str, Any] = {
+    "idle_after": 30,
+    "away_after": 60,
+    "expire_after": 90,
+    "sweep_interval": 0.1,
+}
 
 
 def receive(ws: WebSocketTestSession, timeout: float = RECEIVE_TIMEOUT) -> dict[str, Any]:
@@ -97,22 +94,21 @@ class App:
 
     @property
     def node(self) -> Node:
-        node: Node = self.client.app.state.node  # type: ignore[attr-defined]
-        return node
+        return node_of(self.client)
 
     def open(self, study: str, user: str = "alice") -> Any:
-        return self.client.websocket_connect(f"/ws/presence?study_id={study}", headers=bearer(user))
+        return self.client.websocket_connect(f"/ws/presence?study_id={study}", headers=auth(user))
 
     def heartbeat(self, study: str, user: str = "alice", **cursor: Any) -> dict[str, Any]:
         response = self.client.post(
-            "/presence/heartbeat", json={"study_id": study, **cursor}, headers=bearer(user)
+            "/presence/heartbeat", json={"study_id": study, **cursor}, headers=auth(user)
         )
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
         return body
 
     def presence(self, study: str) -> dict[str, Any]:
-        response = self.client.get(f"/presence/{study}", headers=bearer())
+        response = self.client.get(f"/presence/{study}", headers=auth())
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
         return body
@@ -121,28 +117,16 @@ class App:
         async def publish() -> None:
             await self.redis.publish(self.keys.channel(study), payload)
 
-        self.client.portal.call(publish)
-
-
-def make_settings(key_prefix: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "redis_url": None,
-        "jwt_secret": SECRET,
-        "idle_after": 30,
-        "away_after": 60,
-        "expire_after": 90,
-        "sweep_interval": 0.1,
-        "key_prefix": key_prefix,
-    }
-    return load_settings(**{**values, **overrides})
+        portal = self.client.portal
+        assert portal is not None, "the app is not running"
+        portal.call(publish)
 
 
 @pytest.fixture
 def app(key_prefix: str) -> Iterator[App]:
-    redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    with TestClient(create_app(make_settings(key_prefix), redis=redis)) as client:
+    redis = fake_redis()
+    with app_client(key_prefix=key_prefix, redis=redis, **THRESHOLDS) as client:
         yield App(client, redis, Keys(key_prefix))
-        client.portal.call(redis.aclose)
 
 
 def join(ws: WebSocketTestSession) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -201,7 +185,7 @@ def test_token_in_query_string(app: App) -> None:
 
 
 def test_token_in_header(app: App) -> None:
-    with app.client.websocket_connect("/ws/presence?study_id=s1", headers=bearer("hank")) as ws:
+    with app.client.websocket_connect("/ws/presence?study_id=s1", headers=auth("hank")) as ws:
         connected, _ = join(ws)
     assert connected["user_id"] == "hank"
 
@@ -263,7 +247,7 @@ def test_expired_token_close_reason(app: App) -> None:
 def test_bad_study_id_closes_with_4400(app: App, query: str) -> None:
     with (
         pytest.raises(WebSocketDisconnect) as closed,
-        app.client.websocket_connect(f"/ws/presence{query}", headers=bearer()) as ws,
+        app.client.websocket_connect(f"/ws/presence{query}", headers=auth()) as ws,
     ):
         receive(ws)
     assert closed.value.code == 4400
@@ -445,7 +429,7 @@ def test_events_follow_the_snapshot_seq_one_by_one(app: App) -> None:
         assert snapshot["seq"] == 3
         ws.send_json({"type": "heartbeat"})  # alice joins
         app.heartbeat("s1", "bob", move_path="main.3")
-        app.client.delete("/presence/s1", headers=bearer("carol"))
+        app.client.delete("/presence/s1", headers=auth("carol"))
         ws.send_json({"type": "heartbeat", "chapter_id": "c9"})
         seen = [receive_event(ws) for _ in range(4)]
     assert [e["data"]["seq"] for e in seen] == [4, 5, 6, 7]
@@ -463,11 +447,11 @@ def test_rest_delete_sends_user_left(app: App) -> None:
         _, snapshot = join(ws)
         session = app.heartbeat("s1", "alice", chapter_id="c1")
         assert receive_event(ws)["type"] == "presence.user_joined"
-        response = app.client.delete("/presence/s1", headers=bearer("alice"))
+        response = app.client.delete("/presence/s1", headers=auth("alice"))
         assert response.json() == {"status": "success"}
         left = receive_event(ws)
         # A second DELETE publishes nothing: the next event is bob's join.
-        app.client.delete("/presence/s1", headers=bearer("alice"))
+        app.client.delete("/presence/s1", headers=auth("alice"))
         app.heartbeat("s1", "bob")
         after = receive_event(ws)
     assert left["type"] == "presence.user_left"
@@ -541,13 +525,6 @@ def test_an_event_after_the_snapshot_read_is_sent(
 # --- subscriptions -------------------------------------------------------------------------
 
 
-def wait_for(condition: Any, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_subscriptions_follow_the_sockets(app: App) -> None:
     fanout = app.node.fanout
     assert fanout.studies == 0
@@ -558,11 +535,11 @@ def test_subscriptions_follow_the_sockets(app: App) -> None:
             join(b)
             join(c)
             assert fanout.studies == 2
-        wait_for(lambda: fanout.studies == 1)
+        eventually(lambda: fanout.studies == 1, what="s2's subscription dropped")
         # The remaining socket still gets its study's events.
         app.heartbeat("s1", "bob")
         assert receive_event(a)["data"]["user_id"] == "bob"
-    wait_for(lambda: fanout.studies == 0)
+    eventually(lambda: fanout.studies == 0, what="s1's subscription dropped")
 
 
 # --- failures ------------------------------------------------------------------------------
@@ -614,22 +591,18 @@ def test_snapshot_failure_closes_with_1011(app: App, monkeypatch: pytest.MonkeyP
     with pytest.raises(WebSocketDisconnect) as closed, app.open("s1") as ws:
         receive(ws)
     assert closed.value.code == 1011
-    wait_for(lambda: app.node.fanout.studies == 0)
+    eventually(lambda: app.node.fanout.studies == 0, what="the subscription dropped")
 
 
 def test_unreachable_redis_closes_with_1011(key_prefix: str) -> None:
-    redis = aioredis.Redis(
-        host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
-    )
-    with TestClient(create_app(make_settings(key_prefix), redis=redis)) as client:
+    with app_client(key_prefix=key_prefix, redis=unreachable_redis(), **THRESHOLDS) as client:
         with (
             pytest.raises(WebSocketDisconnect) as closed,
-            client.websocket_connect("/ws/presence?study_id=s1", headers=bearer()) as ws,
+            client.websocket_connect("/ws/presence?study_id=s1", headers=auth()) as ws,
         ):
             receive(ws)
         assert closed.value.code == 1011
-        assert client.app.state.node.fanout.studies == 0  # type: ignore[attr-defined]
-        client.portal.call(redis.aclose)
+        assert node_of(client).fanout.studies == 0
 
 
 class _StuckSocket:
@@ -657,10 +630,7 @@ async def test_slow_consumer_is_closed_with_1013() -> None:
     assert not conn.overflowed  # one is being sent, four are queued
     conn.deliver(Outgoing(6, "event 6"))
     assert conn.overflowed
-    for _ in range(10):
-        if socket.closed is not None:
-            break
-        await asyncio.sleep(0.01)
+    await eventually_async(lambda: socket.closed is not None, what="the close frame")
     assert socket.closed == (CLOSE_SLOW_CONSUMER, "slow consumer")
     conn.deliver(Outgoing(7, "event 7"))  # ignored once overflowed
     await conn.stop()
@@ -845,6 +815,11 @@ async def test_heartbeats_in_flight_are_bounded_counted_and_drained() -> None:
 IDLE, AWAY, EXPIRE, SWEEP = 0.5, 1.0, 1.5, 0.1
 
 
+def live_token(user: str = "alice") -> str:
+    """A token for the live server: on a real Redis, grants are required, so it grants all."""
+    return token(user, studies=ALL_STUDIES)
+
+
 @dataclass
 class LiveServer:
     http: str
@@ -883,11 +858,8 @@ def live_server(cleanup_real_redis: str, key_prefix: str) -> Iterator[LiveServer
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn exited during start-up"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
+    eventually(lambda: server.started or not thread.is_alive(), within=10, what="uvicorn start")
+    assert server.started, "uvicorn exited during start-up"
     try:
         yield LiveServer(
             f"http://127.0.0.1:{port}",
@@ -923,16 +895,16 @@ async def _open_with_query_token(ws_base: str, study: str, jwt_token: str) -> Wa
 @pytest.mark.redis
 async def test_real_server_lifecycle_arrives_once_in_seq_order(live_server: LiveServer) -> None:
     study = f"study-{uuid.uuid4().hex[:8]}"
-    by_header = await Watcher.open(live_server.ws, study, token("viewer-1"))
+    by_header = await Watcher.open(live_server.ws, study, live_token("viewer-1"))
     # The second watcher passes its token in the query string.
-    by_query = await _open_with_query_token(live_server.ws, study, token("viewer-2"))
+    by_query = await _open_with_query_token(live_server.ws, study, live_token("viewer-2"))
     try:
         assert by_header.snapshot == {"study_id": study, "users": [], "total": 0, "seq": 0}
         assert by_query.connected["user_id"] == "viewer-2"
         assert live_server.node.fanout.studies == 1
         async with httpx.AsyncClient(timeout=5) as http:
             session = await rest_heartbeat(
-                http, live_server.http, token("walker"), study_id=study, move_path="main.1"
+                http, live_server.http, live_token("walker"), study_id=study, move_path="main.1"
             )
 
             def left(w: Watcher) -> bool:
@@ -943,8 +915,7 @@ async def test_real_server_lifecycle_arrives_once_in_seq_order(live_server: Live
             await asyncio.sleep(4 * SWEEP)  # a duplicate would have arrived by now
 
             response = await http.get(
-                f"{live_server.http}/presence/{study}",
-                headers={"Authorization": f"Bearer {token()}"},
+                f"{live_server.http}/presence/{study}", headers=bearer(live_token())
             )
             assert response.json() == {"study_id": study, "users": [], "total": 0, "seq": 4}
     finally:
@@ -975,10 +946,11 @@ async def test_real_server_lifecycle_arrives_once_in_seq_order(live_server: Live
 
     # Both sockets gone: the node drops the study's subscription, in Redis too.
     channel = live_server.keys.channel(study)
-    deadline = time.monotonic() + 3
-    while live_server.node.fanout.studies or await _numsub(live_server.url, channel):
-        assert time.monotonic() < deadline, "subscription not released"
-        await asyncio.sleep(0.02)
+
+    async def released() -> bool:
+        return not live_server.node.fanout.studies and not await _numsub(live_server.url, channel)
+
+    await eventually_async(released, within=3, what="the study's subscription released")
 
 
 @pytest.mark.redis
@@ -986,8 +958,8 @@ async def test_real_server_refuses_bad_tokens_and_study_ids(live_server: LiveSer
     cases = [
         ("/ws/presence?study_id=s1", {}, 4401),
         ("/ws/presence?study_id=s1&token=junk", {}, 4401),
-        ("/ws/presence?study_id=-s1", {"Authorization": f"Bearer {token()}"}, 4400),
-        ("/ws/presence", {"Authorization": f"Bearer {token()}"}, 4400),
+        ("/ws/presence?study_id=-s1", bearer(live_token()), 4400),
+        ("/ws/presence", bearer(live_token()), 4400),
     ]
     for path, headers, code in cases:
         async with connect(live_server.ws + path, additional_headers=headers) as ws:
@@ -1003,7 +975,7 @@ async def test_real_server_client_messages(live_server: LiveServer) -> None:
     study = f"study-{uuid.uuid4().hex[:8]}"
     async with connect(
         f"{live_server.ws}/ws/presence?study_id={study}",
-        additional_headers={"Authorization": f"Bearer {token('alice')}"},
+        additional_headers=bearer(live_token("alice")),
     ) as ws:
 
         async def next_message() -> dict[str, Any]:
@@ -1053,12 +1025,12 @@ def test_heartbeats_sent_back_to_back_apply_in_order(app: App) -> None:
     ],
 )
 def test_allowed_origins(key_prefix: str, origin: str | None, accepted: bool) -> None:
-    settings = make_settings(key_prefix, allowed_origins="https://app.example,https://b.example")
-    headers = {"authorization": f"Bearer {token()}"}
+    allowed = "https://app.example,https://b.example"
+    headers = auth()
     if origin is not None:
         headers["origin"] = origin
     with (
-        TestClient(create_app(settings, redis=fakeredis.FakeAsyncRedis())) as client,
+        app_client(key_prefix=key_prefix, allowed_origins=allowed, **THRESHOLDS) as client,
         client.websocket_connect("/ws/presence?study_id=s1", headers=headers) as ws,
     ):
         if accepted:
