@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.routing import WebSocketRoute
 
 from presence_svc.auth import TokenVerifier
+from presence_svc.clock import NodeClock
 from presence_svc.coalesce import Coalescer
 from presence_svc.codec import Outgoing
 from presence_svc.fanout import Fanout
@@ -44,8 +45,12 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
     keys = Keys(settings.key_prefix)
     thresholds = Thresholds(settings.idle_after, settings.away_after, settings.expire_after)
     store = RedisStore(clients.commands, keys, thresholds)
+    # One clock for every node: Redis's, through this node's offset to it (refreshed by each
+    # lease renewal), for heartbeats, sweeps, releases and token expiry alike.
+    clock = NodeClock(tolerance=settings.max_clock_skew)
     service = PresenceService(
         store,
+        clock.time,
         leave_grace=settings.leave_grace,
         lease_ttl=settings.lease_ttl,
     )
@@ -75,10 +80,11 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
             clients.links, keys, snapshots, metrics.delivered, tuning=link_tuning(settings)
         ),
         sweeper=Sweeper(service, settings.sweep_interval, swept),
-        leases=LeaseKeeper(service, settings.lease_ttl),
-        verifier=TokenVerifier.from_settings(settings),
+        leases=LeaseKeeper(service, settings.lease_ttl, clock=clock),
+        verifier=TokenVerifier.from_settings(settings, clock.time),
         rest_heartbeats=KeyedBuckets(settings.rest_heartbeat_rate, settings.rest_heartbeat_burst),
         metrics=metrics,
+        clock=clock,
     )
     _register_readings(node, store)
     return node
@@ -102,6 +108,7 @@ def _register_readings(node: Node, store: RedisStore) -> None:
         ("presence_leases_held", "Sessions this node's sockets hold.", lambda: node.leases.held),
         ("presence_pubsub_connected", "1 while pub/sub is up.", lambda: node.fanout.connected),
         ("presence_pubsub_links", "Pub/sub connections open.", lambda: node.fanout.links),
+        ("presence_clock_skew_seconds", "Clock minus Redis's.", lambda: node.leases.clock.skew),
     ]
     counters: list[tuple[str, str, Callable[[], float]]] = [
         ("presence_events_published", "Events published.", lambda: store.events_published),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,7 @@ class TokenVerifier:
         issuer: str | None = None,
         leeway: float = 0.0,
         cache_size: int = 10_000,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if (key is None) == (jwks is None):
             raise ValueError("give a key or a JWKS, not both")
@@ -102,15 +103,20 @@ class TokenVerifier:
         )
         self._accepted: OrderedDict[str, Principal] = OrderedDict()
         self._cache_size = cache_size
+        self._clock = clock or _wall_time
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TokenVerifier:
-        """The verifier the PRESENCE_JWT_* settings describe (files are read once, here)."""
+    def from_settings(
+        cls, settings: Settings, clock: Callable[[], float] | None = None
+    ) -> TokenVerifier:
+        """The verifier the PRESENCE_JWT_* settings describe (files are read once, here);
+        `exp`, `nbf` and `iat` are checked against `clock` (the node's shared clock)."""
         options: dict[str, Any] = {
             "algorithm": settings.jwt_algorithm,
             "audience": settings.jwt_audience,
             "issuer": settings.jwt_issuer,
             "leeway": settings.jwt_leeway,
+            "clock": clock,
         }
         if settings.jwt_algorithm.startswith("HS"):
             return cls(settings.effective_jwt_secret, **options)
@@ -128,7 +134,7 @@ class TokenVerifier:
         if not token:
             raise AuthError("missing bearer token")
         accepted = self._accepted.get(token)
-        if accepted is not None and accepted.expires_at > time.time():
+        if accepted is not None and accepted.expires_at > self._clock():
             return accepted
         return self._verify(token)
 
@@ -158,9 +164,16 @@ class TokenVerifier:
                 algorithms=[self._algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
-                leeway=self._leeway,
-                options={"require": self._required},
+                # The times are checked below, on the node's clock rather than PyJWT's (the
+                # local one, which may be off).
+                options={
+                    "require": self._required,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
+            _check_times(claims, self._clock(), self._leeway)
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
         except (jwt.InvalidTokenError, jwt.exceptions.InvalidKeyError) as exc:
@@ -176,6 +189,33 @@ class TokenVerifier:
         if len(self._accepted) > self._cache_size:
             self._accepted.popitem(last=False)
         return principal
+
+
+def _wall_time() -> float:
+    # Looked up at each call, not bound once: a test may replace time.time.
+    return time.time()
+
+
+def _claim_time(claims: dict[str, Any], name: str, error: type[Exception], what: str) -> int | None:
+    if name not in claims:
+        return None
+    try:
+        return int(claims[name])
+    except (ValueError, TypeError, OverflowError):
+        raise error(f"{what} claim ({name}) must be an integer.") from None
+
+
+def _check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
+    """PyJWT's checks of `iat`, `nbf` and `exp` (same order, rules and errors), at `now`."""
+    iat = _claim_time(claims, "iat", jwt.InvalidIssuedAtError, "Issued At")
+    if iat is not None and iat > now + leeway:
+        raise jwt.ImmatureSignatureError("The token is not yet valid (iat)")
+    nbf = _claim_time(claims, "nbf", jwt.DecodeError, "Not Before")
+    if nbf is not None and nbf > now + leeway:
+        raise jwt.ImmatureSignatureError("The token is not yet valid (nbf)")
+    exp = _claim_time(claims, "exp", jwt.DecodeError, "Expiration Time")
+    if exp is not None and exp <= now - leeway:
+        raise jwt.ExpiredSignatureError("Signature has expired")
 
 
 def bearer(header: str | None) -> str | None:

@@ -2,9 +2,10 @@
 
 A connection holds its (user, study) session from its first heartbeat until it closes. The
 node proves itself alive every third of the lease TTL, which renews every lease it holds in one
-Redis call; nodes silent for a whole TTL are declared dead by their peers, whose sessions then
-leave after the grace period unless their users reconnect elsewhere. Releases that fail while
-Redis is unreachable are retried, so no session stays held by a closed connection.
+Redis call; nodes silent for a whole TTL (by Redis's clock) are declared dead by their peers,
+whose sessions then leave after the grace period unless their users reconnect elsewhere.
+Releases that fail while Redis is unreachable are retried, so no session stays held by a
+closed connection.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+from presence_svc.clock import NodeClock
 from presence_svc.models import CursorUpdate, Holder, Lease, Session
 from presence_svc.service import PresenceService
 from presence_svc.store import StoreUnavailable
@@ -29,7 +31,8 @@ class LeaseKeeper:
     """Holds this node's leases and renews them every third of `lease_ttl` seconds.
 
     `monotonic` and `sleep` are the keeper's sense of time (the process's by default): tests
-    hand in a clock they move, so a renewal interval takes no real time to pass.
+    hand in a clock they move, so a renewal interval takes no real time to pass. `clock` is
+    the node's shared clock, whose offset to Redis's each renewal refreshes.
     """
 
     def __init__(
@@ -39,8 +42,10 @@ class LeaseKeeper:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        clock: NodeClock | None = None,
     ) -> None:
         self.node_id = uuid.uuid4().hex
+        self.clock = clock or NodeClock()
         self._service = service
         self._monotonic = monotonic
         self._sleep = sleep
@@ -79,12 +84,21 @@ class LeaseKeeper:
             self._unreleased.append(lease)
 
     async def start(self) -> None:
-        """Register the node before it serves anyone (or, if Redis is down, at the next tick)."""
+        """Register the node before it serves anyone (or, if Redis is down, at the next tick);
+        the registration also gives the node's clock its first offset to Redis's."""
         try:
-            await self._service.renew_node(self.node_id)
+            await self._renew()
             self._renewed_at = self._up_since = self._monotonic()
         except StoreUnavailable as exc:
             log.warning("node registration deferred: %s", exc)
+
+    async def _renew(self) -> bool:
+        """Renew this node's liveness; False if it had been declared dead. The Redis time in
+        the reply refreshes the clock's offset (one reading per tick)."""
+        sent = self.clock.local.time()
+        renewal = await self._service.renew_node(self.node_id)
+        self.clock.observe(renewal.at_ms / 1000, sent, self.clock.local.time())
+        return renewal.alive
 
     async def run(self) -> None:
         """Renew, retry deferred releases and reap dead nodes, until cancelled."""
@@ -96,11 +110,13 @@ class LeaseKeeper:
                 log.warning("lease renewal failed: %s", exc)
 
     async def _tick(self) -> None:
-        started = self._monotonic()
-        alive = await self._service.renew_node(self.node_id)
-        if self._renewed_at is None or started - self._renewed_at >= self._ttl:
-            self._up_since = started
-        self._renewed_at = started
+        alive = await self._renew()
+        # Timed when the renewal came back, not when it left: one that waited a TTL behind a
+        # paused Redis ends the run of unbroken renewals, like a failed one.
+        renewed = self._monotonic()
+        if self._renewed_at is None or renewed - self._renewed_at >= self._ttl:
+            self._up_since = renewed
+        self._renewed_at = renewed
         if not alive:
             await self._come_back()
         if self._unreleased:
@@ -112,8 +128,8 @@ class LeaseKeeper:
                 raise
         # After an outage every peer looks dead until it renews too: reap only after a whole
         # TTL of unbroken renewals of our own, which gives live peers time to show up.
-        if self._up_since is not None and started - self._up_since >= self._ttl:
-            self.released_dead += await self._service.reap_dead_nodes()
+        if self._up_since is not None and renewed - self._up_since >= self._ttl:
+            self.released_dead += await self._service.reap_dead_nodes(self.node_id)
 
     async def _come_back(self) -> None:
         """Peers took this node for dead (a long pause, a partition) and are releasing its
@@ -127,7 +143,7 @@ class LeaseKeeper:
             socket: Lease(lease.study_id, lease.user_id, Holder(self.node_id, uuid.uuid4().hex))
             for socket, lease in self._held.items()
         }
-        await self._service.renew_node(self.node_id)
+        await self._renew()
         held = await self._service.reacquire(list(self._held.values()))
         log.warning("node was declared dead; re-held %d of %d sessions", sum(held), len(held))
 

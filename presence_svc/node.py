@@ -34,7 +34,8 @@ class Node:
     verifier: TokenVerifier
     rest_heartbeats: KeyedBuckets  # per user
     metrics: Metrics
-    clock: Clock = field(default_factory=SystemClock)  # token expiry; tests move it
+    # Token expiry: the node's shared clock (leases.clock) in a running node; tests move it.
+    clock: Clock = field(default_factory=SystemClock)
     sockets_by_user: Counter[str] = field(default_factory=Counter)
     draining: bool = False
     open_sockets: int = 0
@@ -69,5 +70,7 @@ class Node:
             "pubsub": "ok" if self.fanout.connected else "reconnecting",
             "draining": self.draining,
         }
-        ready = redis_ok and self.fanout.connected and not self.draining
+        clock_ok = not self.leases.clock.skewed
+        checks["clock"] = "ok" if clock_ok else "skewed"
+        ready = redis_ok and self.fanout.connected and not self.draining and clock_ok
         return {"status": "ready" if ready else "not ready", **checks}

@@ -18,8 +18,9 @@ from presence_svc.models import (
     StudyPresence,
     SweepReport,
 )
-from presence_svc.store import Store
+from presence_svc.store import NodeRenewal, Store
 
+# Seconds since the epoch on the clock all nodes share (NodeClock.time in a node).
 Clock = Callable[[], float]
 
 
@@ -64,9 +65,11 @@ class PresenceService:
         now = self._now_ms()
         return await self._store.release(leases, now + self._grace_ms, now)
 
-    async def renew_node(self, node_id: str) -> bool:
-        """Prove this node alive; False if it had been declared dead meanwhile."""
-        return await self._store.renew_node(node_id, self._now_ms())
+    async def renew_node(self, node_id: str) -> NodeRenewal:
+        """Prove this node alive, at the store's time when the renewal is applied (a renewal
+        that waited behind a paused store is not dated by when it was sent); `alive` is False
+        if it had been declared dead meanwhile."""
+        return await self._store.renew_node(node_id)
 
     async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
         """Hold sessions again after being declared dead by mistake."""
@@ -76,9 +79,10 @@ class PresenceService:
         """Deregister this node at a clean shutdown."""
         await self._store.drop_node(node_id)
 
-    async def reap_dead_nodes(self) -> int:
-        """Release the leases of nodes silent for the lease TTL (their users leave after grace)."""
-        return await self._store.reap_dead_nodes(self._now_ms(), self._lease_ttl_ms, self._grace_ms)
+    async def reap_dead_nodes(self, node_id: str) -> int:
+        """Release the leases of nodes other than `node_id` (the caller) silent for the lease
+        TTL by the store's clock; their users leave a whole grace after the reap."""
+        return await self._store.reap_dead_nodes(node_id, self._lease_ttl_ms, self._grace_ms)
 
     async def leave(self, user_id: str, study_id: str) -> bool:
         """End the user's session in the study (publishing user_left); idempotent."""

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     leave_grace: float = Field(10.0, ge=0, le=3600)
     # A node silent this long is dead: its sockets' sessions then leave after leave_grace.
     lease_ttl: float = Field(5.0, ge=0.5, le=300)
+    # Seconds this node's clock may be off Redis's before the node reports it (a warning, the
+    # readiness check "clock": "skewed", not ready). Presence runs on Redis's time whatever it is.
+    max_clock_skew: float = Field(3.0, gt=0, le=3600)
     # On SIGTERM: how long the node may take to close its sockets and release its leases.
     drain_timeout: float = Field(10.0, gt=0, le=600)
     # Whether a token must grant a study (its `studies` claim) to read or join it. Unset: yes

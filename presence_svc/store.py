@@ -7,20 +7,32 @@ satisfies each.
 
 What holds for both:
 - Whatever the number of nodes sharing the store, each call behaves as described.
-- Times are integer milliseconds since the epoch, supplied by the caller.
+- Times are integer milliseconds since the epoch on one clock shared by every node (the
+  store's: nodes read it through presence_svc.clock.NodeClock), supplied by the caller. Node
+  liveness is the exception: renewals and reaps take the store's own time when they are
+  applied, so a call delayed on its way (a paused store, a paused node) is not dated by when
+  it was sent. They accept an explicit time for tests only.
 - A call that cannot reach the backing store raises StoreUnavailable (it may be retried).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from presence_svc.models import CursorUpdate, Holder, Lease, Session, StudyPresence, SweepReport
 
 
 class StoreUnavailable(Exception):
     """The backing store cannot be reached right now; the call may be retried."""
+
+
+class NodeRenewal(NamedTuple):
+    """What a node's renewal found: whether it was still alive, and the store time it was
+    renewed at (ms; also how a node measures its clock's offset to the store's)."""
+
+    alive: bool
+    at_ms: int
 
 
 class PresenceStore(Protocol):
@@ -78,18 +90,20 @@ class NodeRegistry(Protocol):
 
     Contract:
     - Nodes prove they are alive with `renew_node` (one call renews every lease the node's
-      connections hold).
-    - `reap_dead_nodes` releases the leases of nodes silent for the lease TTL, as
-      `PresenceStore.release` would (their sessions leave after the grace, unless a heartbeat
-      comes first); each dead node's leases are released by one node, and a cleanup cut short
-      by the death of the node doing it is taken over later.
+      connections hold), stamped with the store's time at the moment it is applied.
+    - `reap_dead_nodes` releases the leases of nodes silent for the lease TTL by the store's
+      clock, as `PresenceStore.release` would: their sessions leave a whole grace after the
+      reap, however late it runs, unless a heartbeat comes first. It never reaps the calling
+      node. Each dead node's leases are released by one node, and a cleanup cut short by the
+      death of the node doing it is taken over later.
     - `reacquire` lets a node declared dead by mistake hold its sessions again (with fresh
       holders: a reap still running on the old ones could otherwise undo the new holds).
     - `drop_node` forgets a node that stopped cleanly, after it released its leases.
     """
 
-    async def renew_node(self, node_id: str, now_ms: int) -> bool:
-        """Renew the node's liveness and leases; False if it had been declared dead."""
+    async def renew_node(self, node_id: str, now_ms: int | None = None) -> NodeRenewal:
+        """Renew the node's liveness and leases at the store's time (`now_ms`: tests only);
+        `alive` is False if it had been declared dead."""
         ...
 
     async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
@@ -100,8 +114,11 @@ class NodeRegistry(Protocol):
         """Forget a node that stopped cleanly."""
         ...
 
-    async def reap_dead_nodes(self, now_ms: int, lease_ttl_ms: int, grace_ms: int) -> int:
-        """Release the leases of dead nodes; returns how many."""
+    async def reap_dead_nodes(
+        self, caller: str, lease_ttl_ms: int, grace_ms: int, now_ms: int | None = None
+    ) -> int:
+        """Release the leases of dead nodes other than `caller` (at the store's time;
+        `now_ms`: tests only); returns how many."""
         ...
 
 

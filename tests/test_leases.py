@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import fakeredis
 import pytest
 
 import presence_svc.redis.nodes as redis_nodes_module
+from presence_svc.clock import NodeClock
 from presence_svc.leases import LeaseKeeper
 from presence_svc.models import (
     CURSOR_MOVED,
@@ -41,8 +43,8 @@ from presence_svc.redis.keys import Keys
 from presence_svc.redis.nodes import REAP_RETRY_MS
 from presence_svc.redis.store import EMPTY_STUDY_TTL_MS, RedisStore
 from presence_svc.service import PresenceService
-from presence_svc.store import StoreUnavailable
-from tests.support.clock import FakeClock, ManualTimer
+from presence_svc.store import NodeRenewal, StoreUnavailable
+from tests.support.clock import FakeClock, ManualTimer, MovableClock
 from tests.support.events import EventTap, kinds
 from tests.support.store import (
     AWAY_MS,
@@ -511,12 +513,49 @@ async def test_leave_during_the_grace_removes_the_pending_leave(
 async def test_renew_node_registers_then_renews(
     store: RedisStore, any_redis: Any, keys: Keys, t0: int
 ) -> None:
-    assert await store.renew_node("n1", t0) is False  # unknown until now
+    assert (await store.renew_node("n1", t0)).alive is False  # unknown until now
     assert await live_nodes(any_redis, keys) == {"n1": t0}
-    assert await store.renew_node("n1", t0 + 1_000) is True
-    assert await store.renew_node("n2", t0 + 1_500) is False
+    assert (await store.renew_node("n1", t0 + 1_000)).alive is True
+    assert (await store.renew_node("n2", t0 + 1_500)).alive is False
     assert await live_nodes(any_redis, keys) == {"n1": t0 + 1_000, "n2": t0 + 1_500}
     assert await dead_nodes(any_redis, keys) == {}
+
+
+async def test_renewals_and_reaps_run_on_redis_s_clock(
+    store: RedisStore, any_redis: Any, keys: Keys
+) -> None:
+    # No time given: the renewal is stamped when Redis applies it (a renewal dated by its
+    # sender looks older than it is when it waited behind a paused Redis).
+    before = time.time()
+    renewal = await store.renew_node("n1")
+    after = time.time()
+    assert renewal.alive is False  # new
+    assert before * 1000 - 1 <= renewal.at_ms <= after * 1000 + 1
+    assert await live_nodes(any_redis, keys) == {"n1": renewal.at_ms}
+    # A node renewed a TTL ago by Redis's clock is dead to a reap on Redis's clock.
+    await store.renew_node("n2", renewal.at_ms - TTL_MS)
+    assert await store.reap_dead_nodes("n1", TTL_MS, GRACE_MS) == 0  # n2 holds nothing
+    assert set(await live_nodes(any_redis, keys)) == {"n1"}
+
+
+async def test_a_reaper_never_claims_its_own_node(
+    store: RedisStore, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    # Its own entry can look stale (a renewal of its own still on its way): it is renewing,
+    # so it is alive, whatever the entry says.
+    await store.renew_node("n1", t0)
+    await store.renew_node("n2", t0)
+    await hold(store, "alice", "s1", "c1", t0, node="n1")
+    await hold(store, "bob", "s1", "c2", t0, node="n2")
+    assert await store.reap_dead_nodes("n1", TTL_MS, GRACE_MS, t0 + TTL_MS) == 1
+    assert await live_nodes(any_redis, keys) == {"n1": t0}
+    assert await holders(any_redis, keys, "s1", "alice") == {"c1"}
+    assert set(await pending_leaves(any_redis, keys, "s1")) == {"bob"}
+    # Nor a cleanup of its own node that someone else claimed long ago.
+    await any_redis.zadd(keys.dead_nodes, {"n1": t0})
+    retry = t0 + REAP_RETRY_MS
+    assert await store.reap_dead_nodes("n1", TTL_MS, GRACE_MS, retry) == 0
+    assert await dead_nodes(any_redis, keys) == {"n1": t0}
 
 
 async def test_reap_releases_only_the_dead_nodes_leases(
@@ -536,13 +575,13 @@ async def test_reap_releases_only_the_dead_nodes_leases(
     await store.renew_node("n1", last_seen)  # n1's last sign of life
     for at in range(t0, last_seen + TTL_MS, TTL_MS // 3):
         await store.renew_node("n2", at)
-    assert await store.reap_dead_nodes(last_seen + TTL_MS - 1, TTL_MS, GRACE_MS) == 0
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, last_seen + TTL_MS - 1) == 0
     await store.renew_node("n2", last_seen + TTL_MS)
 
     reaped_at = last_seen + TTL_MS + 1_234
-    assert await store.reap_dead_nodes(reaped_at, TTL_MS, GRACE_MS) == 3
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, reaped_at) == 3
     assert await tap.drain() == []
-    leave_at = last_seen + TTL_MS + GRACE_MS
+    leave_at = reaped_at + GRACE_MS  # the whole grace, from the reap
     assert await pending_leaves(any_redis, keys, "s1") == {"alice": leave_at}
     assert await pending_leaves(any_redis, keys, "s2") == {"bob": leave_at}
     assert await holders(any_redis, keys, "s1", "dave") == {"c5"}
@@ -554,7 +593,7 @@ async def test_reap_releases_only_the_dead_nodes_leases(
     assert await schedule_score(any_redis, keys, "s1") == leave_at
     assert await schedule_score(any_redis, keys, "s2") == leave_at
     # Each node is reaped once.
-    assert await store.reap_dead_nodes(reaped_at, TTL_MS, GRACE_MS) == 0
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, reaped_at) == 0
 
     await store.sweep(leave_at - 1)
     assert await tap.drain() == []
@@ -574,7 +613,7 @@ async def test_users_of_a_dead_node_who_reconnect_elsewhere_stay(
     await hold(store, "alice", "s1", "c1", t0, node="n1")
     await hold(store, "bob", "s1", "c2", t0, node="n1")
     await tap.drain()
-    assert await store.reap_dead_nodes(t0 + TTL_MS, TTL_MS, GRACE_MS) == 2
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, t0 + TTL_MS) == 2
     leave_at = t0 + TTL_MS + GRACE_MS
     # alice's client reconnects to n2 just before her leave; bob's never does.
     await hold(store, "alice", "s1", "c9", leave_at - 1, node="n2")
@@ -586,17 +625,20 @@ async def test_users_of_a_dead_node_who_reconnect_elsewhere_stay(
     assert await holders(any_redis, keys, "s1", "alice") == {"c9"}
 
 
-async def test_a_late_reaper_lets_users_leave_at_once(
+async def test_a_late_reaper_still_gives_the_whole_grace(
     store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
 ) -> None:
     await store.renew_node("n1", t0)
     await hold(store, "alice", "s1", "c1", t0, node="n1")
     await tap.drain()
-    # Nobody reaped for a long time: the leave is not pushed later than now.
+    # Nobody reaped for a long time (all nodes paused with Redis, say): the users of the dead
+    # node still get a grace to come back from the reap on, not a leave at once.
     reaped_at = t0 + TTL_MS + GRACE_MS + 20_000
-    assert await store.reap_dead_nodes(reaped_at, TTL_MS, GRACE_MS) == 1
-    assert await pending_leaves(any_redis, keys, "s1") == {"alice": reaped_at}
-    await store.sweep(reaped_at)
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, reaped_at) == 1
+    assert await pending_leaves(any_redis, keys, "s1") == {"alice": reaped_at + GRACE_MS}
+    await store.sweep(reaped_at + GRACE_MS - 1)
+    assert kinds(await tap.drain()) == [(USER_IDLE, "alice")]  # only idle: she is still there
+    await store.sweep(reaped_at + GRACE_MS)
     assert kinds(await tap.drain()) == [(USER_LEFT, "alice")]
 
 
@@ -607,8 +649,8 @@ async def test_a_node_that_keeps_renewing_is_never_reaped(
     await hold(store, "alice", "s1", "c1", t0, node="n1")
     step = TTL_MS // 3
     for now in range(t0 + step, t0 + 60 * TTL_MS, step):
-        assert await store.renew_node("n1", now) is True
-        assert await store.reap_dead_nodes(now, TTL_MS, GRACE_MS) == 0
+        assert (await store.renew_node("n1", now)).alive is True
+        assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, now) == 0
     assert await dead_nodes(any_redis, keys) == {}
     assert await smembers(any_redis, keys.node_leases("n1")) == {"s1 alice c1"}
     assert await holders(any_redis, keys, "s1", "alice") == {"c1"}
@@ -634,7 +676,9 @@ async def test_concurrent_reapers_release_each_lease_once(
     await tap.drain()
 
     now = t0 + TTL_MS
-    released = await asyncio.gather(*(r.reap_dead_nodes(now, TTL_MS, GRACE_MS) for r in reapers))
+    released = await asyncio.gather(
+        *(r.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, now) for r in reapers)
+    )
     assert sum(released) == 15
     assert await dead_nodes(any_redis, keys) == {}
     assert await live_nodes(any_redis, keys) == {"alive": t0 + TTL_MS}
@@ -675,7 +719,7 @@ async def test_an_unfinished_cleanup_is_taken_over_after_the_retry_time(
     monkeypatch.setattr(crashing, "release", release_then_die)
     claimed_at = t0 + TTL_MS
     with pytest.raises(RuntimeError, match="reaper died"):
-        await crashing.reap_dead_nodes(claimed_at, TTL_MS, GRACE_MS)
+        await crashing.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, claimed_at)
     assert await dead_nodes(any_redis, keys) == {"n1": claimed_at}
     assert await any_redis.scard(keys.node_leases("n1")) == 2
     first_leaves = await pending_leaves(any_redis, keys, "s1")
@@ -683,10 +727,12 @@ async def test_an_unfinished_cleanup_is_taken_over_after_the_retry_time(
     monkeypatch.setattr(redis_nodes_module, "REAP_BATCH", 500)
 
     # Not stale yet: nobody else takes it.
-    assert await store.reap_dead_nodes(claimed_at + REAP_RETRY_MS - 1, TTL_MS, GRACE_MS) == 0
+    assert (
+        await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, claimed_at + REAP_RETRY_MS - 1) == 0
+    )
     assert await dead_nodes(any_redis, keys) == {"n1": claimed_at}
     retaken = claimed_at + REAP_RETRY_MS
-    assert await store.reap_dead_nodes(retaken, TTL_MS, GRACE_MS) == 2
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, retaken) == 2
     assert await dead_nodes(any_redis, keys) == {}
     assert await any_redis.exists(keys.node_leases("n1")) == 0
     leaves = await pending_leaves(any_redis, keys, "s1")
@@ -697,7 +743,7 @@ async def test_an_unfinished_cleanup_is_taken_over_after_the_retry_time(
     await store.sweep(retaken + GRACE_MS)
     events = await tap.drain()
     assert sorted(kinds(events)) == [(USER_LEFT, "u0"), (USER_LEFT, "u1"), (USER_LEFT, "u2")]
-    assert await store.reap_dead_nodes(retaken + 2 * REAP_RETRY_MS, TTL_MS, GRACE_MS) == 0
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, retaken + 2 * REAP_RETRY_MS) == 0
 
 
 async def test_a_node_declared_dead_by_mistake_reacquires_its_sessions(
@@ -709,14 +755,14 @@ async def test_a_node_declared_dead_by_mistake_reacquires_its_sessions(
     await hold(store, "carol", "s1", "c3", t0, node="n1")
     await tap.drain()
     # n1 stalls; a peer reaps it.
-    assert await store.reap_dead_nodes(t0 + TTL_MS + 1, TTL_MS, GRACE_MS) == 3
-    leave_at = t0 + TTL_MS + GRACE_MS
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, t0 + TTL_MS + 1) == 3
+    leave_at = t0 + TTL_MS + 1 + GRACE_MS
     # Meanwhile bob leaves for good (DELETE), and carol's leave is swept already.
     await store.leave("bob", "s1", t0 + TTL_MS + 2)
     assert kinds(await tap.drain()) == [(USER_LEFT, "bob")]
 
     # n1 wakes up: its renewal tells it what happened.
-    assert await store.renew_node("n1", t0 + TTL_MS + 3) is False
+    assert (await store.renew_node("n1", t0 + TTL_MS + 3)).alive is False
     assert await live_nodes(any_redis, keys) == {"n1": t0 + TTL_MS + 3}
     leases = [lease("s1", "alice", "c1"), lease("s1", "bob", "c2")]
     assert await store.reacquire(leases) == [True, False]
@@ -726,7 +772,7 @@ async def test_a_node_declared_dead_by_mistake_reacquires_its_sessions(
     assert await holders(any_redis, keys, "s1", "alice") == {"c1"}
     assert await any_redis.exists(keys.study("s1").session("bob")) == 0
     assert "s1 alice c1" in await smembers(any_redis, keys.node_leases("n1"))
-    assert await store.renew_node("n1", t0 + TTL_MS + 4) is True
+    assert (await store.renew_node("n1", t0 + TTL_MS + 4)).alive is True
 
     await store.sweep(leave_at)
     assert kinds(await tap.drain()) == [(USER_LEFT, "carol")]
@@ -738,9 +784,9 @@ async def test_a_node_declared_dead_by_mistake_reacquires_its_sessions(
     assert await users_of(store, "s1") == {"alice": Status.AWAY}
     # If n1 really dies later, alice's lease is still listed, so she is released then.
     last_seen = t0 + 2 * EXPIRE_MS
-    assert await store.renew_node("n1", last_seen) is True
+    assert (await store.renew_node("n1", last_seen)).alive is True
     # reacquire listed every lease it was given, the ended ones too (releasing them is harmless)
-    assert await store.reap_dead_nodes(last_seen + TTL_MS, TTL_MS, GRACE_MS) == 3
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, last_seen + TTL_MS) == 3
     assert await pending_leaves(any_redis, keys, "s1") == {"alice": last_seen + TTL_MS + GRACE_MS}
     await store.sweep(last_seen + TTL_MS + GRACE_MS)
     assert kinds(await tap.drain()) == [(USER_LEFT, "alice")]
@@ -762,13 +808,13 @@ async def test_a_node_back_from_the_dead_holds_again_under_new_holders_mid_reap(
         leases: Sequence[Lease], leave_at_ms: int, now_ms: int
     ) -> int:
         released = await real_release(leases, leave_at_ms, now_ms)
-        assert await node.renew_node("n1", now_ms) is False
+        assert (await node.renew_node("n1", now_ms)).alive is False
         await node.renew_node("n2", now_ms)
         assert await node.reacquire([fresh]) == [True]
         return released
 
     monkeypatch.setattr(reaper, "release", release_then_the_node_wakes_up)
-    assert await reaper.reap_dead_nodes(t0 + TTL_MS, TTL_MS, GRACE_MS) == 1
+    assert await reaper.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, t0 + TTL_MS) == 1
     assert await holders(any_redis, keys, "s1", "alice") == {"c2"}
     assert await smembers(any_redis, keys.node_leases("n2")) == {"s1 alice c2"}
     assert await smembers(any_redis, keys.node_leases("n1")) == set()
@@ -790,7 +836,7 @@ async def test_drop_node_forgets_the_node_and_its_lease_set(
     assert await smembers(any_redis, keys.node_leases("n2")) == {"s1 bob c2"}
     await store.drop_node("n1")  # idempotent
     # A dropped node is not reaped (nothing to release), n2 is.
-    assert await store.reap_dead_nodes(t0 + TTL_MS, TTL_MS, GRACE_MS) == 1
+    assert await store.reap_dead_nodes("reaper", TTL_MS, GRACE_MS, t0 + TTL_MS) == 1
     await store.sweep(t0 + GRACE_MS)
     await store.sweep(t0 + TTL_MS + GRACE_MS)
     events = await tap.drain()
@@ -897,7 +943,7 @@ async def test_store_unavailable_through_fakeredis_disconnect(node: Node) -> Non
     with pytest.raises(StoreUnavailable):
         await node.service.release([lease("s1", "alice", "c1")])
     node.server.connected = True
-    assert await node.service.renew_node("x") is False
+    assert (await node.service.renew_node("x")).alive is False
 
 
 async def test_keeper_retries_a_release_that_failed_while_redis_was_down(
@@ -935,20 +981,25 @@ async def test_keeper_retries_a_release_that_failed_while_redis_was_down(
     assert await redis.exists(keys.node_leases(k.node_id)) == 0
 
 
+async def redis_now_ms(node: Node) -> int:
+    """Redis's time now (the clock renewals and reaps run on), in ms."""
+    seconds, micros = await node.client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 async def test_keeper_declared_dead_reacquires_its_sessions(node: Node) -> None:
     k, keys, redis = node.keeper, node.keys, node.client
-    peer = PresenceService(
-        node.store, node.clock, leave_grace=GRACE_MS / 1000, lease_ttl=TTL_MS / 1000
-    )
     tap = EventTap(redis, keys)
     await tap.start()
     try:
         await k.start()
         await k.heartbeat("ws1", "alice", "s1", NO_CURSOR)
         assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
-        # The keeper is paused (not running) past its TTL; a peer declares it dead.
-        node.clock.advance(TTL_MS / 1000 + 0.5)
-        assert await peer.reap_dead_nodes() == 1
+        # The keeper is paused (not running) past its TTL on Redis's clock; a peer declares it
+        # dead.
+        renewed_at = (await live_nodes(redis, keys))[k.node_id]
+        reap_at = renewed_at + TTL_MS + 500
+        assert await node.store.reap_dead_nodes("peer", TTL_MS, GRACE_MS, reap_at) == 1
         assert set(await pending_leaves(redis, keys, "s1")) == {"alice"}
         leave_at = (await pending_leaves(redis, keys, "s1"))["alice"]
 
@@ -961,7 +1012,7 @@ async def test_keeper_declared_dead_reacquires_its_sessions(node: Node) -> None:
         assert k.node_id != old_node
         assert await pending_leaves(redis, keys, "s1") == {}
         assert k.node_id in await live_nodes(redis, keys)
-        assert await node.store.renew_node(k.node_id, node.clock.ms) is True
+        assert (await node.store.renew_node(k.node_id, node.clock.ms)).alive is True
         await node.store.sweep(leave_at)
         await node.store.sweep(node.clock.ms + EXPIRE_MS)
         assert kinds(await tap.drain()) == [(USER_AWAY, "alice")]
@@ -972,9 +1023,9 @@ async def test_keeper_declared_dead_reacquires_its_sessions(node: Node) -> None:
 async def test_keeper_reaps_dead_peers(node: Node) -> None:
     k, keys, redis = node.keeper, node.keys, node.client
     await k.start()
-    await node.store.renew_node("peer", node.clock.ms)
+    # The peer's last renewal is a TTL old on Redis's clock, which reaps go by.
+    await node.store.renew_node("peer", await redis_now_ms(node) - TTL_MS)
     await hold(node.store, "alice", "s1", "c1", node.clock.ms, node="peer")
-    node.clock.advance(TTL_MS / 1000)
     async with running(node):
         # The peer looks dead at once, but the keeper reaps only after a whole TTL of its own
         # unbroken renewals (after an outage, live peers need that long to show up again).
@@ -983,5 +1034,56 @@ async def test_keeper_reaps_dead_peers(node: Node) -> None:
         assert set(await live_nodes(redis, keys)) == {k.node_id, "peer"}
         await node.timer.advance(TICK)
         assert k.released_dead == 1
+        reaped_by = await redis_now_ms(node)
+    renewed_at = (await live_nodes(redis, keys))[k.node_id]  # the same tick, just before
     assert set(await live_nodes(redis, keys)) == {k.node_id}
-    assert await pending_leaves(redis, keys, "s1") == {"alice": node.clock.ms + GRACE_MS}
+    # The whole grace from the reap, on Redis's clock.
+    [(user, leave_at)] = (await pending_leaves(redis, keys, "s1")).items()
+    assert user == "alice"
+    assert renewed_at + GRACE_MS <= leave_at <= reaped_by + GRACE_MS
+
+
+async def test_a_renewal_that_waited_a_ttl_restarts_the_wait_before_reaping(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a Redis freeze, the renewal sent before it comes back after it: the keeper must
+    # not take that for a run of unbroken renewals and reap peers whose own renewals are still
+    # queued behind it (found: every node reaped every other, itself included).
+    k = node.keeper
+    await k.start()
+    await node.store.renew_node("peer", await redis_now_ms(node) - TTL_MS)
+    await hold(node.store, "alice", "s1", "c1", node.clock.ms, node="peer")
+    real_renew = node.service.renew_node
+    calls = 0
+
+    async def third_renewal_waits(node_id: str) -> NodeRenewal:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            await node.timer.sleep(KEEPER_TTL + TICK)  # Redis is stopped meanwhile
+        return await real_renew(node_id)
+
+    monkeypatch.setattr(node.service, "renew_node", third_renewal_waits)
+    async with running(node):
+        await node.timer.advance(3 * TICK)  # two ticks; the third is waiting for Redis
+        assert (calls, k.released_dead) == (3, 0)
+        await node.timer.advance(KEEPER_TTL + TICK)  # the third renewal comes back
+        assert k.released_dead == 0, "reaped right after the freeze"
+        await node.timer.advance(KEEPER_TTL - TICK)
+        assert k.released_dead == 0
+        await node.timer.advance(TICK)  # a whole TTL of unbroken renewals since the freeze
+        assert k.released_dead == 1
+
+
+async def test_keeper_measures_its_clock_against_redis(node: Node) -> None:
+    # The keeper's clock reads a local clock 30 s ahead of Redis's (fakeredis reads the real
+    # time): one renewal is enough to correct it, and to call it skewed.
+    local = MovableClock()
+    local.advance(30)
+    clock = NodeClock(local, tolerance=3.0)
+    keeper = LeaseKeeper(node.service, KEEPER_TTL, clock=clock)
+    await keeper.start()
+    assert clock.skew == pytest.approx(30, abs=0.5)
+    assert clock.skewed
+    assert clock.time() == pytest.approx(await redis_now_ms(node) / 1000, abs=0.5)
+    await keeper.shutdown()

@@ -21,9 +21,11 @@ from presence_svc.models import (
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.store import RedisStore
 from presence_svc.service import PresenceService
+from presence_svc.store import NodeRenewal
 from tests.support.clock import FakeClock
 
 THRESHOLDS = Thresholds(idle_after=30, away_after=300, expire_after=600)
+STORE_NOW_MS = 1_700_000_000_000  # the recording store's own clock, far from the service's
 
 
 @pytest.fixture
@@ -69,9 +71,9 @@ class RecordingStore:
         self.calls.append(("release", tuple(leases), leave_at_ms, now_ms))
         return len(leases)
 
-    async def renew_node(self, node_id: str, now_ms: int) -> bool:
+    async def renew_node(self, node_id: str, now_ms: int | None = None) -> NodeRenewal:
         self.calls.append(("renew_node", node_id, now_ms))
-        return True
+        return NodeRenewal(True, STORE_NOW_MS)
 
     async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
         return [True for _ in leases]
@@ -79,8 +81,10 @@ class RecordingStore:
     async def drop_node(self, node_id: str) -> None:
         self.calls.append(("drop_node", node_id))
 
-    async def reap_dead_nodes(self, now_ms: int, lease_ttl_ms: int, grace_ms: int) -> int:
-        self.calls.append(("reap", now_ms, lease_ttl_ms, grace_ms))
+    async def reap_dead_nodes(
+        self, caller: str, lease_ttl_ms: int, grace_ms: int, now_ms: int | None = None
+    ) -> int:
+        self.calls.append(("reap", caller, lease_ttl_ms, grace_ms, now_ms))
         return 0
 
 
@@ -103,6 +107,16 @@ async def test_service_passes_the_clock_in_whole_milliseconds() -> None:
         ("presence", "s1"),
         ("sweep", 1_800_000_002_623),
     ]
+
+
+async def test_node_liveness_runs_on_the_store_s_clock_not_the_service_s() -> None:
+    # A renewal dated by the node can arrive late (Redis or the node paused) and then look
+    # older than it is; renewals and reaps therefore take the store's time when applied.
+    recording = RecordingStore()
+    service = PresenceService(recording, clock=FakeClock(), leave_grace=2.5, lease_ttl=1.5)
+    assert await service.renew_node("n1") == NodeRenewal(True, STORE_NOW_MS)
+    assert await service.reap_dead_nodes("n1") == 0
+    assert recording.calls == [("renew_node", "n1", None), ("reap", "n1", 1_500, 2_500, None)]
 
 
 async def test_heartbeat_uses_the_clock(service: PresenceService, clock: FakeClock) -> None:

@@ -295,3 +295,24 @@ async def test_start_up_gives_up_after_the_configured_attempts() -> None:
     )
     with pytest.raises(RuntimeError, match="cannot reach Redis after 2 attempts"):
         await connect(settings)
+
+
+# --- clock skew -------------------------------------------------------------------------------
+
+
+def test_max_clock_skew_defaults_to_three_seconds_and_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().max_clock_skew == 3.0
+    monkeypatch.setenv("PRESENCE_MAX_CLOCK_SKEW", "0.5")
+    assert load_settings().max_clock_skew == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "3601", "soon"])
+def test_invalid_max_clock_skew_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("PRESENCE_MAX_CLOCK_SKEW", value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "PRESENCE_MAX_CLOCK_SKEW" in str(caught.value)

@@ -15,6 +15,7 @@ from presence_svc.redis.calls import call, lease_member, parse_lease, text
 from presence_svc.redis.cluster import ClusterBatcher
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.scripts import Scripts
+from presence_svc.store import NodeRenewal
 
 # Dead-node cleanup: nodes claimed per call, leases released per round trip, and how long a
 # claimed cleanup may stay unfinished before another node takes it over.
@@ -40,10 +41,11 @@ class RedisNodes:
         self._batch = batch
         self._release = release
 
-    async def renew(self, node_id: str, now_ms: int) -> bool:
+    async def renew(self, node_id: str, now_ms: int | None) -> NodeRenewal:
         keys = [self._keys.live_nodes, self._keys.dead_nodes]
-        [renewed] = await self._batch.run([call(self._scripts.renew_node, keys, [node_id, now_ms])])
-        return bool(renewed)
+        args = [node_id, "" if now_ms is None else now_ms]
+        [(known, at_ms)] = await self._batch.run([call(self._scripts.renew_node, keys, args)])
+        return NodeRenewal(bool(known), int(at_ms))
 
     async def reacquire(self, leases: Sequence[Lease]) -> list[bool]:
         if not leases:
@@ -71,19 +73,23 @@ class RedisNodes:
             pipe.delete(self._keys.node_leases(node_id))
             await pipe.execute()
 
-    async def reap(self, now_ms: int, lease_ttl_ms: int, grace_ms: int) -> int:
+    async def reap(self, caller: str, lease_ttl_ms: int, grace_ms: int, now_ms: int | None) -> int:
         keys = [self._keys.live_nodes, self._keys.dead_nodes]
-        args = [now_ms, lease_ttl_ms, REAP_RETRY_MS, REAP_NODES]
-        [claimed] = await self._batch.run([call(self._scripts.claim_dead_nodes, keys, args)])
+        at = "" if now_ms is None else now_ms
+        args = [at, lease_ttl_ms, REAP_RETRY_MS, REAP_NODES, caller]
+        [reply] = await self._batch.run([call(self._scripts.claim_dead_nodes, keys, args)])
+        claimed_at, claimed = int(reply[0]), reply[1:]
+        # The whole grace from the claim, on Redis's clock: a reap that comes late (after a
+        # pause, an outage) gives the users of the dead node as long to come back as one on time.
+        leave_at = claimed_at + grace_ms
         released = 0
         for i in range(0, len(claimed), 2):
-            node_id, last_seen = text(claimed[i]), int(float(text(claimed[i + 1])))
-            leave_at = max(last_seen + lease_ttl_ms, now_ms - grace_ms) + grace_ms
+            node_id = text(claimed[i])
             key = self._keys.node_leases(node_id)
             # Read, release, then remove: a reaper dying midway leaves the rest for the next.
             while batch := await self._redis.srandmember(key, REAP_BATCH):
                 leases = [parse_lease(node_id, raw) for raw in batch]
-                await self._release([lease for lease in leases if lease], leave_at, now_ms)
+                await self._release([lease for lease in leases if lease], leave_at, claimed_at)
                 await self._redis.srem(key, *batch)
                 released += len(batch)
             await self._redis.zrem(self._keys.dead_nodes, node_id)

@@ -31,6 +31,7 @@ from presence_svc.redis.cluster import ClusterBatcher, is_cluster
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.nodes import RedisNodes
 from presence_svc.redis.scripts import Scripts, located
+from presence_svc.store import NodeRenewal
 
 if TYPE_CHECKING:
     from presence_svc.store import NodeRegistry, PresenceStore
@@ -217,8 +218,11 @@ class RedisStore:
         return sum(int(reply[0]) for reply in replies)
 
     @reachable
-    async def renew_node(self, node_id: str, now_ms: int) -> bool:
-        """Prove the node alive (renewing all its leases); False if it had been declared dead."""
+    async def renew_node(self, node_id: str, now_ms: int | None = None) -> NodeRenewal:
+        """Prove the node alive (renewing all its leases) at Redis's time (or `now_ms`).
+
+        Says whether it had been declared dead, and the Redis time it was renewed at.
+        """
         return await self._nodes.renew(node_id, now_ms)
 
     @reachable
@@ -232,13 +236,16 @@ class RedisStore:
         await self._nodes.drop(node_id)
 
     @reachable
-    async def reap_dead_nodes(self, now_ms: int, lease_ttl_ms: int, grace_ms: int) -> int:
-        """Release the leases of nodes silent for `lease_ttl_ms`; returns leases released.
+    async def reap_dead_nodes(
+        self, caller: str, lease_ttl_ms: int, grace_ms: int, now_ms: int | None = None
+    ) -> int:
+        """Release the leases of nodes other than `caller` silent for `lease_ttl_ms` (on Redis's
+        clock, or at `now_ms`); returns leases released.
 
-        Their sessions leave `grace_ms` after the lease ran out unless their users reconnect.
-        A cleanup interrupted by the death of its own node is taken over after a while.
+        Their sessions leave `grace_ms` after the reap unless their users reconnect. A cleanup
+        interrupted by the death of its own node is taken over after a while.
         """
-        return await self._nodes.reap(now_ms, lease_ttl_ms, grace_ms)
+        return await self._nodes.reap(caller, lease_ttl_ms, grace_ms, now_ms)
 
     @reachable
     async def presence(self, study_id: str) -> StudyPresence:

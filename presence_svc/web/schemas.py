@@ -88,3 +88,4 @@ class ReadinessOut(_ResponseShape):
     redis: Literal["ok", "unreachable"]
     pubsub: Literal["ok", "reconnecting"]
     draining: bool
+    clock: Literal["ok", "skewed"]  # "skewed": off Redis's by more than PRESENCE_MAX_CLOCK_SKEW

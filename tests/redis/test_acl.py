@@ -43,6 +43,7 @@ from presence_svc.leases import LeaseKeeper
 from presence_svc.publisher import StudyEventPublisher
 from presence_svc.redis.keys import Keys
 from presence_svc.service import PresenceService
+from presence_svc.store import NodeRenewal
 from tests.support import auth as support_auth
 from tests.support.clients import Watcher, rest_heartbeat
 from tests.support.clock import ManualTimer
@@ -386,11 +387,11 @@ class _RefusingService:
     def __init__(self) -> None:
         self.renewals = 0
 
-    async def renew_node(self, node_id: str) -> bool:
+    async def renew_node(self, node_id: str) -> NodeRenewal:
         self.renewals += 1
-        return True
+        return NodeRenewal(True, int(time.time() * 1000))
 
-    async def reap_dead_nodes(self) -> int:
+    async def reap_dead_nodes(self, node_id: str) -> int:
         raise NoPermissionError(
             "this user has no permissions to run the 'srandmember' command or its subcommand"
         )

@@ -326,7 +326,7 @@ def test_error_responses_pin_their_code(response: str, body: Any) -> None:
 
 def test_readiness_documents_which_status_goes_with_which_code() -> None:
     responses = DOC["paths"]["/readyz"]["get"]["responses"]
-    ready = {"status": "ready", "redis": "ok", "pubsub": "ok", "draining": False}
+    ready = {"status": "ready", "redis": "ok", "pubsub": "ok", "draining": False, "clock": "ok"}
     not_ready = {**ready, "status": "not ready", "draining": True}
     for status, good, bad in [("200", ready, not_ready), ("503", not_ready, ready)]:
         schema = validator(responses[status]["content"]["application/json"]["schema"])

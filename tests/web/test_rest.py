@@ -534,6 +534,7 @@ def test_healthz_and_readyz(client: TestClient) -> None:
         "redis": "ok",
         "pubsub": "ok",
         "draining": False,
+        "clock": "ok",
     }
 
 
