@@ -44,7 +44,7 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
     """Wire a node's parts around open Redis clients."""
     keys = Keys(settings.key_prefix)
     thresholds = Thresholds(settings.idle_after, settings.away_after, settings.expire_after)
-    store = RedisStore(clients.commands, keys, thresholds)
+    store = RedisStore(clients.commands, keys, thresholds, call_timeout=settings.redis_call_timeout)
     # One clock for every node: Redis's, through this node's offset to it (refreshed by each
     # lease renewal), for heartbeats, sweeps, releases and token expiry alike.
     clock = NodeClock(tolerance=settings.max_clock_skew)

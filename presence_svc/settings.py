@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # timeout: its links are watched with pings instead).
     redis_connect_timeout: float = Field(2.0, gt=0, le=60)
     redis_socket_timeout: float = Field(5.0, gt=0, le=300)
+    # Seconds one store call may take in all (its commands, retries and reconnects, and the
+    # wait for a connection) before it fails as unavailable: 503 with Retry-After over REST,
+    # `unavailable` over a WebSocket. Pipelined calls are due by it; a plain command's socket
+    # timeout is the smaller of it and PRESENCE_REDIS_SOCKET_TIMEOUT.
+    redis_call_timeout: float = Field(5.0, gt=0, le=300)
     # Pub/sub links (seconds): how long Redis may take to confirm a subscription; silence
     # before a link is pinged, and before it is taken for dead and replaced; the reconnect
     # backoff, random up to a bound that starts at `first` and doubles up to `cap`.

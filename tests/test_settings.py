@@ -8,10 +8,11 @@ import socket
 import pydantic
 import pytest
 
-from presence_svc.app import link_tuning
-from presence_svc.redis.client import connect
+from presence_svc.app import build_node, link_tuning
+from presence_svc.redis.client import RedisClients, connect
 from presence_svc.redis.pubsub import LinkTuning
 from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
+from tests.support.app import fake_redis
 
 SECRET = "s3cret-for-tests-0123456789abcdef-0123"  # >= 32 bytes
 
@@ -295,6 +296,52 @@ async def test_start_up_gives_up_after_the_configured_attempts() -> None:
     )
     with pytest.raises(RuntimeError, match="cannot reach Redis after 2 attempts"):
         await connect(settings)
+
+
+# --- the deadline of a store call -------------------------------------------------------------
+
+
+def test_redis_call_timeout_defaults_to_five_seconds_and_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().redis_call_timeout == 5.0
+    monkeypatch.setenv("PRESENCE_REDIS_CALL_TIMEOUT", "0.75")
+    assert load_settings().redis_call_timeout == 0.75
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "301", "soon"])
+def test_invalid_redis_call_timeout_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("PRESENCE_REDIS_CALL_TIMEOUT", value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "PRESENCE_REDIS_CALL_TIMEOUT" in str(caught.value)
+
+
+def test_the_node_gives_its_store_calls_the_call_timeout() -> None:
+    settings = load_settings(redis_call_timeout=0.75)
+    node = build_node(settings, RedisClients.around(fake_redis()))
+    assert node.store.call_timeout == 0.75
+
+
+@pytest.mark.parametrize(("socket_timeout", "call_timeout", "used"), [(5, 2, 2), (1, 2, 1)])
+async def test_a_command_never_waits_past_the_call_timeout(
+    real_redis_url: str, socket_timeout: float, call_timeout: float, used: float
+) -> None:
+    settings = load_settings(
+        redis_url=real_redis_url,
+        jwt_secret=SECRET,
+        redis_socket_timeout=socket_timeout,
+        redis_call_timeout=call_timeout,
+    )
+    clients = await connect(settings)
+    try:
+        pool = clients.commands.connection_pool
+        assert pool.connection_kwargs["socket_timeout"] == used
+        assert pool.timeout == call_timeout  # the wait for a free connection
+    finally:
+        await clients.aclose()
 
 
 # --- clock skew -------------------------------------------------------------------------------

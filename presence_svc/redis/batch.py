@@ -13,6 +13,12 @@ meanwhile), which is why an operation must be safe to
 repeat after a partial run (ours are: their plain commands are idempotent, and no script
 runs when it is missing).
 
+Every operation has a deadline (`timeout` seconds after it was queued, unless its caller gives
+one): a pipeline must be answered by the earliest deadline among its operations, or it fails
+with TimeoutError and its connection is dropped (replies still owed on it could no longer be
+matched to their commands). An operation whose deadline passed before it could be sent fails
+without being sent. So a frozen Redis costs a caller its deadline, never more.
+
 Replies are parsed by a hiredis reader fed straight from the connection's stream, many per
 read (hiredis_replies.py, the one module that touches redis-py's connection internals); error
 replies become the same exception types redis-py raises. Connections without a plain asyncio
@@ -27,22 +33,26 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_svc.redis.hiredis_replies import RawReplies
 
 Command = tuple[Any, ...]
-_Operation = tuple[list[Command], "asyncio.Future[list[Any]]"]
+# An operation's commands, the future of their replies, and its deadline (the loop's time).
+_Operation = tuple[list[Command], "asyncio.Future[list[Any]]", float]
 
 MAX_IN_FLIGHT = 4
 MAX_BATCH = 1024  # operations per pipeline
-READ_TIMEOUT = 10.0  # seconds for all replies of one pipeline
+TIMEOUT = 5.0  # seconds, by default, from queueing an operation to its last reply
 
 
 class Batcher:
-    def __init__(self, redis: Any, scripts: Sequence[str]) -> None:
+    def __init__(self, redis: Any, scripts: Sequence[str], *, timeout: float = TIMEOUT) -> None:
         self._redis = redis
         self._scripts = list(scripts)  # sources, loaded again after NOSCRIPT
+        self._timeout = timeout
         self._queue: list[_Operation] = []
         self._in_flight = 0
         self._flush_scheduled = False
@@ -54,16 +64,22 @@ class Batcher:
             None  # done when the last batch's replies are read
         )
 
-    def run(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
+    def run(
+        self, commands: list[Command], deadline: float | None = None
+    ) -> asyncio.Future[list[Any]]:
         """Send one operation's commands (in order, in a shared pipeline); await their replies.
 
-        A command's error reply is raised (the first, if several failed). The operation is
-        queued by this call, not when the future is awaited; a future rather than a coroutine
-        spares every operation a coroutine frame to create and resume.
+        A command's error reply is raised (the first, if several failed); no reply by
+        `deadline` (the loop's time; by default `timeout` seconds from now) raises
+        redis-py's TimeoutError. The operation is queued by this call, not when the future is
+        awaited; a future rather than a coroutine spares every operation a coroutine frame to
+        create and resume.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
-        self._queue.append((commands, future))
+        if deadline is None:
+            deadline = loop.time() + self._timeout
+        self._queue.append((commands, future, deadline))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Let every task that is ready in this loop iteration add its operation first.
@@ -90,33 +106,23 @@ class Batcher:
             asyncio.get_running_loop().call_soon(self._flush)
 
     async def _send(self, batch: list[_Operation]) -> None:
+        batch = self._unexpired(batch)
+        if not batch:
+            return
         try:
-            flat, failed = await self._execute([commands for commands, _ in batch])
-            if not failed:
-                position = 0
-                for commands, future in batch:
-                    end = position + len(commands)
-                    if not future.done():
-                        future.set_result(flat[position:end])
-                    position = end
-                return
-            replies = _split([commands for commands, _ in batch], flat)
-            missing = [i for i, reply in enumerate(replies) if _noscript(reply)]
-            if missing:
-                for source in self._scripts:
-                    await self._redis.script_load(source)
-                operations = [batch[i][0] for i in missing]
-                again, _ = await self._execute(operations)
-                for i, reply in zip(missing, _split(operations, again), strict=True):
-                    replies[i] = reply
+            async with asyncio.timeout_at(min(deadline for _, _, deadline in batch)):
+                replies = await self._replies(batch)
         except BaseException as exc:
-            for _, future in batch:
+            failure = self._timed_out() if isinstance(exc, TimeoutError) else exc
+            for _, future, _ in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), reply in zip(batch, replies, strict=True):
+        if replies is None:
+            return
+        for (_, future, _), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue
             error = next((r for r in reply if isinstance(r, Exception)), None)
@@ -124,6 +130,44 @@ class Batcher:
                 future.set_exception(error)
             else:
                 future.set_result(reply)
+
+    def _unexpired(self, batch: list[_Operation]) -> list[_Operation]:
+        """`batch` less the operations already past their deadline, which fail unsent."""
+        now = asyncio.get_running_loop().time()
+        if all(deadline > now for _, _, deadline in batch):
+            return batch
+        kept: list[_Operation] = []
+        for operation in batch:
+            if operation[2] > now:
+                kept.append(operation)
+            elif not operation[1].done():
+                operation[1].set_exception(self._timed_out())
+        return kept
+
+    def _timed_out(self) -> RedisTimeoutError:
+        return RedisTimeoutError(f"no reply from Redis within {self._timeout:g}s")
+
+    async def _replies(self, batch: list[_Operation]) -> list[list[Any]] | None:
+        """Each operation's replies; None if there was no error reply (the results are set)."""
+        flat, failed = await self._execute([commands for commands, _, _ in batch])
+        if not failed:
+            position = 0
+            for commands, future, _ in batch:
+                end = position + len(commands)
+                if not future.done():
+                    future.set_result(flat[position:end])
+                position = end
+            return None
+        replies = _split([commands for commands, _, _ in batch], flat)
+        missing = [i for i, reply in enumerate(replies) if _noscript(reply)]
+        if missing:
+            for source in self._scripts:
+                await self._redis.script_load(source)
+            operations = [batch[i][0] for i in missing]
+            again, _ = await self._execute(operations)
+            for i, reply in zip(missing, _split(operations, again), strict=True):
+                replies[i] = reply
+        return replies
 
     async def _execute(self, operations: list[list[Command]]) -> tuple[list[Any], bool]:
         """Every reply of `operations`, in order, and whether any is an error reply."""
@@ -147,15 +191,17 @@ class Batcher:
                     await self._drop(connection)
                     raise
                 previous, self._turn = self._turn, mine
-            if previous is not None:
-                await previous
-            if self._connection is not connection:
-                raise ConnectionError("the Redis connection was lost before these replies")
             try:
-                # One deadline for the whole batch: a timer per reply costs more than a reply.
-                async with asyncio.timeout(READ_TIMEOUT):
-                    return await self._read(connection, count)
+                if previous is not None:
+                    await previous
+                if self._connection is not connection:
+                    raise RedisConnectionError("the Redis connection was lost before these replies")
+                # One deadline for the whole batch (_send's): a timer per reply costs more
+                # than a reply.
+                return await self._read(connection, count)
             except BaseException:
+                # Cut short (an error, the deadline) while our replies are still owed on it:
+                # whoever reads it next would take them for theirs.
                 await self._drop(connection)
                 raise
         finally:

@@ -77,9 +77,9 @@ async def connect(settings: Settings) -> RedisClients:
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
-        timeout=5,
+        timeout=settings.redis_call_timeout,  # a call waiting for a connection: its deadline
         socket_connect_timeout=settings.redis_connect_timeout,
-        socket_timeout=settings.redis_socket_timeout,
+        socket_timeout=_socket_timeout(settings),
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
@@ -105,7 +105,7 @@ async def _connect_cluster(seed_url: str, settings: Settings) -> RedisClients:
         seed_url,
         max_connections=settings.redis_max_connections,
         socket_connect_timeout=settings.redis_connect_timeout,
-        socket_timeout=settings.redis_socket_timeout,
+        socket_timeout=_socket_timeout(settings),
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
@@ -117,6 +117,11 @@ async def _connect_cluster(seed_url: str, settings: Settings) -> RedisClients:
 
     await _until_reachable(client, "Redis Cluster", ready, settings)
     return RedisClients(client, ClusterLinks(client))
+
+
+def _socket_timeout(settings: Settings) -> float:
+    """A plain command's wait for its reply: never past the deadline of the call it is in."""
+    return min(settings.redis_socket_timeout, settings.redis_call_timeout)
 
 
 async def _until_reachable(

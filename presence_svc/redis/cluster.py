@@ -26,11 +26,11 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, ClusterError, MovedError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from presence_svc.redis.batch import Batcher, Command
+from presence_svc.redis.batch import TIMEOUT, Batcher, Command
 
 log = logging.getLogger(__name__)
 
@@ -102,24 +102,33 @@ class _NodeConnections:
 class ClusterBatcher:
     """Batcher's interface over every primary of a cluster."""
 
-    def __init__(self, cluster: RedisCluster, scripts: Sequence[str]) -> None:
+    def __init__(
+        self, cluster: RedisCluster, scripts: Sequence[str], *, timeout: float = TIMEOUT
+    ) -> None:
         self._cluster = cluster
         self._scripts = list(scripts)
+        self._timeout = timeout
         self._batchers: dict[str, tuple[_NodeConnections, Batcher]] = {}
         self._retiring: set[asyncio.Future[None]] = set()
         self._refreshing: asyncio.Task[None] | None = None
 
-    async def run(self, commands: list[Command]) -> list[Any]:
-        """Send one operation's commands, in order, to the primaries that own their keys."""
+    async def run(self, commands: list[Command], deadline: float | None = None) -> list[Any]:
+        """Send one operation's commands, in order, to the primaries that own their keys.
+
+        Every step on every primary (redirects included) is due by one `deadline`, as in
+        Batcher.run: by default `timeout` seconds from now.
+        """
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self._timeout
         if not self._cluster.nodes_manager.slots_cache:
             await self._cluster.initialize()  # a client nobody has used yet
         replies: list[Any] = []
         owners = [self._node_of(command).name for command in commands]
         for _, run in itertools.groupby(zip(owners, commands, strict=True), key=lambda x: x[0]):
-            replies += await self._run_on_node([command for _, command in run])
+            replies += await self._run_on_node([command for _, command in run], deadline)
         return replies
 
-    async def _run_on_node(self, commands: list[Command]) -> list[Any]:
+    async def _run_on_node(self, commands: list[Command], deadline: float) -> list[Any]:
         replies: list[Any] = [None] * len(commands)
         todo = list(range(len(commands)))
         for attempt in range(MAX_REDIRECTS + 1):
@@ -127,12 +136,17 @@ class ClusterBatcher:
             # They are queued in order, so they still reach each primary in order.
             by_node = [(i, self._batcher_for(commands[i])) for i in todo]
             results = await asyncio.gather(
-                *(batcher.run([commands[i]]) for i, batcher in by_node), return_exceptions=True
+                *(batcher.run([commands[i]], deadline) for i, batcher in by_node),
+                return_exceptions=True,
             )
             again: list[int] = []
             for (i, _), result in zip(by_node, results, strict=True):
                 if isinstance(result, _REDIRECTED) and attempt < MAX_REDIRECTS:
                     again.append(i)
+                elif isinstance(result, _REDIRECTED):
+                    # Slots still moving after every attempt: the cluster cannot serve the
+                    # call now (StoreUnavailable), as with redis-py's own "TTL exhausted".
+                    raise ClusterError(f"still redirected after {attempt} attempts") from result
                 elif isinstance(result, _UNREACHABLE):
                     # The primary may be gone for good (a replica took over): the next call
                     # must not be routed by the same map. This one fails (StoreUnavailable).
@@ -167,7 +181,8 @@ class ClusterBatcher:
                 self._retiring.add(retiring)
                 retiring.add_done_callback(self._retiring.discard)
             client = _NodeConnections(self._cluster, node)
-            entry = self._batchers[node.name] = (client, Batcher(client, self._scripts))
+            batcher = Batcher(client, self._scripts, timeout=self._timeout)
+            entry = self._batchers[node.name] = (client, batcher)
         return entry[1]
 
     async def _refresh_quietly(self) -> None:

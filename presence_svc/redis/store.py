@@ -25,8 +25,15 @@ from presence_svc.models import (
     Thresholds,
     iso_from_ms,
 )
-from presence_svc.redis.batch import Batcher, Command
-from presence_svc.redis.calls import UNAVAILABLE, call, lease_member, reachable, text
+from presence_svc.redis.batch import TIMEOUT, Batcher, Command
+from presence_svc.redis.calls import (
+    call,
+    lease_member,
+    reachable,
+    reachable_per_step,
+    text,
+    unavailable,
+)
 from presence_svc.redis.cluster import ClusterBatcher, is_cluster
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.nodes import RedisNodes
@@ -82,6 +89,9 @@ class RedisStore:
     `studies_per_sweep` bounds the studies taken from each schedule shard per tick and
     `sessions_per_window` the sessions read per threshold window of a study; a tick cut by
     either reports `more_due` so the sweeper goes on at once.
+
+    Every call has a deadline, `call_timeout` seconds (its own, or each of its Redis steps'
+    where noted), past which it fails with StoreUnavailable like any other way Redis can fail.
     """
 
     def __init__(
@@ -92,8 +102,10 @@ class RedisStore:
         *,
         studies_per_sweep: int = 500,
         sessions_per_window: int = 1000,
+        call_timeout: float = TIMEOUT,
     ) -> None:
         self._redis = redis
+        self.call_timeout = call_timeout  # seconds (calls.reachable)
         self._keys = keys
         cluster = is_cluster(redis)
         self._scripts = Scripts.register(redis)
@@ -101,9 +113,9 @@ class RedisStore:
         # broadcast over the cluster bus. The publishing scripts accept these two values only.
         self._publish = "SPUBLISH" if cluster else "PUBLISH"
         self._batch: Batcher | ClusterBatcher = (
-            ClusterBatcher(redis, self._scripts.sources())
+            ClusterBatcher(redis, self._scripts.sources(), timeout=call_timeout)
             if cluster
-            else Batcher(redis, self._scripts.sources())
+            else Batcher(redis, self._scripts.sources(), timeout=call_timeout)
         )
         # Looked up at each call, so whatever `release` the store has then is what reaping uses.
         self._nodes = RedisNodes(
@@ -121,7 +133,7 @@ class RedisStore:
         """Give back the connections of the store's pipelining (at shutdown)."""
         await self._batch.close()
 
-    @reachable
+    @reachable_per_step  # one batched operation: the batcher keeps its deadline
     async def heartbeat(
         self,
         user_id: str,
@@ -232,10 +244,14 @@ class RedisStore:
 
     @reachable
     async def drop_node(self, node_id: str) -> None:
-        """Forget a node that stopped cleanly (after releasing its leases)."""
+        """Forget a node that stopped cleanly (after releasing its leases).
+
+        A node whose lease set still lists leases is kept as it is: its liveness entry runs
+        out, and a peer reaps those leases (a release must never be lost).
+        """
         await self._nodes.drop(node_id)
 
-    @reachable
+    @reachable_per_step  # long, and resumable: each step has the deadline, not the whole
     async def reap_dead_nodes(
         self, caller: str, lease_ttl_ms: int, grace_ms: int, now_ms: int | None = None
     ) -> int:
@@ -360,7 +376,7 @@ class RedisStore:
         )
         out: list[Any] = []
         for reply in replies:
-            if isinstance(reply, UNAVAILABLE):
+            if isinstance(reply, BaseException) and unavailable(reply):
                 raise reply
             if isinstance(reply, BaseException):
                 # Logged here, not raised: worded with its script and line as `reachable` would.

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import presence_svc.redis.batch as batch_module
 from presence_svc.redis.batch import Batcher, Command
+from presence_svc.redis.calls import reachable, reachable_per_step
+from presence_svc.store import StoreUnavailable
 from tests.conftest import open_redis
 
 
@@ -189,3 +202,172 @@ async def test_a_connection_closed_by_the_server_fails_its_batch_then_reconnects
     finally:
         await killer.aclose()
         await client.aclose()
+
+
+# --- deadlines, and every way Redis fails reported as StoreUnavailable -------------------------
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """A loopback server that accepts connections and reads them, and never answers (a Redis
+    frozen by SIGSTOP looks like this to its clients)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_unanswered_batch_fails_at_its_deadline_and_so_do_those_behind_it() -> None:
+    async with silent_server() as url:
+        # No socket timeout of its own: the deadline must come from the batcher.
+        client = aioredis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=1)
+        try:
+            batcher = Batcher(client, [], timeout=0.3)
+            started = time.monotonic()
+            first = batcher.run([("PING",)])
+            await asyncio.sleep(0.1)  # queued later: its deadline is later too
+            second = batcher.run([("PING",)])
+            results = await asyncio.gather(first, second, return_exceptions=True)
+            took = time.monotonic() - started
+            assert all(isinstance(r, RedisTimeoutError) for r in results), results
+            assert 0.3 <= took < 1.5, took
+            await batcher.close()
+        finally:
+            await client.aclose()
+
+
+async def test_an_operation_past_its_deadline_is_never_sent(
+    any_redis: Any, key_prefix: str
+) -> None:
+    counting = CountingPipelines(any_redis)
+    batcher = Batcher(counting, [], timeout=5)
+    key = f"{key_prefix}:late"
+    late = batcher.run([("INCR", key)], deadline=asyncio.get_running_loop().time() - 1)
+    with pytest.raises(RedisTimeoutError):
+        await late
+    assert counting.pipelines == 0
+    assert await any_redis.get(key) is None
+    await batcher.close()
+
+
+async def test_a_batch_cut_by_its_deadline_leaves_no_reply_to_the_next(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    # The first batch blocks in Redis for a second; the second, behind it on the same
+    # connection, runs out of time while it waits its turn. Its replies are still owed on that
+    # connection: whatever comes next must not read them as its own.
+    client = aioredis.Redis.from_url(cleanup_real_redis)
+    try:
+        batcher = Batcher(client, [], timeout=5)
+        loop = asyncio.get_running_loop()
+        blocked = batcher.run([("BLPOP", f"{key_prefix}:never", 1)])
+        await asyncio.sleep(0.05)  # its own pipeline, on the wire first
+        cut = batcher.run([("ECHO", "cut")], deadline=loop.time() + 0.2)
+        with pytest.raises(RedisTimeoutError):
+            await cut
+        with contextlib.suppress(RedisConnectionError):
+            await blocked  # may fail with the connection it shared
+        assert await batcher.run([("ECHO", "mine")]) == [b"mine"]
+        await batcher.close()
+    finally:
+        await client.aclose()
+
+
+class Failing:
+    """A store-like owner whose calls fail with `error` (reachable counts on redis_errors)."""
+
+    call_timeout = 5.0
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.redis_errors = 0
+
+    @reachable
+    async def call(self) -> None:
+        raise self.error
+
+    @reachable_per_step
+    async def stepwise(self) -> None:
+        raise self.error
+
+
+def _from(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
+UNAVAILABLE_ERRORS = [
+    RedisConnectionError("Connection closed by server."),
+    RedisTimeoutError("Timeout reading from socket"),
+    ConnectionError("the Redis connection was lost before these replies"),
+    ConnectionResetError(104, "Connection reset by peer"),
+    TimeoutError(),  # asyncio.timeout's
+    OSError(113, "No route to host"),
+    ClusterDownError("CLUSTERDOWN The cluster is down"),
+    MasterDownError("MASTERDOWN Link with MASTER is down"),
+    TryAgainError("TRYAGAIN"),
+    SlotNotCoveredError('Slot "12" is not covered by the cluster.'),
+    ClusterError("TTL exhausted."),
+    _from(
+        RedisClusterException("Redis Cluster cannot be connected. Please provide ..."),
+        RedisConnectionError("Error 111 connecting to 127.0.0.1:7000. Connection refused."),
+    ),
+    RedisClusterException("All slots are not covered after query all startup_nodes. 1 of ..."),
+]
+
+
+@pytest.mark.parametrize("error", UNAVAILABLE_ERRORS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("method", ["call", "stepwise"])
+async def test_every_way_redis_fails_is_store_unavailable(
+    error: BaseException, method: str
+) -> None:
+    owner = Failing(error)
+    with pytest.raises(StoreUnavailable) as caught:
+        await getattr(owner, method)()
+    assert caught.value.__cause__ is error
+    assert str(caught.value)  # says something, even for an exception without a message
+    assert owner.redis_errors == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        ValueError("a script call without keys cannot be routed"),
+        RedisClusterException("ZADD - all keys must map to the same key slot"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_other_errors_are_not_store_unavailable(error: BaseException) -> None:
+    owner = Failing(error)
+    with pytest.raises(type(error)):
+        await owner.call()
+    assert owner.redis_errors == 0
+
+
+async def test_a_store_call_has_a_deadline_as_a_whole() -> None:
+    class Slow:
+        call_timeout = 0.2
+        redis_errors = 0
+
+        @reachable
+        async def call(self) -> None:
+            await asyncio.sleep(0.15)  # each step within the deadline, both not
+            await asyncio.sleep(0.15)
+
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await Slow().call()
+    assert 0.2 <= time.monotonic() - started < 0.29
