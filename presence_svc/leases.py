@@ -54,7 +54,8 @@ class LeaseKeeper:
         self._renewed_at: float | None = None  # monotonic time of the last renewal
         self._up_since: float | None = None  # start of the current run of unbroken renewals
         self._held: dict[str, Lease] = {}  # the socket's connection id -> its lease
-        self._unreleased: list[Lease] = []
+        self._unreleased: list[Lease] = []  # releases to retry at the next tick
+        self._releasing: set[Lease] = set()  # releases of closing sockets, not yet confirmed
         self.released_dead = 0  # leases of dead nodes this node released
 
     @property
@@ -73,15 +74,26 @@ class LeaseKeeper:
         return self._service.heartbeat(user_id, study_id, cursor, lease.holder)
 
     async def release(self, connection_id: str) -> None:
-        """The connection closed; its session leaves after the grace unless held elsewhere."""
+        """The connection closed; its session leaves after the grace unless held elsewhere.
+
+        Never raises for a release that failed (nor loses it): until Redis confirms it, the
+        lease is retried at every tick, and shutdown releases it too.
+        """
         lease = self._held.pop(connection_id, None)
         if lease is None:
             return
+        self._releasing.add(lease)
         try:
             await self._service.release([lease])
-        except StoreUnavailable as exc:
-            log.warning("release of %s deferred: %s", connection_id, exc)
+        except BaseException as exc:
+            # Whatever cut it short (Redis gone, a deadline, the socket's task cancelled), it
+            # may not have been applied.
             self._unreleased.append(lease)
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("release of %s deferred: %s", connection_id, exc)
+        finally:
+            self._releasing.discard(lease)
 
     async def start(self) -> None:
         """Register the node before it serves anyone (or, if Redis is down, at the next tick);
@@ -148,9 +160,18 @@ class LeaseKeeper:
         log.warning("node was declared dead; re-held %d of %d sessions", sum(held), len(held))
 
     async def shutdown(self) -> None:
-        """Release every lease (sessions leave after the grace) and deregister the node."""
-        leases = [*self._held.values(), *self._unreleased]
+        """Release every lease (sessions leave after the grace) and deregister the node.
+
+        Those whose release is still on its way too (a second release is a no-op). If they
+        cannot all be released, the node is not deregistered: its lease set and liveness entry
+        stay, and a peer reaps the leases once the entry has run out.
+        """
+        leases = [*self._held.values(), *self._unreleased, *self._releasing]
         self._held.clear()
         self._unreleased.clear()
-        await self._service.release(leases)
+        try:
+            await self._service.release(leases)
+        except BaseException:
+            self._unreleased.extend(leases)
+            raise
         await self._service.drop_node(self.node_id)

@@ -6,6 +6,7 @@ RedisStore delegates its node methods here (store.py has their contract).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from presence_svc.redis.cluster import ClusterBatcher
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.scripts import Scripts
 from presence_svc.store import NodeRenewal
+
+log = logging.getLogger(__name__)
 
 # Dead-node cleanup: nodes claimed per call, leases released per round trip, and how long a
 # claimed cleanup may stay unfinished before another node takes it over.
@@ -68,10 +71,16 @@ class RedisNodes:
         return [bool(reply[1]) for reply in replies]
 
     async def drop(self, node_id: str) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(self._keys.live_nodes, node_id)
-            pipe.delete(self._keys.node_leases(node_id))
-            await pipe.execute()
+        # Only a node whose lease set is empty (an empty set is no key: nothing to delete). A
+        # lease still listed means a release that never happened: the set and the liveness
+        # entry stay, so the node is taken for dead after its TTL and a peer releases them.
+        # (Not atomic, the two keys live on different slots; the node sends nothing at
+        # shutdown but this.)
+        left = await self._redis.scard(self._keys.node_leases(node_id))
+        if left:
+            log.warning("node %s still lists %d leases: left for a peer to reap", node_id, left)
+            return
+        await self._redis.zrem(self._keys.live_nodes, node_id)
 
     async def reap(self, caller: str, lease_ttl_ms: int, grace_ms: int, now_ms: int | None) -> int:
         keys = [self._keys.live_nodes, self._keys.dead_nodes]
