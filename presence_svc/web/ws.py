@@ -7,7 +7,9 @@ has PRESENCE_MAX_SOCKETS_PER_USER sockets on this node. Later: 4401 the token ex
 a refresh; 1008 messages faster than PRESENCE_WS_MESSAGE_RATE allows; 1009 a message over
 PRESENCE_WS_MAX_MESSAGE_SIZE; 1011 the node could not subscribe to or read the study; 1012
 the node is shutting down (reconnect, the load balancer picks another node); 1013 the client
-read too slowly and its outgoing queue overflowed.
+read too slowly and its outgoing queue overflowed. Below the app (web/protocol.py): 1013 more
+than PRESENCE_WS_MAX_OUTGOING_BUFFER bytes waited unsent (pongs to a client that never reads);
+1007 a text frame that is not valid UTF-8.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 import uuid
 from typing import Any
 
@@ -59,13 +60,13 @@ _STUDY_ID = re.compile(ID_PATTERN)
 _MESSAGES: TypeAdapter[Any] = TypeAdapter(ClientMessage)
 
 
-def _now_iso() -> str:
-    return iso_from_ms(int(time.time() * 1000))
+def _now_iso(clock: Clock) -> str:
+    return iso_from_ms(int(clock.time() * 1000))
 
 
-def _pong() -> Outgoing:
+def _pong(clock: Clock) -> Outgoing:
     # json_text's output, without its cost: a timestamp never needs escaping.
-    return Outgoing(None, '{"type":"pong","data":{"timestamp":"' + _now_iso() + '"}}')
+    return Outgoing(None, '{"type":"pong","data":{"timestamp":"' + _now_iso(clock) + '"}}')
 
 
 async def snapshot_message(node: Node, study_id: str) -> Outgoing:
@@ -183,7 +184,7 @@ async def _serve(
             "connection_id": connection_id,
             "user_id": principal.user_id,
             "study_id": study_id,
-            "timestamp": _now_iso(),
+            "timestamp": _now_iso(node.clock),
         }
         await conn.send_text(json_text({"type": "connected", "data": connected}))
         await conn.send_text(snapshot.text)
@@ -236,7 +237,7 @@ async def _read(
             cursor = compact_heartbeat(text)
             if cursor is None:
                 if text == PING_TEXT:
-                    conn.deliver(_pong())
+                    conn.deliver(_pong(node.clock))
                     continue
                 try:
                     message = _MESSAGES.validate_json(text)
@@ -250,7 +251,7 @@ async def _read(
                     conn.deliver(_refresh(node, expiry, principal, message.token, study_id))
                     continue
                 if not isinstance(message, HeartbeatMessage):
-                    conn.deliver(_pong())
+                    conn.deliver(_pong(node.clock))
                     continue
                 cursor = message.cursor()
             if beats is None:
