@@ -16,6 +16,7 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.config import LOGGING_CONFIG
 
+from presence_svc import __version__
 from presence_svc.auth import ALL_STUDIES, issue_token
 from presence_svc.logs import configure_logging, install_redaction
 from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
@@ -85,6 +86,9 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=args.host,
         port=args.port,
+        # A Unix socket instead of host/port: an app in the same pod reaches its sidecar
+        # through a shared volume without opening a TCP port (deploy/README.md).
+        uds=args.uds,
         log_level=level,
         # json: uvicorn's loggers keep the root's JSON handler instead of getting their own.
         log_config=LOGGING_CONFIG if settings.log_format == "text" else None,
@@ -119,24 +123,38 @@ def _token(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="presence-svc", description=__doc__)
+    root.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run a node (settings come from PRESENCE_*)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--uds", metavar="PATH", help="listen on this Unix socket instead of --host/--port"
+    )
     serve.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
-        help="default: $PRESENCE_LOG_LEVEL, else info",
+        help="log level (default: $PRESENCE_LOG_LEVEL, else info)",
     )
     serve.set_defaults(run=_serve)
 
     token = commands.add_parser("token", help="print an HS256 JWT for USER")
-    token.add_argument("user")
+    token.add_argument("user", metavar="USER", help="the user id (the token's sub)")
     token.add_argument(
         "--secret", help="signing secret (default: $PRESENCE_JWT_SECRET, else the dev secret)"
     )
-    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    token.add_argument(
+        "--ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="seconds until it expires (default: %(default)g, one hour)",
+    )
     grants = token.add_mutually_exclusive_group()
     grants.add_argument(
         "--study", action="append", metavar="STUDY_ID", help="grant this study (repeatable)"

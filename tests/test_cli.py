@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 
@@ -14,6 +18,7 @@ from presence_svc.auth import TokenVerifier
 from presence_svc.cli import _count_protocol_close, main
 from presence_svc.metrics import Metrics
 from presence_svc.settings import DEV_JWT_SECRET
+from tests.support.processes import terminate, wait_ready
 
 
 def serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -77,3 +82,37 @@ def test_protocol_closes_are_counted_in_the_node_metrics() -> None:
     text = metrics.render().decode()
     assert 'presence_ws_protocol_closes_total{reason="invalid_utf8"} 2.0' in text
     assert 'reason="bad_handshake"' not in text
+
+
+def test_serve_uds_answers_over_the_unix_socket(cleanup_real_redis: str, key_prefix: str) -> None:
+    # A short directory of its own: AF_UNIX paths are limited to about 100 bytes.
+    with tempfile.TemporaryDirectory(prefix="psvc-") as folder:
+        path = Path(folder) / "presence.sock"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_")}
+        env = {
+            **clean,
+            "PRESENCE_REDIS_URL": cleanup_real_redis,
+            "PRESENCE_KEY_PREFIX": key_prefix,
+            "PRESENCE_JWT_SECRET": "uds-test-secret-0123456789abcdef0123456789",
+        }
+        argv = [sys.executable, "-m", "presence_svc.cli", "serve", "--uds", str(path)]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as client:
+
+                def ready() -> bool:
+                    # httpcore leaks the socket of a failed Unix connect: wait for the file.
+                    if not path.exists():
+                        return False
+                    return client.get("http://node/readyz", timeout=1).status_code == 200
+
+                wait_ready(ready, "serve --uds", 20, proc)
+                health = client.get("http://node/healthz", timeout=2)
+            assert health.status_code == 200
+            assert health.json()["status"] == "ok"
+        finally:
+            terminate(proc, 15)
+            output = proc.communicate()[0].decode(errors="replace")
+        # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly.
+        assert proc.returncode in {0, -signal.SIGTERM}, output
+        assert f"unix socket {path}" in output and "Traceback" not in output
