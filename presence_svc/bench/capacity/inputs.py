@@ -132,6 +132,9 @@ RECEIVE_FIELDS = (
 )
 
 
+SCENARIOS = ("heartbeats", "fanout", "idle", "sweep")  # the JSON files read, in this order
+
+
 def _rows(folder: Path, scenario: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     path = folder / f"{scenario}.json"
     if not path.exists():
@@ -149,95 +152,20 @@ def read_results(folder: Path, defaults: Measured = DEFAULT_MEASURED) -> Measure
     `fallbacks` (a scenario not run, CPU not measured on external nodes, ...)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"no results folder {folder}")
-    found: dict[str, Any] = {}
+    runs = {scenario: _rows(folder, scenario) for scenario in SCENARIOS}
+    loads = _fanout_loads(*runs["fanout"])
+    rate = loads.get("fanout_events_per_s", defaults.fanout_events_per_s)
+    found = {
+        **_heartbeat_costs(runs["heartbeats"][1]),
+        **loads,
+        **_receive_point(runs["fanout"][1], rate),
+        **_idle_costs(runs["idle"][1]),
+        **_sweep_costs(runs["sweep"][1]),
+    }
+    # The first scenario that names the code measured names it for all.
     code = ""
-
-    def take(name: str, value: Any) -> None:
-        if value is not None:
-            found[name] = value
-
-    data, rows = _rows(folder, "heartbeats")
-    code = code or data.get("environment", {}).get("code", "")
-    paths = {r.get("path"): r for r in rows}
-    ws, rest, floor = (paths.get(p) for p in ("WebSocket", "REST", "raw Redis (floor)"))
-    if ws:
-        take("ws_node_us_per_hb", ws.get("node_cpu_us_per_heartbeat"))
-        take("ws_redis_us_per_hb", ws.get("redis_cpu_us_per_heartbeat"))
-        if ws.get("redis_commands_per_heartbeat"):
-            take("ws_commands_per_hb", sum(ws["redis_commands_per_heartbeat"].values()))
-    if rest:
-        take("rest_node_us_per_hb", rest.get("node_cpu_us_per_heartbeat"))
-        take("rest_redis_us_per_hb", rest.get("redis_cpu_us_per_heartbeat"))
-    if floor:
-        take("floor_redis_us_per_hb", floor.get("redis_cpu_us_per_heartbeat"))
-        if floor.get("redis_commands_per_heartbeat"):
-            take("floor_commands_per_hb", sum(floor["redis_commands_per_heartbeat"].values()))
-
-    data, rows = _rows(folder, "fanout")
-    code = code or data.get("environment", {}).get("code", "")
-    # Rows without a `point` predate the receive-cost point: all are the fan-out loads.
-    loads = [r for r in rows if r.get("point", "fan-out") == "fan-out"]
-    node = _nearest(
-        [r for r in loads if r.get("target") == "node"], "offered_deliveries_per_s", FANOUT_LOAD
-    )
-    if node:
-        load = node["offered_deliveries_per_s"]
-        base = next(
-            (
-                r
-                for r in loads
-                if r.get("target") == "baseline" and r["offered_deliveries_per_s"] == load
-            ),
-            None,
-        )
-        take("node_us_per_delivery", node.get("server_cpu_us_per_delivery"))
-        take("fanout_deliveries_per_s", node.get("deliveries_per_s"))
-        take("fanout_p99_ms", (node.get("latency_ms") or {}).get("p99"))
-        take("fanout_events_per_s", node.get("events_per_s"))
-        take("fanout_redis_cpu", node.get("redis_cpu_util"))
-        # No baseline row: count Redis's idle CPU as zero (a slight overestimate per event).
-        take("fanout_redis_idle_cpu", (base or {}).get("redis_cpu_util") or 0.0)
-        config = data.get("config", {})
-        take("fanout_nodes", config.get("nodes"))
-        take("fanout_viewers", config.get("viewers"))
-    receive = [
-        r
-        for r in rows
-        if r.get("point") == "receive"
-        and r.get("target") == "node"
-        and r.get("server_cpu_us_per_event_and_node") is not None
-    ]
-    if receive:
-        busiest = max(receive, key=lambda r: r["events_per_s"])
-        rate = found.get("fanout_events_per_s", defaults.fanout_events_per_s)
-        matched = min(receive, key=lambda r: abs(r["events_per_s"] - rate))
-        take("receive_us_per_event", busiest["server_cpu_us_per_event_and_node"])
-        take("receive_events_per_s", busiest["events_per_s"])
-        take("receive_us_per_event_at_fanout_rate", matched["server_cpu_us_per_event_and_node"])
-    else:
-        found.update(dict.fromkeys(RECEIVE_FIELDS))
-
-    data, rows = _rows(folder, "idle")
-    code = code or data.get("environment", {}).get("code", "")
-    nodes = [r for r in rows if r.get("server") == "node" and r.get("sockets")]
-    if nodes:
-        biggest = max(nodes, key=lambda r: r["sockets"])
-        take("kib_per_socket", biggest.get("rss_per_socket_kib"))
-        take("node_base_rss_mib", biggest.get("rss_before_mib"))
-        take("idle_sockets", biggest.get("sockets"))
-
-    data, rows = _rows(folder, "sweep")
-    code = code or data.get("environment", {}).get("code", "")
-    if rows:
-        size = max(r["sessions"] for r in rows)
-        due = _nearest([r for r in rows if r["sessions"] == size and "due" in r], "due", SWEEP_DUE)
-        if due:
-            take("sweep_redis_us_per_transition", due.get("redis_cpu_us_per_transition"))
-            take("sweep_node_us_per_transition", due.get("harness_cpu_us_per_transition"))
-        empty = next((r for r in rows if r["sessions"] == size and "due" not in r), None)
-        if empty and empty.get("redis_used_mib"):
-            take("redis_mib_per_million_sessions", empty["redis_used_mib"] * 1e6 / size)
-
+    for data, _ in runs.values():
+        code = code or data.get("environment", {}).get("code", "")
     names = [f.name for f in dataclasses.fields(Measured) if f.name not in ("source", "fallbacks")]
     source = f"bench results {folder}" + (f" (code {code})" if code else "")
     return dataclasses.replace(
@@ -245,6 +173,109 @@ def read_results(folder: Path, defaults: Measured = DEFAULT_MEASURED) -> Measure
         source=source,
         fallbacks=tuple(n for n in names if n not in found),
         **{k: _number(getattr(defaults, k), v) for k, v in found.items()},
+    )
+
+
+def _measured(**figures: Any) -> dict[str, Any]:
+    """The figures a results folder holds: a None (not in it) leaves the field's default."""
+    return {name: value for name, value in figures.items() if value is not None}
+
+
+def _commands(row: dict[str, Any]) -> float | None:
+    per_heartbeat = row.get("redis_commands_per_heartbeat")
+    return sum(per_heartbeat.values()) if per_heartbeat else None
+
+
+def _heartbeat_costs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    paths = {r.get("path"): r for r in rows}
+    ws, rest, floor = (paths.get(p) or {} for p in ("WebSocket", "REST", "raw Redis (floor)"))
+    return _measured(
+        ws_node_us_per_hb=ws.get("node_cpu_us_per_heartbeat"),
+        ws_redis_us_per_hb=ws.get("redis_cpu_us_per_heartbeat"),
+        ws_commands_per_hb=_commands(ws),
+        rest_node_us_per_hb=rest.get("node_cpu_us_per_heartbeat"),
+        rest_redis_us_per_hb=rest.get("redis_cpu_us_per_heartbeat"),
+        floor_redis_us_per_hb=floor.get("redis_cpu_us_per_heartbeat"),
+        floor_commands_per_hb=_commands(floor),
+    )
+
+
+def _fanout_loads(data: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    # Rows without a `point` predate the receive-cost point: all are the fan-out loads.
+    loads = [r for r in rows if r.get("point", "fan-out") == "fan-out"]
+    node = _nearest(
+        [r for r in loads if r.get("target") == "node"], "offered_deliveries_per_s", FANOUT_LOAD
+    )
+    if not node:
+        return {}
+    load = node["offered_deliveries_per_s"]
+    base = next(
+        (
+            r
+            for r in loads
+            if r.get("target") == "baseline" and r["offered_deliveries_per_s"] == load
+        ),
+        None,
+    )
+    config = data.get("config", {})
+    return _measured(
+        node_us_per_delivery=node.get("server_cpu_us_per_delivery"),
+        fanout_deliveries_per_s=node.get("deliveries_per_s"),
+        fanout_p99_ms=(node.get("latency_ms") or {}).get("p99"),
+        fanout_events_per_s=node.get("events_per_s"),
+        fanout_redis_cpu=node.get("redis_cpu_util"),
+        # No baseline row: count Redis's idle CPU as zero (a slight overestimate per event).
+        fanout_redis_idle_cpu=(base or {}).get("redis_cpu_util") or 0.0,
+        fanout_nodes=config.get("nodes"),
+        fanout_viewers=config.get("viewers"),
+    )
+
+
+def _receive_point(rows: list[dict[str, Any]], rate: float) -> dict[str, Any]:
+    """The receive-cost figures: at the busiest rate, and at the rate nearest `rate` (the
+    fan-out loads' events/s)."""
+    receive = [
+        r
+        for r in rows
+        if r.get("point") == "receive"
+        and r.get("target") == "node"
+        and r.get("server_cpu_us_per_event_and_node") is not None
+    ]
+    if not receive:
+        # Explicit Nones, not defaults: the model must not mix in the built-in run's point.
+        return dict.fromkeys(RECEIVE_FIELDS)
+    busiest = max(receive, key=lambda r: r["events_per_s"])
+    matched = min(receive, key=lambda r: abs(r["events_per_s"] - rate))
+    return _measured(
+        receive_us_per_event=busiest["server_cpu_us_per_event_and_node"],
+        receive_events_per_s=busiest["events_per_s"],
+        receive_us_per_event_at_fanout_rate=matched["server_cpu_us_per_event_and_node"],
+    )
+
+
+def _idle_costs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    nodes = [r for r in rows if r.get("server") == "node" and r.get("sockets")]
+    if not nodes:
+        return {}
+    biggest = max(nodes, key=lambda r: r["sockets"])
+    return _measured(
+        kib_per_socket=biggest.get("rss_per_socket_kib"),
+        node_base_rss_mib=biggest.get("rss_before_mib"),
+        idle_sockets=biggest.get("sockets"),
+    )
+
+
+def _sweep_costs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rows:
+        return {}
+    size = max(r["sessions"] for r in rows)
+    due = _nearest([r for r in rows if r["sessions"] == size and "due" in r], "due", SWEEP_DUE)
+    empty = next((r for r in rows if r["sessions"] == size and "due" not in r), None)
+    used_mib = empty.get("redis_used_mib") if empty else None
+    return _measured(
+        sweep_redis_us_per_transition=(due or {}).get("redis_cpu_us_per_transition"),
+        sweep_node_us_per_transition=(due or {}).get("harness_cpu_us_per_transition"),
+        redis_mib_per_million_sessions=used_mib * 1e6 / size if used_mib else None,
     )
 
 

@@ -277,13 +277,19 @@ def limits(
 ) -> list[Limit]:
     """What load growth reaches first, ranked. k scales every user rate with the planned fleet
     kept (fleet limits), or the largest study's viewers (hot-study limits)."""
-    shard_max = largest_study(study_on_shard(m, w, n.processes), 1.0)
-    node_max = largest_study(study_on_node(m, w, n.processes), 1.0)
+    out = [
+        *_fleet_limits(m, w, n, r),
+        *_hot_study_limits(m, w, n, largest),
+        *_shared_limits(w, sizes, t, n, r),
+    ]
+    return sorted(out, key=lambda x: x.breaks_at)
+
+
+def _fleet_limits(m: Measured, w: Workload, n: NodePlan, r: RedisPlan) -> list[Limit]:
+    """The limits more node processes or primaries push back in proportion."""
     free_mib = w.node_memory_mib - m.node_base_rss_mib
     socket_mib = n.sockets_per_node * m.kib_per_socket / KIB
-    link = heaviest_pubsub_link(w, t, n.processes, r.primaries) * sizes.pubsub_message
-    biggest = f"largest study {viewers_text(largest)} viewers"
-    out = [
+    return [
         Limit(
             "node CPU",
             f"{fmt(n.cpu_per_node)} of a core per process, {n.processes:,} processes",
@@ -306,6 +312,15 @@ def limits(
             True,
             "more primaries (reshard); study affinity (fewer copies); throttle cursor moves",
         ),
+    ]
+
+
+def _hot_study_limits(m: Measured, w: Workload, n: NodePlan, largest: float) -> list[Limit]:
+    """The limits of one study, which cannot be split over primaries or past its nodes."""
+    shard_max = largest_study(study_on_shard(m, w, n.processes), 1.0)
+    node_max = largest_study(study_on_node(m, w, n.processes), 1.0)
+    biggest = f"largest study {viewers_text(largest)} viewers"
+    return [
         Limit(
             "one hot study on its primary",
             f"{biggest}; one primary carries {shard_max:,}",
@@ -322,6 +337,13 @@ def limits(
             if w.affinity
             else "throttle cursor moves in big studies; split a huge study",
         ),
+    ]
+
+
+def _shared_limits(w: Workload, sizes: Sizes, t: Traffic, n: NodePlan, r: RedisPlan) -> list[Limit]:
+    """The limits of what every node shares: the schedule shards and a pub/sub link."""
+    link = heaviest_pubsub_link(w, t, n.processes, r.primaries) * sizes.pubsub_message
+    return [
         Limit(
             f"{SCHEDULE_SHARDS} schedule shards",
             f"busiest {fmt(r.schedule_shard_cpu)} of a core "
@@ -339,7 +361,6 @@ def limits(
             "CPU headroom on nodes; raise client-output-buffer-limit pubsub",
         ),
     ]
-    return sorted(out, key=lambda x: x.breaks_at)
 
 
 def plan(m: Measured, w: Workload, sizes: Sizes | None = None) -> Plan:

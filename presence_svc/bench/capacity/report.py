@@ -6,9 +6,11 @@ import dataclasses
 from typing import Any
 
 from presence_svc.bench.capacity.inputs import MIB, Measured
-from presence_svc.bench.capacity.model import Workload, costs
+from presence_svc.bench.capacity.model import Traffic, Workload, costs
 from presence_svc.bench.capacity.plan import Plan, viewers_text
 from presence_svc.bench.report import fmt, table
+
+QUANTITY = ["quantity", "value", "unit", "how"]  # the columns of the tables but the last
 
 
 def _mb(value: float) -> float:
@@ -38,12 +40,29 @@ def split_text(m: Measured, w: Workload) -> str:
 
 def render(p: Plan) -> str:
     """The tables `presence-svc capacity` prints."""
-    w, m, s, t, n, r = p.workload, p.measured, p.sizes, p.traffic, p.nodes, p.redis
+    sections = [
+        table("Load", QUANTITY, _load_rows(p.traffic)),
+        table("Nodes (one process = one core)", QUANTITY, _node_rows(p)),
+        table("Redis (one primary = one core)", QUANTITY, _redis_rows(p)),
+        table(
+            "What breaks first (k: growth at which a limit is hit, at 100 % of it: of all load "
+            "with the planned fleet, or of the largest study's viewers)",
+            ["#", "limit", "k", "scale-out", "now", "what to do"],
+            _limit_rows(p),
+        ),
+    ]
+    lines = _header(p)
+    for section in sections:
+        lines += ["", section]
+    return "\n".join(lines)
+
+
+def _header(p: Plan) -> list[str]:
+    w, m, s = p.workload, p.measured, p.sizes
     c = costs(m, w)
-    u_pct = f"{w.utilisation * 100:g} %"
     lines = [
         f"presence-svc capacity: {w.users:,} users in {w.studies:,} studies; each node process "
-        f"and Redis primary planned at {u_pct} of a core",
+        f"and Redis primary planned at {_pct(w)} of a core",
         f"measured: {m.source}",
     ]
     if m.fallbacks:
@@ -66,7 +85,18 @@ def render(p: Plan) -> str:
         f"Redis {fmt(c.redis_heartbeat)} per heartbeat, {fmt(c.redis_copy)} per event published "
         f"or copied to a node",
     ]
-    load_rows: list[list[Any]] = [
+    return lines
+
+
+def _pct(w: Workload) -> str:
+    return f"{w.utilisation * 100:g} %"
+
+
+# The four functions below are data tables: one row per line of the printed table.
+
+
+def _load_rows(t: Traffic) -> list[list[Any]]:
+    return [
         ["heartbeats", t.heartbeats, "/s", "users / interval + cursor moves"],
         ["events published", t.events, "/s", "all types below"],
         ["  cursor_moved", t.cursor_moves, "/s", "users x cursor rate"],
@@ -76,8 +106,11 @@ def render(p: Plan) -> str:
         ["deliveries to sockets", t.deliveries, "/s", "events x viewers of their study"],
         ["nodes reached per event", t.nodes_per_event, "", "N(1 - (1 - 1/N)^viewers)"],
     ]
-    lines += ["", table("Load", ["quantity", "value", "unit", "how"], load_rows)]
-    node_rows: list[list[Any]] = [
+
+
+def _node_rows(p: Plan) -> list[list[Any]]:
+    w, m, n = p.workload, p.measured, p.nodes
+    return [
         ["CPU: heartbeats", n.cores_heartbeats, "cores", "heartbeats x node us/heartbeat"],
         ["CPU: pub/sub receive", n.cores_receive, "cores", "events x nodes reached x us/event"],
         ["CPU: deliveries", n.cores_deliveries, "cores", "deliveries x us/delivery"],
@@ -99,11 +132,11 @@ def render(p: Plan) -> str:
         ["pub/sub in per process", _mb(n.pubsub_in_bytes_per_node), "MiB/s", ""],
         ["to clients per process", _mb(n.egress_bytes_per_node), "MiB/s", "WebSocket frames"],
     ]
-    lines += [
-        "",
-        table("Nodes (one process = one core)", ["quantity", "value", "unit", "how"], node_rows),
-    ]
-    redis_rows: list[list[Any]] = [
+
+
+def _redis_rows(p: Plan) -> list[list[Any]]:
+    w, r, u_pct = p.workload, p.redis, _pct(p.workload)
+    return [
         ["CPU: heartbeats", r.cores_heartbeats, "cores", "heartbeats x Redis us/heartbeat"],
         ["CPU: publishes", r.cores_publish, "cores", "heartbeat events x us/copy"],
         ["CPU: copies to nodes", r.cores_copies, "cores", "events x nodes reached x us/copy"],
@@ -139,24 +172,13 @@ def render(p: Plan) -> str:
         ],
         ["largest study per node", p.node_study_limit, "viewers", f"at {u_pct}"],
     ]
-    lines += [
-        "",
-        table("Redis (one primary = one core)", ["quantity", "value", "unit", "how"], redis_rows),
-    ]
-    limit_rows = [
+
+
+def _limit_rows(p: Plan) -> list[list[Any]]:
+    return [
         [i + 1, x.name, x.breaks_at, "yes" if x.scale_out else "no", x.now, x.remedy]
         for i, x in enumerate(p.limits)
     ]
-    lines += [
-        "",
-        table(
-            "What breaks first (k: growth at which a limit is hit, at 100 % of it: of all load "
-            "with the planned fleet, or of the largest study's viewers)",
-            ["#", "limit", "k", "scale-out", "now", "what to do"],
-            limit_rows,
-        ),
-    ]
-    return "\n".join(lines)
 
 
 def to_json(p: Plan) -> dict[str, Any]:
