@@ -61,6 +61,17 @@ def percentiles_ms(values_ns: Sequence[int]) -> dict[str, float | None]:
     }
 
 
+def us_each(seconds: float | None, count: float) -> float | None:
+    """`seconds` (of CPU, or of wall time) per one of `count` operations, in us; None when not
+    measured (a process that is not local) or when nothing was done."""
+    return round(seconds / count * 1e6, 2) if seconds is not None and count else None
+
+
+def cores(cpu: float | None, wall: float) -> float | None:
+    """CPU seconds over a window of `wall` s as a fraction of one core; None: not measured."""
+    return round(cpu / wall, 3) if cpu is not None else None
+
+
 def fmt(value: Any) -> str:
     if value is None:
         return "-"

@@ -11,19 +11,16 @@ event, in rows of their own (`point` "receive"); the targets are judged on the l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from presence_svc.bench import report
 from presence_svc.bench.harness import Context
 from presence_svc.bench.scenarios import fanout_receive
-from presence_svc.bench.scenarios.fanout_measure import (
-    TARGET_LOAD,
-    close_sockets,
-    measure,
-    open_sockets,
-    specs,
-)
+from presence_svc.bench.scenarios.fanout_measure import TARGET_LOAD, measure, specs, vs_baseline
+from presence_svc.bench.scenarios.sockets import close_groups, open_all
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -36,8 +33,8 @@ def run(ctx: Context) -> dict[str, Any]:
             f"on each of: {len(nodes)} nodes, {len(bases)} bare baseline servers; "
             f"{ctx.clients} client processes + 1 publisher; {p.seconds:g} s per point"
         )
-        open_sockets(ctx, "fanout-node", "node", specs(ctx, nodes, studies, p.viewers, "bench-fv"))
-        open_sockets(
+        open_all(ctx, "fanout-node", "node", specs(ctx, nodes, studies, p.viewers, "bench-fv"))
+        open_all(
             ctx, "fanout-baseline", "baseline", specs(ctx, bases, studies, p.viewers, "bench-fb")
         )
         for load in p.loads:
@@ -54,7 +51,7 @@ def run(ctx: Context) -> dict[str, Any]:
                         seconds=p.seconds,
                     )
                 )
-        close_sockets(ctx, "fanout-node", "fanout-baseline")
+        close_groups(ctx, "fanout-node", "fanout-baseline")
         # The receive-cost point, on the same processes: one socket per node and event.
         received = fanout_receive.run_point(ctx, nodes, bases)
     result = _summarize(ctx, rows, len(nodes))
@@ -63,11 +60,29 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def _summarize(ctx: Context, rows: list[dict[str, Any]], node_count: int) -> dict[str, Any]:
+    vs_baseline(rows, "offered_deliveries_per_s", "server_cpu_us_per_delivery", "cpu_vs_baseline")
+    ctx.emit(_table(rows))
+    loads = sorted({r["offered_deliveries_per_s"] for r in rows})
+    judged = min(loads, key=lambda x: abs(x - TARGET_LOAD))
     by = {(r["target"], r["offered_deliveries_per_s"]): r for r in rows}
+    node, base = by.get(("node", judged)), by.get(("baseline", judged))
+    targets = _targets(rows, node, f"at {judged:,} deliveries/s offered, {node_count} node(s)")
+    plots = []
+    if node and base:
+        plots.append(_latency_cdf(ctx, node, base, judged, node_count))
+    if len(loads) > 1:
+        plots.append(_throughput(ctx, rows))
     for r in rows:
-        base = by.get(("baseline", r["offered_deliveries_per_s"]))
-        cpu, base_cpu = r["server_cpu_us_per_delivery"], base and base["server_cpu_us_per_delivery"]
-        r["cpu_vs_baseline"] = round(cpu / base_cpu, 2) if cpu and base_cpu else None
+        del r["_latencies"]
+    return {
+        "config": asdict(ctx.profile.fanout),
+        "rows": rows,
+        "targets": targets,
+        "plots": [str(p) for p in plots if p is not None],
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
     columns = [
         "target",
         "offered/s",
@@ -86,45 +101,43 @@ def _summarize(ctx: Context, rows: list[dict[str, Any]], node_count: int) -> dic
         "redis CPU",
         "clients CPU",
     ]
-    ctx.emit(
-        report.table(
-            "Fan-out (CPU columns: fraction of one core; us = microseconds)",
-            columns,
+    return report.table(
+        "Fan-out (CPU columns: fraction of one core; us = microseconds)",
+        columns,
+        [
             [
-                [
-                    r["target"],
-                    r["offered_deliveries_per_s"],
-                    r["events_per_s"],
-                    r["deliveries_per_s"],
-                    r["latency_ms"]["p50"],
-                    r["latency_ms"]["p99"],
-                    r["latency_ms"]["max"],
-                    r["lost"],
-                    r["duplicated"],
-                    r["reordered"],
-                    r["closed_sockets"],
-                    r["server_cpu_us_per_delivery"],
-                    r["cpu_vs_baseline"],
-                    r["server_cpu_util_per_process"],
-                    r["redis_cpu_util"],
-                    r["clients_cpu_util"],
-                ]
-                for r in rows
-            ],
-        )
+                r["target"],
+                r["offered_deliveries_per_s"],
+                r["events_per_s"],
+                r["deliveries_per_s"],
+                r["latency_ms"]["p50"],
+                r["latency_ms"]["p99"],
+                r["latency_ms"]["max"],
+                r["lost"],
+                r["duplicated"],
+                r["reordered"],
+                r["closed_sockets"],
+                r["server_cpu_us_per_delivery"],
+                r["cpu_vs_baseline"],
+                r["server_cpu_util_per_process"],
+                r["redis_cpu_util"],
+                r["clients_cpu_util"],
+            ]
+            for r in rows
+        ],
     )
-    loads = sorted({r["offered_deliveries_per_s"] for r in rows})
-    judged = min(loads, key=lambda x: abs(x - TARGET_LOAD))
-    node, base = by.get(("node", judged)), by.get(("baseline", judged))
-    at = f"at {judged:,} deliveries/s offered, {node_count} node(s)"
+
+
+def _targets(
+    rows: list[dict[str, Any]], node: dict[str, Any] | None, at: str
+) -> list[report.Target]:
+    """The targets, judged on `node`: the node row at the load nearest TARGET_LOAD."""
     node_rows = [r for r in rows if r["target"] == "node"]
-    ratio = node["cpu_vs_baseline"] if node else None
-    p99 = node["latency_ms"]["p99"] if node else None
-    targets = [
+    return [
         report.check(
             "fan-out CPU per delivery vs bare Starlette",
             "<= 1.4x",
-            ratio,
+            node["cpu_vs_baseline"] if node else None,
             "x",
             1.4,
             False,
@@ -133,7 +146,7 @@ def _summarize(ctx: Context, rows: list[dict[str, Any]], node_count: int) -> dic
         report.check(
             "fan-out p99 publish->receive",
             "<= 50 ms at 10k deliveries/s",
-            p99,
+            node["latency_ms"]["p99"] if node else None,
             "ms",
             50.0,
             False,
@@ -160,50 +173,32 @@ def _summarize(ctx: Context, rows: list[dict[str, Any]], node_count: int) -> dic
             f"all {len(node_rows)} node runs",
         ),
     ]
-    plots = []
-    if node and base:
-        path = report.plot_cdf(
-            ctx.folder / "fanout-latency-cdf.png",
-            f"Fan-out latency, {judged:,} deliveries/s offered",
-            {
-                f"{node_count} nodes (via Redis)": node["_latencies"],
-                f"bare Starlette x{node_count}": base["_latencies"],
-            },
-        )
-        plots.append(path)
-    if len(loads) > 1:
-        series = {
-            k: [
-                (r["offered_deliveries_per_s"], r["deliveries_per_s"])
-                for r in rows
-                if r["target"] == k
-            ]
-            for k in ("node", "baseline")
-        }
-        p99 = {
-            f"{k} p99 ms": [
-                (r["offered_deliveries_per_s"], r["latency_ms"]["p99"] or 0)
-                for r in rows
-                if r["target"] == k
-            ]
-            for k in ("node", "baseline")
-        }
-        plots.append(
-            report.plot_lines(
-                ctx.folder / "fanout-throughput.png",
-                "Fan-out: delivered vs offered load",
-                "offered deliveries/s",
-                "delivered deliveries/s",
-                series,
-                p99,
-                "p99 latency (ms)",
-            )
-        )
-    for r in rows:
-        del r["_latencies"]
-    return {
-        "config": asdict(ctx.profile.fanout),
-        "rows": rows,
-        "targets": targets,
-        "plots": [str(p) for p in plots if p is not None],
-    }
+
+
+def _latency_cdf(
+    ctx: Context, node: dict[str, Any], base: dict[str, Any], judged: int, node_count: int
+) -> Path | None:
+    return report.plot_cdf(
+        ctx.folder / "fanout-latency-cdf.png",
+        f"Fan-out latency, {judged:,} deliveries/s offered",
+        {
+            f"{node_count} nodes (via Redis)": node["_latencies"],
+            f"bare Starlette x{node_count}": base["_latencies"],
+        },
+    )
+
+
+def _throughput(ctx: Context, rows: list[dict[str, Any]]) -> Path | None:
+    def points(kind: str, y: Callable[[dict[str, Any]], float]) -> list[tuple[float, float]]:
+        return [(r["offered_deliveries_per_s"], y(r)) for r in rows if r["target"] == kind]
+
+    kinds = ("node", "baseline")
+    return report.plot_lines(
+        ctx.folder / "fanout-throughput.png",
+        "Fan-out: delivered vs offered load",
+        "offered deliveries/s",
+        "delivered deliveries/s",
+        {k: points(k, lambda r: r["deliveries_per_s"]) for k in kinds},
+        {f"{k} p99 ms": points(k, lambda r: r["latency_ms"]["p99"] or 0) for k in kinds},
+        "p99 latency (ms)",
+    )

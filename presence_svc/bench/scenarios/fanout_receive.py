@@ -17,13 +17,8 @@ from typing import Any
 from presence_svc.bench import report
 from presence_svc.bench.harness import Context
 from presence_svc.bench.runner import CpuWindow, Endpoint
-from presence_svc.bench.scenarios.fanout_measure import (
-    TARGET_LOAD,
-    close_sockets,
-    measure,
-    open_sockets,
-    specs,
-)
+from presence_svc.bench.scenarios.fanout_measure import TARGET_LOAD, measure, specs, vs_baseline
+from presence_svc.bench.scenarios.sockets import close_groups, open_all
 
 POINT = "receive"
 
@@ -55,7 +50,7 @@ def run_point(ctx: Context, nodes: list[Endpoint], bases: list[Endpoint]) -> lis
         "baseline": (bases, specs(ctx, bases, studies, viewers, "bench-rb")),
     }
     for kind, (_, layout) in layouts.items():
-        open_sockets(ctx, f"fanout-{POINT}-{kind}", kind, layout)
+        open_all(ctx, f"fanout-{POINT}-{kind}", kind, layout)
     idle = _idle({kind: servers for kind, (servers, _) in layouts.items()}, p.receive_idle_seconds)
     rows = []
     for rate in p.receive_events:
@@ -75,7 +70,7 @@ def run_point(ctx: Context, nodes: list[Endpoint], bases: list[Endpoint]) -> lis
             row["offered_events_per_s"] = rate
             row["server_idle_cpu_util_per_process"] = idle[kind]
             rows.append(row)
-    close_sockets(ctx, *(f"fanout-{POINT}-{kind}" for kind in layouts))
+    close_groups(ctx, *(f"fanout-{POINT}-{kind}" for kind in layouts))
     return rows
 
 
@@ -88,12 +83,20 @@ def summarize(
         del r["_latencies"]
     if not rows:
         return rows
-    by = {(r["target"], r["offered_events_per_s"]): r for r in rows}
-    for r in rows:
-        base = by.get(("baseline", r["offered_events_per_s"]))
-        cpu = r["server_cpu_us_per_event_and_node"]
-        base_cpu = base and base["server_cpu_us_per_event_and_node"]
-        r["cpu_per_event_vs_baseline"] = round(cpu / base_cpu, 2) if cpu and base_cpu else None
+    vs_baseline(
+        rows,
+        "offered_events_per_s",
+        "server_cpu_us_per_event_and_node",
+        "cpu_per_event_vs_baseline",
+    )
+    ctx.emit("\n" + _table(ctx, rows, node_count))
+    comparison = _comparison(loads)
+    if comparison:
+        ctx.emit(comparison)
+    return rows
+
+
+def _table(ctx: Context, rows: list[dict[str, Any]], node_count: int) -> str:
     columns = [
         "target",
         "events/s offered",
@@ -128,23 +131,24 @@ def summarize(
         for r in rows
     ]
     p = ctx.profile.fanout
-    ctx.emit(
-        "\n"
-        + report.table(
-            f"Receive cost: {p.receive_studies} studies x {node_count} "
-            f"viewers, one socket per node and event; {p.receive_seconds:g} s per point; "
-            "CPU in ns (schedstat)",
-            columns,
-            table_rows,
-        )
+    return report.table(
+        f"Receive cost: {p.receive_studies} studies x {node_count} "
+        f"viewers, one socket per node and event; {p.receive_seconds:g} s per point; "
+        "CPU in ns (schedstat)",
+        columns,
+        table_rows,
     )
+
+
+def _comparison(loads: list[dict[str, Any]]) -> str | None:
+    """The load nearest the targets', per event and node; None if no node row has one."""
     judged = [r for r in loads if r["target"] == "node" and r.get("point", "fan-out") == "fan-out"]
-    if judged:
-        near = min(judged, key=lambda r: abs(r["offered_deliveries_per_s"] - TARGET_LOAD))
-        ctx.emit(
-            f"for comparison, {near['offered_deliveries_per_s']:,} deliveries/s above: "
-            f"{report.fmt(near['sockets_per_event_and_node'])} sockets per node and event, node "
-            f"CPU {report.fmt(near['server_cpu_us_per_event_and_node'])} us per event and node "
-            f"({report.fmt(near['server_cpu_us_per_delivery'])} us per delivery)"
-        )
-    return rows
+    if not judged:
+        return None
+    near = min(judged, key=lambda r: abs(r["offered_deliveries_per_s"] - TARGET_LOAD))
+    return (
+        f"for comparison, {near['offered_deliveries_per_s']:,} deliveries/s above: "
+        f"{report.fmt(near['sockets_per_event_and_node'])} sockets per node and event, node "
+        f"CPU {report.fmt(near['server_cpu_us_per_event_and_node'])} us per event and node "
+        f"({report.fmt(near['server_cpu_us_per_delivery'])} us per delivery)"
+    )
