@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import jwt
 import pytest
 from starlette.applications import Starlette
 
+from presence_svc import __version__
 from presence_svc.auth import TokenVerifier
 from presence_svc.cli import _count_protocol_close, main
 from presence_svc.metrics import Metrics
 from presence_svc.settings import DEV_JWT_SECRET
+from presence_svc.web import openapi
 from tests.support.processes import terminate, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -116,3 +123,42 @@ def test_serve_uds_answers_over_the_unix_socket(cleanup_real_redis: str, key_pre
         # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly.
         assert proc.returncode in {0, -signal.SIGTERM}, output
         assert f"unix socket {path}" in output and "Traceback" not in output
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"presence-svc {__version__}\n"
+
+
+def test_the_version_has_one_source() -> None:
+    # pyproject.toml names no version of its own: setuptools reads __version__ at build time.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert "version" in project["project"]["dynamic"]
+    dynamic = project["tool"]["setuptools"]["dynamic"]["version"]
+    assert dynamic == {"attr": "presence_svc.__version__"}
+    assert openapi.build()["info"]["version"] == __version__
+    # The CHANGELOG's first release heading is the version being released.
+    releases = re.findall(r"^## (\S+)$", (ROOT / "CHANGELOG.md").read_text(), re.MULTILINE)
+    assert releases[0] == __version__
+    assert len(releases) == len(set(releases))
+
+
+def test_serve_help_shows_its_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 127.0.0.1)" in text
+    assert "(default: 8000)" in text
+    assert "(default: $PRESENCE_LOG_LEVEL, else info)" in text
+
+
+def test_token_ttl_says_and_uses_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["token", "--help"])
+    assert "(default: 3600, one hour)" in " ".join(capsys.readouterr().out.split())
+    assert main(["token", "alice"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 3600
