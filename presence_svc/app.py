@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
 from presence_svc.auth import TokenVerifier
@@ -26,11 +27,14 @@ from presence_svc.redis.client import RedisClients, connect
 from presence_svc.redis.cluster import is_cluster
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.pubsub import LinkTuning
+from presence_svc.redis.stats import RedisStats
 from presence_svc.redis.store import RedisStore
 from presence_svc.requestid import RequestIdMiddleware
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
+from presence_svc.stats import StatsWriter
 from presence_svc.sweeper import Sweeper
+from presence_svc.web import dashboard, stats
 from presence_svc.web.errors import EXCEPTION_HANDLERS
 from presence_svc.web.rest import ROUTES
 from presence_svc.web.ws import presence_socket, snapshot_message
@@ -65,6 +69,9 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
     # one encoded snapshot.
     snapshots = Coalescer(snapshot)
     metrics = Metrics()
+    stats_store = RedisStats(
+        clients.commands, keys, thresholds, call_timeout=settings.redis_call_timeout
+    )
 
     def swept(seconds: float, report: SweepReport) -> None:
         metrics.sweep_duration.observe(seconds)
@@ -84,6 +91,10 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
         verifier=TokenVerifier.from_settings(settings, clock.time),
         rest_heartbeats=KeyedBuckets(settings.rest_heartbeat_rate, settings.rest_heartbeat_burst),
         metrics=metrics,
+        stats=stats_store,
+        stats_writer=StatsWriter(
+            stats_store, lambda: node.leases.node_id, lambda: node.report(), settings.stats_interval
+        ),
         clock=clock,
     )
     _register_readings(node, store)
@@ -124,6 +135,21 @@ def _register_readings(node: Node, store: RedisStore) -> None:
         node.metrics.counter(name, documentation, read)
 
 
+def cors(settings: Settings) -> Middleware:
+    """CORS for REST calls from pages of other origins: those of PRESENCE_ALLOWED_ORIGINS, or
+    any when it is empty (as for WebSockets). Credentials stay off: tokens travel in the
+    Authorization header, never in cookies."""
+    return Middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins or ["*"],
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        allow_credentials=False,
+        expose_headers=["Retry-After", "X-Request-ID", "WWW-Authenticate"],
+        max_age=600,
+    )
+
+
 async def _stop(tasks: list[asyncio.Task[None]]) -> None:
     """Cancel the node's background tasks and wait for them to end.
 
@@ -157,6 +183,7 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
             asyncio.create_task(node.fanout.run(), name="fanout"),
             asyncio.create_task(node.sweeper.run(), name="sweeper"),
             asyncio.create_task(node.leases.run(), name="leases"),
+            asyncio.create_task(node.stats_writer.run(), name="stats"),
         ]
         log.info("node %s ready (key prefix %r)", node.leases.node_id, settings.key_prefix)
         try:
@@ -169,14 +196,23 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
             except Exception as exc:
                 log.error("releasing leases at shutdown failed (peers will reap them): %s", exc)
             await _stop(tasks)
+            # Its report would expire anyway: a Redis that does not answer gets a second only.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(node.stats_writer.close(), 1.0)
             await node.fanout.close()
             await node.store.close()
             await clients.aclose()
 
     return Starlette(
-        routes=[*ROUTES, WebSocketRoute("/ws/presence", presence_socket)],
+        routes=[
+            *ROUTES,
+            *stats.ROUTES,
+            *dashboard.ROUTES,
+            WebSocketRoute("/ws/presence", presence_socket),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
-        # Request/connection ids for the logs and X-Request-ID (pure ASGI: nothing per message).
-        middleware=[Middleware(RequestIdMiddleware)],
+        # Request/connection ids for the logs and X-Request-ID (pure ASGI: nothing per message),
+        # then CORS for REST from other origins (WebSockets pass through it untouched).
+        middleware=[Middleware(RequestIdMiddleware), cors(settings)],
         lifespan=lifespan,
     )

@@ -1,6 +1,8 @@
 """Bearer tokens: HS256 JWTs whose `sub` is the user id and whose `exp` is enforced.
 
-A `studies` claim grants access: a list of study ids, or `"*"` for every study.
+A `studies` claim grants access: a list of study ids, or `"*"` for every study. A `scope` claim
+(space-separated, as in OAuth 2.0) grants operations: `presence:admin`, with every study, makes
+an operator's token (GET /stats, the dashboard).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from presence_svc.settings import Settings
 
 ALGORITHM = "HS256"
 ALL_STUDIES = "*"
+ADMIN_SCOPE = "presence:admin"
 LATEST_EXPIRY = 253_402_300_799  # 9999-12-31T23:59:59Z
 _ID = re.compile(ID_PATTERN)
 
@@ -31,9 +34,15 @@ class Principal:
     user_id: str
     studies: frozenset[str]  # granted study ids; ALL_STUDIES grants every study
     expires_at: float
+    scopes: frozenset[str] = frozenset()  # the `scope` claim's space-separated values
 
     def may_access(self, study_id: str) -> bool:
         return ALL_STUDIES in self.studies or study_id in self.studies
+
+    @property
+    def is_admin(self) -> bool:
+        """An operator's token: it grants every study and carries the admin scope."""
+        return ALL_STUDIES in self.studies and ADMIN_SCOPE in self.scopes
 
 
 def _studies(claim: object) -> frozenset[str]:
@@ -48,14 +57,27 @@ def _studies(claim: object) -> frozenset[str]:
     raise AuthError('invalid "studies" claim: a list of study ids, or "*"')
 
 
+def _scopes(claim: object) -> frozenset[str]:
+    if claim is None:
+        return frozenset()
+    if isinstance(claim, str):
+        return frozenset(claim.split())
+    raise AuthError('invalid "scope" claim: a string of space-separated scopes')
+
+
 class AuthError(Exception):
     """The request carries no usable token; the message says why (never the token itself)."""
 
 
 def issue_token(
-    user_id: str, secret: str, ttl: float = 3600.0, studies: str | Iterable[str] | None = None
+    user_id: str,
+    secret: str,
+    ttl: float = 3600.0,
+    studies: str | Iterable[str] | None = None,
+    scope: str | Iterable[str] | None = None,
 ) -> str:
-    """A signed token for `user_id`, valid for `ttl` seconds, granting `studies` ("*": all)."""
+    """A signed token for `user_id`, valid for `ttl` seconds, granting `studies` ("*": all)
+    and the scopes `scope` (a space-separated string or an iterable of scopes)."""
     if not _ID.fullmatch(user_id):
         raise ValueError(f"user id {user_id!r} does not match {ID_PATTERN}")
     now = int(time.time())
@@ -67,6 +89,8 @@ def issue_token(
         except AuthError as exc:
             raise ValueError(str(exc)) from None
         claims["studies"] = grant
+    if scope is not None:
+        claims["scope"] = scope if isinstance(scope, str) else " ".join(scope)
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -184,7 +208,12 @@ class TokenVerifier:
         # An exp past the year 9999 is as good as that date (and fits a float and a datetime).
         # (PyJWT has already checked that int() takes it.)
         expires_at = float(min(int(claims["exp"]), LATEST_EXPIRY))
-        principal = Principal(subject, _studies(claims.get("studies")), expires_at)
+        principal = Principal(
+            subject,
+            _studies(claims.get("studies")),
+            expires_at,
+            _scopes(claims.get("scope")),
+        )
         self._accepted[token] = principal
         if len(self._accepted) > self._cache_size:
             self._accepted.popitem(last=False)

@@ -90,6 +90,10 @@ class Fanout:
         """Number of study channels this node is subscribed to."""
         return len(self._channels)
 
+    def watching(self) -> dict[str, int]:
+        """Local subscribers of each study subscribed to (for the node's stats)."""
+        return {entry.study_id: len(entry.subscribers) for entry in self._channels.values()}
+
     @property
     def links(self) -> int:
         """Pub/sub connections open (one per shard in use)."""

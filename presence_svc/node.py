@@ -15,9 +15,11 @@ from presence_svc.fanout import Fanout
 from presence_svc.leases import LeaseKeeper
 from presence_svc.limits import KeyedBuckets
 from presence_svc.metrics import Metrics
+from presence_svc.redis.stats import RedisStats
 from presence_svc.redis.store import RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
+from presence_svc.stats import NodeReport, StatsWriter
 from presence_svc.sweeper import Sweeper
 
 
@@ -34,6 +36,8 @@ class Node:
     verifier: TokenVerifier
     rest_heartbeats: KeyedBuckets  # per user
     metrics: Metrics
+    stats: RedisStats  # operators' reads (GET /stats); the writer reports this node's own
+    stats_writer: StatsWriter
     # Token expiry: the node's shared clock (leases.clock) in a running node; tests move it.
     clock: Clock = field(default_factory=SystemClock)
     sockets_by_user: Counter[str] = field(default_factory=Counter)
@@ -54,6 +58,16 @@ class Node:
             "leases": self.leases.held,
             "slow_consumers": self.slow_consumers,
         }
+
+    def report(self) -> NodeReport:
+        """What this node writes of itself for GET /stats (StatsWriter's input)."""
+        return NodeReport(
+            sockets=self.open_sockets,
+            studies=self.fanout.studies,
+            leases=self.leases.held,
+            events_published=self.store.events_published,
+            watching=self.fanout.watching(),
+        )
 
     async def redis_ready(self) -> bool:
         """True if Redis answers a PING within a second."""

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     # it the socket is closed with 1013 (a client sending pings and never reading the pongs).
     # Must exceed the largest message the node sends: a snapshot of the largest study.
     ws_max_outgoing_buffer: int = Field(4 * 1024 * 1024, ge=256 * 1024, le=1024 * 1024 * 1024)
+    # GET /dashboard serves the operators' live page (its data still needs an admin token).
+    dashboard: bool = False
+    # Seconds between two writes of this node's own stats (sockets, watched studies, leases,
+    # event rate) to Redis, for GET /stats and the dashboard.
+    stats_interval: float = Field(1.0, ge=0.1, le=60)
 
     @field_validator(
         "redis_url",

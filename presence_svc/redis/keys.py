@@ -68,6 +68,15 @@ class Keys:
         """Set of the node's leases, each `<study_id> <user_id> <connection_id>`."""
         return f"{self.prefix}:{{node:{node_id}}}:leases"
 
+    def node_stats(self, node_id: str) -> str:
+        """Hash: what the node reports of itself (sockets, studies, leases, events), written by
+        the node on a timer of its own and expiring when it stops writing."""
+        return f"{self.prefix}:{{node:{node_id}}}:stats"
+
+    def node_watching(self, node_id: str) -> str:
+        """Hash: study_id -> sockets of this node watching the study (same timer and expiry)."""
+        return f"{self.prefix}:{{node:{node_id}}}:watching"
+
     def schedule(self, study_id: str) -> str:
         """The schedule shard (sorted set: study_id -> next due ms) that holds this study."""
         return self.schedule_shard(zlib.crc32(study_id.encode()) % SCHEDULE_SHARDS)

@@ -24,6 +24,8 @@ from presence_svc.web.schemas import (
     PresenceOut,
     ReadinessOut,
     SessionOut,
+    StatsOut,
+    StudyStatsOut,
 )
 
 OPENAPI_VERSION = "3.1.0"
@@ -39,6 +41,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (ErrorOut, "serialization"),
     (HealthOut, "serialization"),
     (ReadinessOut, "serialization"),
+    (StatsOut, "serialization"),
+    (StudyStatsOut, "serialization"),
 ]
 
 
@@ -88,6 +92,11 @@ _RESPONSES: dict[str, Any] = {
     ),
     "Forbidden": _error(
         "The token does not grant the study (when grants are required).", "forbidden"
+    ),
+    "NotAdmin": _error(
+        'Not an operator\'s token: it must grant every study (`studies: "*"`) and carry '
+        "`presence:admin` in its `scope` claim.",
+        "forbidden",
     ),
     "NotFound": _error("No such route (e.g. an empty study id, or one with `/`).", "not_found"),
     "MethodNotAllowed": _error(
@@ -186,6 +195,39 @@ def _paths() -> dict[str, Any]:
                 "security": _bearer(),
                 "responses": _responses(_ok("Left.", _ref(LeaveOut)), *_STUDY_ERRORS),
             },
+        },
+        "/presence/{study_id}/stats": {
+            "parameters": [study_id],
+            "get": {
+                "operationId": "get_study_stats",
+                "summary": "A study's users by status and the sockets watching it",
+                "description": (
+                    "Counts from the study's index by heartbeat age (no session is read) and "
+                    "one watch count per live node."
+                ),
+                "security": _bearer(),
+                "responses": _responses(
+                    _ok("The study's counts.", _ref(StudyStatsOut)), *_STUDY_ERRORS
+                ),
+            },
+        },
+        "/stats": {
+            "get": {
+                "operationId": "get_stats",
+                "summary": "Operators: the live nodes and the studies with the most users",
+                "description": (
+                    "Needs a token granting every study with the `presence:admin` scope. "
+                    "Reads each live node's own report and counts at most a bounded sample "
+                    "of studies (`exact` says whether it counted them all)."
+                ),
+                "security": _bearer(),
+                "responses": _responses(
+                    _ok("The overview.", _ref(StatsOut)),
+                    (401, "Unauthorized"),
+                    (403, "NotAdmin"),
+                    (503, "Unavailable"),
+                ),
+            }
         },
         "/healthz": {
             "get": {

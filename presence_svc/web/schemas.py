@@ -89,3 +89,55 @@ class ReadinessOut(_ResponseShape):
     pubsub: Literal["ok", "reconnecting"]
     draining: bool
     clock: Literal["ok", "skewed"]  # "skewed": off Redis's by more than PRESENCE_MAX_CLOCK_SKEW
+
+
+Rate = Annotated[float, Field(ge=0)]
+
+
+class StatusCountsOut(_ResponseShape):
+    """Sessions by status, by heartbeat age against the thresholds (what the sweep applies
+    within one sweep interval)."""
+
+    active: Count
+    idle: Count
+    away: Count
+    total: Count
+
+
+class NodeStatsOut(_ResponseShape):
+    """A live node: its last renewal, and its last report of itself (null: none yet)."""
+
+    node_id: Hex32
+    seen_ms_ago: Count = Field(description="since the node last renewed its liveness")
+    sockets: Count | None
+    studies: Count | None = Field(description="study channels the node is subscribed to")
+    leases: Count | None
+    events_per_second: Rate | None = Field(description="events its scripts published")
+
+
+class TopStudyOut(_ResponseShape):
+    study_id: Identifier
+    users: StatusCountsOut
+
+
+class StatsOut(_ResponseShape):
+    """`GET /stats`: every live node, and the studies with the most users (operators only)."""
+
+    node_id: Hex32 = Field(description="the node that answered")
+    nodes: list[NodeStatsOut]
+    sockets: Count = Field(description="open WebSockets, summed over the nodes' reports")
+    events_per_second: Rate = Field(description="events published, summed over the nodes")
+    studies: Count = Field(description="studies with sessions")
+    sampled: Count = Field(description="studies counted (a bounded sample when there are more)")
+    exact: bool = Field(description="true when every study was counted")
+    sessions: StatusCountsOut = Field(description="sessions of the counted studies")
+    top_studies: list[TopStudyOut] = Field(description="most users first")
+
+
+class StudyStatsOut(_ResponseShape):
+    """`GET /presence/{study_id}/stats`: users by status and the sockets watching the study."""
+
+    study_id: Identifier
+    users: StatusCountsOut
+    watching: Count = Field(description="WebSockets of every live node subscribed to the study")
+    seq: Count = Field(description="the seq of the study's last event")

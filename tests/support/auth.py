@@ -17,9 +17,11 @@ def token(
     secret: str = SECRET,
     studies: str | Iterable[str] | None = None,
     ttl: float = TTL,
+    scope: str | None = None,
 ) -> str:
-    """An HS256 token for `user`, valid for `ttl` seconds, granting `studies` ("*": all)."""
-    return issue_token(user, secret, ttl=ttl, studies=studies)
+    """An HS256 token for `user`, valid for `ttl` seconds, granting `studies` ("*": all) and
+    the space-separated scopes `scope`."""
+    return issue_token(user, secret, ttl=ttl, studies=studies, scope=scope)
 
 
 def bearer(signed: str) -> dict[str, str]:
@@ -33,6 +35,12 @@ def auth(
     secret: str = SECRET,
     studies: str | Iterable[str] | None = None,
     ttl: float = TTL,
+    scope: str | None = None,
 ) -> dict[str, str]:
     """The Authorization header of a fresh token (see `token`)."""
-    return bearer(token(user, secret=secret, studies=studies, ttl=ttl))
+    return bearer(token(user, secret=secret, studies=studies, ttl=ttl, scope=scope))
+
+
+def admin(user: str = "operator", *, secret: str = SECRET) -> dict[str, str]:
+    """The Authorization header of an operator's token: every study, the admin scope."""
+    return auth(user, secret=secret, studies="*", scope="presence:admin")

@@ -15,6 +15,7 @@ from starlette.testclient import TestClient
 from presence_svc.auth import ALL_STUDIES
 from presence_svc.models import ID_PATTERN, HeartbeatRequest
 from presence_svc.web import openapi
+from presence_svc.web import stats as stats_routes
 from presence_svc.web.rest import ROUTES
 from presence_svc.web.schemas import (
     HealthOut,
@@ -32,13 +33,18 @@ PRESENCE_OPERATIONS = {
     ("post", "/presence/heartbeat"),
     ("get", "/presence/{study_id}"),
     ("delete", "/presence/{study_id}"),
+    ("get", "/presence/{study_id}/stats"),
+    ("get", "/stats"),
 }
+API_ROUTES = [*ROUTES, *stats_routes.ROUTES]
 
 # Every status each operation documents (README, "REST API").
 DOCUMENTED = {
     ("post", "/presence/heartbeat"): {200, 400, 401, 403, 422, 429, 503},
     ("get", "/presence/{study_id}"): {200, 401, 403, 404, 422, 503},
     ("delete", "/presence/{study_id}"): {200, 401, 403, 404, 422, 503},
+    ("get", "/presence/{study_id}/stats"): {200, 401, 403, 404, 422, 503},
+    ("get", "/stats"): {200, 401, 403, 503},
     ("get", "/healthz"): {200},
     ("get", "/readyz"): {200, 503},
     ("get", "/openapi.json"): {200},
@@ -155,8 +161,8 @@ def test_callers_cannot_change_the_cached_document() -> None:
 
 
 def test_every_route_is_documented_with_its_methods() -> None:
-    routes = {r.path: r for r in ROUTES if isinstance(r, Route)}
-    assert len(routes) == len(ROUTES)
+    routes = {r.path: r for r in API_ROUTES if isinstance(r, Route)}
+    assert len(routes) == len(API_ROUTES)
     assert set(DOC["paths"]) == set(routes)
     for path, route in routes.items():
         assert route.methods is not None
@@ -279,9 +285,40 @@ def test_every_documented_response_is_real_and_conforms(
     assert r.status_code == 503
     assert seen.check("get", "/readyz", r)["status"] == "not ready"
 
+    check_stats(seen, client, down_client)
+
     # ... and each documented response was seen for real.
     documented = {(m, p, s) for (m, p), statuses in DOCUMENTED.items() for s in statuses}
     assert seen.seen == documented
+
+
+def check_stats(seen: Conformance, client: TestClient, down_client: TestClient) -> None:
+    """The stats endpoints' documented responses, for real."""
+    one, url = "/presence/{study_id}/stats", "/presence/counted/stats"
+    for user in ("alice", "bob", "carol"):
+        client.post("/presence/heartbeat", json={"study_id": "counted"}, headers=auth(user))
+    assert seen.check("get", one, client.get(url, headers=auth()))["users"]["active"] == 3
+    overview = seen.check("get", "/stats", client.get("/stats", headers=support_auth.admin()))
+    assert overview["top_studies"][0]["study_id"] == "counted"
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        for path, target in ((one, url), ("/stats", "/stats")):
+            r = client.get(target, headers=headers)
+            assert r.status_code == 401
+            seen.check("get", path, r)
+    r = client.get(url, headers=auth(studies=["other"]))
+    assert r.status_code == 403
+    seen.check("get", one, r)
+    r = client.get("/stats", headers=auth())  # every study, but no admin scope
+    assert r.status_code == 403
+    seen.check("get", "/stats", r)
+    for target, status in (("/presence/-bad/stats", 422), ("/presence//stats", 404)):
+        r = client.get(target, headers=auth())
+        assert r.status_code == status
+        seen.check("get", one, r)
+    for path, target, headers in ((one, url, auth()), ("/stats", "/stats", support_auth.admin())):
+        r = down_client.get(target, headers=headers)
+        assert r.status_code == 503
+        seen.check("get", path, r)
 
 
 def test_real_responses_validate_against_the_response_models(client: TestClient) -> None:

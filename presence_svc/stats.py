@@ -1,0 +1,248 @@
+"""What operators see (GET /stats, GET /presence/{study_id}/stats, the dashboard), and the loop
+by which every node reports itself for it.
+
+No read here goes through every session of every study. Each node writes its own counts
+(sockets, watched studies, leases, events published) to two small hashes of its own, on a
+timer of its own (`StatsWriter`); the reads take the live nodes from the node registry, those
+hashes, and per study only counts of its index by heartbeat age (redis/stats.py says what each
+costs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from presence_svc.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+# Every this many writes (and after a failed one) a node rewrites its watch counts whole
+# instead of the changes only, so a hash lost with a Redis restart is soon whole again.
+FULL_WRITE_EVERY = 30
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCounts:
+    """Sessions by status (by heartbeat age against the thresholds, as the sweep applies it)."""
+
+    active: int = 0
+    idle: int = 0
+    away: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.active + self.idle + self.away
+
+    def __add__(self, other: StatusCounts) -> StatusCounts:
+        return StatusCounts(
+            self.active + other.active, self.idle + other.idle, self.away + other.away
+        )
+
+    def to_json(self) -> dict[str, int]:
+        return {"active": self.active, "idle": self.idle, "away": self.away, "total": self.total}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReport:
+    """What one node says of itself at one moment (the writer's input)."""
+
+    sockets: int
+    studies: int
+    leases: int
+    events_published: int  # since the node started, by its own scripts
+    watching: Mapping[str, int] = field(default_factory=dict)  # study_id -> local sockets
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    """A live node as the registry and its own last report show it (None: no report yet)."""
+
+    node_id: str
+    seen_ms_ago: int  # since its last liveness renewal
+    sockets: int | None = None
+    studies: int | None = None
+    leases: int | None = None
+    events_per_second: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "seen_ms_ago": self.seen_ms_ago,
+            "sockets": self.sockets,
+            "studies": self.studies,
+            "leases": self.leases,
+            "events_per_second": self.events_per_second,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StudyCount:
+    study_id: str
+    users: StatusCounts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"study_id": self.study_id, "users": self.users.to_json()}
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """Every node, and the studies with the most users among those sampled."""
+
+    nodes: tuple[NodeStats, ...]
+    studies: int  # studies with sessions (in the sweep schedule)
+    sampled: int  # studies counted: all of them unless there are more than the bound
+    top: tuple[StudyCount, ...]  # most users first
+    sessions: StatusCounts  # over the sampled studies
+
+    @property
+    def events_per_second(self) -> float:
+        return round(sum(n.events_per_second or 0.0 for n in self.nodes), 3)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodes": [n.to_json() for n in self.nodes],
+            "sockets": sum(n.sockets or 0 for n in self.nodes),
+            "events_per_second": self.events_per_second,
+            "studies": self.studies,
+            "sampled": self.sampled,
+            "exact": self.sampled == self.studies,
+            "sessions": self.sessions.to_json(),
+            "top_studies": [s.to_json() for s in self.top],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StudyStats:
+    study_id: str
+    users: StatusCounts
+    watching: int  # sockets of every live node subscribed to the study
+    seq: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "study_id": self.study_id,
+            "users": self.users.to_json(),
+            "watching": self.watching,
+            "seq": self.seq,
+        }
+
+
+class StatsStore(Protocol):
+    """Where nodes write their reports and operators' reads come from.
+
+    A call that cannot reach the store raises StoreUnavailable."""
+
+    async def write_node(
+        self,
+        node_id: str,
+        report: NodeReport,
+        events_per_second: float,
+        changed: Mapping[str, int],
+        dropped: Sequence[str],
+        *,
+        whole: bool,
+        ttl_ms: int,
+    ) -> None:
+        """Store the node's report, expiring after `ttl_ms`; its watch counts as `changed` and
+        `dropped` ones, or (`whole`) exactly `changed`."""
+        ...
+
+    async def forget_node(self, node_id: str) -> None:
+        """Delete the node's report (it is stopping)."""
+        ...
+
+    async def overview(self, now_ms: int, lease_ttl_ms: int) -> Overview:
+        """The live nodes (renewed within `lease_ttl_ms` of `now_ms`) and the top studies."""
+        ...
+
+    async def study(self, study_id: str, now_ms: int, lease_ttl_ms: int) -> StudyStats:
+        """One study's users by status and the sockets of live nodes watching it."""
+        ...
+
+
+class StatsWriter:
+    """Writes this node's report every `interval` seconds (only what changed of the watch
+    counts). `node_id` is read at each write: a node declared dead comes back under a new id."""
+
+    def __init__(
+        self,
+        store: StatsStore,
+        node_id: Callable[[], str],
+        report: Callable[[], NodeReport],
+        interval: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._store = store
+        self._node_id = node_id
+        self._report = report
+        self._interval = interval
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._written: dict[str, int] = {}  # the watch counts as last written
+        self._written_for: str | None = None  # the node id they were written for
+        self._writes_since_whole = 0
+        self._last: tuple[float, int] | None = None  # (monotonic time, events) of the last write
+
+    @property
+    def ttl_ms(self) -> int:
+        """A report outlives two missed writes, not more."""
+        return round(self._interval * 3000) + 1000
+
+    async def run(self) -> None:
+        """Write at once, then every interval, until cancelled; failures are logged."""
+        while True:
+            try:
+                await self.write()
+            except StoreUnavailable as exc:
+                log.warning("stats write failed: %s", exc)
+            await self._sleep(self._interval)
+
+    async def write(self) -> None:
+        """Write the node's report now."""
+        report = self._report()
+        node_id = self._node_id()
+        now = self._monotonic()
+        whole = node_id != self._written_for or self._writes_since_whole >= FULL_WRITE_EVERY
+        current = {study: n for study, n in report.watching.items() if n > 0}
+        if whole:
+            changed, dropped = current, []
+        else:
+            changed = {s: n for s, n in current.items() if self._written.get(s) != n}
+            dropped = [s for s in self._written if s not in current]
+        try:
+            await self._store.write_node(
+                node_id,
+                report,
+                self._rate(now, report.events_published),
+                changed,
+                dropped,
+                whole=whole,
+                ttl_ms=self.ttl_ms,
+            )
+        except BaseException:
+            self._written_for = None  # what Redis holds is unknown now: rewrite it whole
+            raise
+        self._written, self._written_for = current, node_id
+        self._writes_since_whole = 0 if whole else self._writes_since_whole + 1
+        self._last = (now, report.events_published)
+
+    def _rate(self, now: float, events: int) -> float:
+        if self._last is None or now <= self._last[0]:
+            return 0.0
+        return round(max(0, events - self._last[1]) / (now - self._last[0]), 3)
+
+    async def close(self) -> None:
+        """Delete this node's report (at shutdown); a failure only leaves it to expire."""
+        try:
+            await self._store.forget_node(self._node_id())
+        except StoreUnavailable as exc:
+            log.info("node stats left to expire: %s", exc)
