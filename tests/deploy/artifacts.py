@@ -1,4 +1,5 @@
-"""Readers and checks for the deployment artifacts: Dockerfile, lock files, compose, nginx, k8s.
+"""Readers and checks for the deployment artifacts: Dockerfile, lock files, compose, nginx.
+(The Kubernetes manifests have theirs in tests/deploy/k8s.py.)
 
 No Docker engine or cluster is needed: every artifact is parsed statically. Each check returns
 a list of problems (empty when the artifact is right), so that the tests can also feed it a
@@ -12,13 +13,12 @@ import os
 import re
 import shlex
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate.utils as kv  # type: ignore[import-untyped]
 import pytest
 import yaml
 from packaging.requirements import Requirement
@@ -30,13 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "docker-compose.yml"
 RUNTIME_LOCK = DEPLOY / "requirements.lock"
 BUILD_LOCK = DEPLOY / "build-requirements.lock"
-
-# Kubernetes release whose schemas (shipped by kubernetes-validate) the manifests must satisfy.
-K8S_VERSION = "1.35.0"
 
 # Values for the two settings that come from the Secret, so that the rest can be validated.
 PLACEHOLDER_SECRETS = {
@@ -493,73 +489,8 @@ def seconds(value: str) -> float:
     return total
 
 
-# --- Kubernetes -----------------------------------------------------------------------------
+# --- YAML (compose, Kubernetes) ------------------------------------------------------------
 
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
-
-
-def kustomization() -> dict[str, Any]:
-    data: dict[str, Any] = load_yaml(K8S / "kustomization.yaml")
-    return data
-
-
-def manifests() -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Every object of every file kustomization.yaml lists."""
-    for name in kustomization()["resources"]:
-        path = K8S / name
-        for document in yaml.safe_load_all(path.read_text()):
-            if document:
-                yield path, document
-
-
-def manifest(kind: str) -> dict[str, Any]:
-    found = [doc for _, doc in manifests() if doc.get("kind") == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
-    return found[0]
-
-
-def schema_problems(document: dict[str, Any], version: str = K8S_VERSION) -> list[str]:
-    """Errors of `document` against the strict Kubernetes schema of `version` (offline)."""
-    try:
-        kv.validate(document, version, strict=True)
-    except kv.ValidationError as exc:
-        where = ".".join(str(p) for p in exc.path) or "(root)"
-        return [f"{where}: {exc.message}"]
-    except kv.SchemaNotFoundError as exc:
-        return [str(exc.message)]
-    return []
-
-
-def cpu_cores(quantity: str | int | float) -> float:
-    text = str(quantity)
-    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-
-
-def container(deployment: Mapping[str, Any]) -> dict[str, Any]:
-    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1, "one container per pod"
-    return containers[0]
-
-
-def resolve_port(port: int | str, ports: list[dict[str, Any]]) -> int | None:
-    """A probe's or Service's port: a number, or a container port's name."""
-    if isinstance(port, int):
-        return port
-    for entry in ports:
-        if entry.get("name") == port:
-            number: int = entry["containerPort"]
-            return number
-    return None
-
-
-def pre_stop_seconds(spec: Mapping[str, Any]) -> float:
-    """How long the preStop hook waits: the `sleep` action, or `exec: [sleep, N]`."""
-    hook = spec.get("lifecycle", {}).get("preStop", {})
-    if "sleep" in hook:
-        return float(hook["sleep"]["seconds"])
-    command = hook.get("exec", {}).get("command", [])
-    if len(command) == 2 and command[0] in {"sleep", "/bin/sleep", "/usr/bin/sleep"}:
-        return float(command[1])
-    return 0.0

@@ -1,10 +1,10 @@
-"""The kustomize base in deploy/k8s, checked against the Kubernetes schemas and the app."""
+"""The kustomize layout in deploy/k8s: every overlay rendered and checked against the Kubernetes
+schemas; the fleet overlay against the app (the sidecar overlay: test_k8s_sidecar.py)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,28 +13,32 @@ from presence_svc.app import RELEASE_TIMEOUT
 from presence_svc.settings import Settings
 from presence_svc.web.rest import ROUTES
 from tests.deploy.artifacts import (
-    K8S,
-    K8S_VERSION,
     PLACEHOLDER_SECRETS,
-    container,
-    cpu_cores,
     dockerfile,
-    kustomization,
-    manifest,
-    manifests,
-    pre_stop_seconds,
-    resolve_port,
-    schema_problems,
     served_port,
     settings_from_env,
     stages,
     unknown_settings,
 )
+from tests.deploy.k8s import (
+    K8S_OVERLAYS,
+    K8S_VERSION,
+    SHUTDOWN_MARGIN_S,
+    container,
+    cpu_cores,
+    ingress_routes,
+    kustomization,
+    kustomizations,
+    manifest,
+    overlays,
+    pre_stop_seconds,
+    rendered,
+    resolve_port,
+    schema_problems,
+)
 from tests.support.app import app_client
 
 ROUTE_PATHS = {route.path for route in ROUTES}
-# Interpreter exit and closing Redis connections after the lease release.
-SHUTDOWN_MARGIN_S = 2.0
 
 
 def deployment() -> dict[str, Any]:
@@ -62,31 +66,39 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 def test_kustomization_lists_every_manifest() -> None:
-    listed = kustomization()["resources"]
-    on_disk = sorted(p.name for p in K8S.glob("*.y*ml") if p.name != "kustomization.yaml")
-    assert sorted(listed) == on_disk, "a manifest file is missing from kustomization.yaml"
-    kinds = sorted(doc["kind"] for _, doc in manifests())
+    for path in kustomizations():
+        listed = [r for r in kustomization(path.parent)["resources"] if r.endswith(".yaml")]
+        on_disk = [p.name for p in path.parent.glob("*.y*ml") if p.name != "kustomization.yaml"]
+        assert sorted(listed) == sorted(on_disk), f"{path}: a manifest file is not listed"
+        # No Secret with real values ships anywhere: it is created out of band.
+        assert "secretGenerator" not in kustomization(path.parent), path
+    assert overlays() == ["fleet", "sidecar"]
+    for overlay in overlays():
+        assert "../../base" in kustomization(K8S_OVERLAYS / overlay)["resources"], overlay
+    kinds = sorted(doc["kind"] for doc in rendered("fleet"))
     assert kinds == sorted(
         [
             "ConfigMap",
             "Deployment",
             "HorizontalPodAutoscaler",
+            "Ingress",
+            "Ingress",
             "NetworkPolicy",
             "PodDisruptionBudget",
             "Service",
+            "Service",
         ]
     )
-    # No Secret with real values ships in the base: it is created out of band.
-    assert "secretGenerator" not in kustomization()
 
 
-@pytest.mark.parametrize(
-    ("path", "document"),
-    list(manifests()),
-    ids=[f"{doc['kind']}-{doc['metadata']['name']}" for _, doc in manifests()],
-)
-def test_manifest_matches_the_kubernetes_schema(path: Path, document: dict[str, Any]) -> None:
-    assert schema_problems(document) == [], f"{path.name} against Kubernetes {K8S_VERSION}"
+@pytest.mark.parametrize("overlay", overlays())
+def test_every_rendered_object_matches_the_kubernetes_schema(overlay: str) -> None:
+    problems = {
+        f"{doc['kind']}/{doc['metadata']['name']}": schema_problems(doc)
+        for doc in rendered(overlay)
+    }
+    assert len(problems) == len(rendered(overlay)), "two objects of one kind and name"
+    assert {k: v for k, v in problems.items() if v} == {}, f"against Kubernetes {K8S_VERSION}"
 
 
 def test_schema_check_rejects_misspelt_and_mistyped_fields() -> None:
@@ -101,8 +113,9 @@ def test_schema_check_rejects_misspelt_and_mistyped_fields() -> None:
 
 
 def test_image_is_set_by_kustomize() -> None:
-    names = {entry["name"] for entry in kustomization()["images"]}
-    assert container(deployment())["image"] in names
+    images = {e["name"]: e for e in kustomization(K8S_OVERLAYS / "fleet")["images"]}
+    name, _, tag = container(deployment())["image"].rpartition(":")
+    assert name in images and tag == images[name]["newTag"]
 
 
 def test_container_serves_the_port_the_image_serves() -> None:
@@ -135,12 +148,43 @@ def test_probes_answer_200_on_a_node_configured_by_the_configmap(settings: Setti
             assert client.get(path).status_code == 200, path
 
 
-def test_service_maps_port_80_to_the_http_container_port() -> None:
-    service = manifest("Service")
+@pytest.mark.parametrize("name", ["presence-svc", "presence-svc-studies"])
+def test_service_maps_port_80_to_the_http_container_port(name: str) -> None:
+    service = manifest("Service", name=name)
     (port,) = service["spec"]["ports"]
     assert (port["name"], port["port"]) == ("http", 80)
     assert resolve_port(port["targetPort"], container(deployment())["ports"]) == served_port()
     assert selects_pods(service["spec"]["selector"])
+
+
+def test_fleet_ingress_hashes_websockets_on_their_study() -> None:
+    ingress = manifest("Ingress", name="presence-svc-studies")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$arg_study_id"
+    for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(annotations[f"nginx.ingress.kubernetes.io/{timeout}"]) >= 600, timeout
+    # Only the WebSocket path, on a Service of its own: ingress-nginx keeps one balancing rule
+    # per Service port, so REST through the same Service would be hashed too.
+    assert ingress_routes(ingress) == {"/ws/presence": ("Exact", "presence-svc-studies", "http")}
+
+
+def test_fleet_ingress_balances_rest_and_the_client_without_a_hash() -> None:
+    ingress = manifest("Ingress", name="presence-svc")
+    annotations = ingress["metadata"].get("annotations", {})
+    assert not [a for a in annotations if "hash" in a or "affinity" in a]
+    routes = ingress_routes(ingress)
+    assert routes == {
+        "/presence": ("Prefix", "presence-svc", "http"),
+        "/client/": ("Prefix", "presence-svc", "http"),
+    }
+    assert "/presence/{study_id}" in ROUTE_PATHS and "/presence/heartbeat" in ROUTE_PATHS
+    hosts = {
+        rule["host"]
+        for doc in rendered()
+        if doc["kind"] == "Ingress"
+        for rule in doc["spec"]["rules"]
+    }
+    assert len(hosts) == 1, "both Ingresses serve one host"
 
 
 def test_grace_period_covers_pre_stop_drain_and_lease_release(settings: Settings) -> None:
