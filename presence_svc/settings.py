@@ -103,6 +103,17 @@ class Settings(BaseSettings):
     # it the socket is closed with 1013 (a client sending pings and never reading the pongs).
     # Must exceed the largest message the node sends: a snapshot of the largest study.
     ws_max_outgoing_buffer: int = Field(4 * 1024 * 1024, ge=256 * 1024, le=1024 * 1024 * 1024)
+    # Redis Sentinel (docs/topologies.md): the sentinels (`host:port,...`) and the name of the
+    # primary they watch; the node connects to whichever server they name. PRESENCE_REDIS_URL
+    # is then optional and only says how to talk to that server (credentials, db, rediss://,
+    # query options), not where it is. The sentinels' own credentials and TLS are separate.
+    redis_sentinels: Annotated[list[tuple[str, int]], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str | None = None
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = None
+    redis_sentinel_tls: bool = False
+    redis_sentinel_tls_ca_certs: str | None = None
+
     # GET /dashboard serves the operators' live page (its data still needs an admin token).
     dashboard: bool = False
     # Seconds between two writes of this node's own stats (sockets, watched studies, leases,
@@ -175,9 +186,10 @@ class Settings(BaseSettings):
                     f"PRESENCE_JWT_ALGORITHM={self.jwt_algorithm} verifies with "
                     "PRESENCE_JWT_SECRET; unset PRESENCE_JWT_PUBLIC_KEY and PRESENCE_JWT_JWKS_FILE"
                 )
-            if self.redis_url is not None and self.jwt_secret is None:
+            if not self.embedded and self.jwt_secret is None:
                 raise ValueError(
-                    "PRESENCE_JWT_SECRET is required when PRESENCE_REDIS_URL is set; "
+                    "PRESENCE_JWT_SECRET is required when PRESENCE_REDIS_URL or "
+                    "PRESENCE_REDIS_SENTINELS is set; "
                     "only the embedded dev mode has a built-in secret"
                 )
         elif (self.jwt_public_key is None) == (self.jwt_jwks_file is None):
@@ -201,10 +213,56 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator(
+        "redis_sentinel_master",
+        "redis_sentinel_username",
+        "redis_sentinel_password",
+        "redis_sentinel_tls_ca_certs",
+        mode="before",
+    )
+    @classmethod
+    def _blank_sentinel_setting_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _split_sentinels(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [_host_port(part.strip()) for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _sentinel_settings_fit(self) -> Settings:
+        if not self.redis_sentinels:
+            stray = [
+                f"PRESENCE_{name.upper()}"
+                for name in _SENTINEL_ONLY
+                if getattr(self, name) not in (None, False)
+            ]
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: only with PRESENCE_REDIS_SENTINELS")
+            return self
+        if self.redis_sentinel_master is None:
+            raise ValueError("PRESENCE_REDIS_SENTINELS needs PRESENCE_REDIS_SENTINEL_MASTER")
+        if self.redis_cluster:
+            raise ValueError(
+                "PRESENCE_REDIS_SENTINELS and PRESENCE_REDIS_CLUSTER exclude each other"
+            )
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ValueError(
+                "with PRESENCE_REDIS_SENTINELS, PRESENCE_REDIS_URL must be a redis:// or "
+                "rediss:// URL (its host and port are not used)"
+            )
+        if self.redis_sentinel_tls_ca_certs is not None and not self.redis_sentinel_tls:
+            raise ValueError(
+                "PRESENCE_REDIS_SENTINEL_TLS_CA_CERTS needs PRESENCE_REDIS_SENTINEL_TLS=true"
+            )
+        return self
+
     @property
     def embedded(self) -> bool:
         """True when no Redis URL is configured: one node on an in-process Redis."""
-        return self.redis_url is None
+        return self.redis_url is None and not self.redis_sentinels
 
     @property
     def study_grant_required(self) -> bool:
@@ -215,6 +273,24 @@ class Settings(BaseSettings):
     @property
     def effective_jwt_secret(self) -> str:
         return self.jwt_secret if self.jwt_secret is not None else DEV_JWT_SECRET
+
+
+_SENTINEL_ONLY = (
+    "redis_sentinel_master",
+    "redis_sentinel_username",
+    "redis_sentinel_password",
+    "redis_sentinel_tls",
+    "redis_sentinel_tls_ca_certs",
+)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """`host:port` or `[v6 address]:port` as a pair; ValueError naming the bad part."""
+    host, colon, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port")
+    return host, int(port)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterError,
+    ReadOnlyError,
     RedisClusterException,
     ResponseError,
     SlotNotCoveredError,
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # Redis cannot serve the call now: lost or timed out (redis-py's errors; the built-in ones of
 # sockets, of batch.py and of asyncio.timeout), or a cluster electing a new primary
-# (CLUSTERDOWN, MASTERDOWN, TRYAGAIN, redirects that never settle, a slot no primary covers).
+# (CLUSTERDOWN, MASTERDOWN, TRYAGAIN, redirects that never settle, a slot no primary covers),
+# or a primary demoted to a replica (READONLY) until the node is on the new one (sentinel.py).
 UNAVAILABLE = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -37,6 +39,7 @@ UNAVAILABLE = (
     ClusterError,
     TryAgainError,
     SlotNotCoveredError,
+    ReadOnlyError,
 )
 # What redis-py's cluster client raises when it cannot learn a slot map: no node answers, or
 # some slots have no primary. Its other RedisClusterExceptions are mistakes of the caller.

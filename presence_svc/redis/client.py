@@ -1,4 +1,5 @@
-"""Opening the node's Redis clients: a real server or cluster (with retry), or the embedded one."""
+"""Opening the node's Redis clients: a real server, the primary of a Sentinel deployment or a
+cluster (with retry), or the embedded one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
@@ -18,6 +20,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_svc.redis.cluster import ClusterLinks, is_cluster
 from presence_svc.redis.pubsub import Links, SingleLinks
+from presence_svc.redis.sentinel import (
+    PrimaryWatch,
+    SentinelPool,
+    data_node_options,
+    pubsub_options,
+)
 from presence_svc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,7 @@ class RedisClients:
     commands: Any
     links: Links
     owns_commands: bool = True  # closed by aclose (a client handed to create_app is not)
+    watch: PrimaryWatch | None = None  # on Sentinel: what follows the primary
 
     @classmethod
     def around(cls, commands: Any) -> RedisClients:
@@ -55,6 +64,8 @@ class RedisClients:
         return cls(commands, links, owns_commands=False)
 
     async def aclose(self) -> None:
+        if self.watch is not None:
+            await self.watch.aclose()
         await self.links.aclose()
         if self.owns_commands:
             await self.commands.aclose()
@@ -69,6 +80,8 @@ async def connect(settings: Settings) -> RedisClients:
         )
         embedded = embedded_redis()
         return RedisClients(embedded, SingleLinks(embedded))
+    if settings.redis_sentinels:
+        return await _connect_sentinel(settings)
     if settings.redis_cluster:
         return await _connect_cluster(settings.redis_url, settings)
     # A bounded pool that makes callers wait for a free connection: a burst of thousands of
@@ -117,6 +130,61 @@ async def _connect_cluster(seed_url: str, settings: Settings) -> RedisClients:
 
     await _until_reachable(client, "Redis Cluster", ready, settings)
     return RedisClients(client, ClusterLinks(client))
+
+
+async def _connect_sentinel(settings: Settings) -> RedisClients:
+    # Both clients find the primary through the sentinels whenever they connect; the command
+    # pool is bounded and blocking as on a single Redis, and the watch moves its connections
+    # after a failover (sentinel.py).
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        settings.redis_sentinels,
+        sentinel_kwargs=sentinel_options(settings),
+        socket_connect_timeout=settings.redis_connect_timeout,
+        socket_keepalive=True,
+    )
+    master = settings.redis_sentinel_master
+    assert master is not None  # Settings require it with PRESENCE_REDIS_SENTINELS
+    client = sentinel.master_for(
+        master,
+        connection_pool_class=SentinelPool,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_call_timeout,
+        socket_timeout=_socket_timeout(settings),
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        **data_node_options(settings.redis_url),
+    )
+    watch = PrimaryWatch(sentinel, client.connection_pool)
+    try:
+        await _until_reachable(client, "the Redis primary (Sentinel)", client.ping, settings)
+    except BaseException:
+        await sentinel.aclose()
+        raise
+    pubsub = sentinel.master_for(
+        master, protocol=2, retry=Retry(NoBackoff(), 0), **pubsub_options(settings.redis_url)
+    )
+    watch.start()
+    return RedisClients(client, SingleLinks(pubsub, owned=True), watch=watch)
+
+
+def sentinel_options(settings: Settings) -> dict[str, Any]:
+    """How to talk to the sentinels themselves: their own credentials and TLS."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": settings.redis_connect_timeout,
+        # A stalled sentinel must not hold up every new connection: the next one is asked.
+        "socket_timeout": min(settings.redis_connect_timeout, _socket_timeout(settings)),
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0),  # discovery tries the next sentinel instead
+    }
+    if settings.redis_sentinel_username is not None:
+        options["username"] = settings.redis_sentinel_username
+    if settings.redis_sentinel_password is not None:
+        options["password"] = settings.redis_sentinel_password
+    if settings.redis_sentinel_tls:
+        options["ssl"] = True
+        if settings.redis_sentinel_tls_ca_certs is not None:
+            options["ssl_ca_certs"] = settings.redis_sentinel_tls_ca_certs
+    return options
 
 
 def _socket_timeout(settings: Settings) -> float:
