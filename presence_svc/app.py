@@ -35,6 +35,8 @@ from presence_svc.settings import Settings
 from presence_svc.stats import StatsWriter
 from presence_svc.sweeper import Sweeper
 from presence_svc.web import dashboard, stats
+from presence_svc.web.client_files import ROUTES as CLIENT_ROUTES
+from presence_svc.web.demo import ROUTES as DEMO_ROUTES
 from presence_svc.web.errors import EXCEPTION_HANDLERS
 from presence_svc.web.rest import ROUTES
 from presence_svc.web.ws import presence_socket, snapshot_message
@@ -208,6 +210,8 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
             *ROUTES,
             *stats.ROUTES,
             *dashboard.ROUTES,
+            *CLIENT_ROUTES,
+            *DEMO_ROUTES,
             WebSocketRoute("/ws/presence", presence_socket),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
