@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     # Seconds between two writes of this node's own stats (sockets, watched studies, leases,
     # event rate) to Redis, for GET /stats and the dashboard.
     stats_interval: float = Field(1.0, ge=0.1, le=60)
+    # GET /demo serves a small chess-study page built on the browser client (make demo).
+    demo: bool = False
 
     @field_validator(
         "redis_url",
