@@ -19,6 +19,7 @@ import redis
 from presence_svc.bench import report
 from presence_svc.bench.harness import Context
 from presence_svc.bench.runner import CpuWindow, Endpoint, command_delta, command_stats
+from presence_svc.bench.scenarios.sockets import close_groups, open_group
 
 
 def _split(items: list[Any], parts: int) -> list[list[Any]]:
@@ -47,21 +48,18 @@ def _measure(
     node_cpu, redis_cpu = window.cpu.get("node"), window.cpu.get("redis")
     clients_cpu = sum(v for k, v in window.cpu.items() if k.startswith("client-"))
 
-    def per_beat(cpu: float | None) -> float | None:
-        return round(cpu / beats * 1e6, 2) if cpu is not None and beats else None
-
-    redis_us = per_beat(redis_cpu)
+    redis_us = report.us_each(redis_cpu, beats)
     return {
         "path": path,
         "heartbeats": beats,
         "heartbeats_per_s": round(beats / seconds, 1) if seconds else 0.0,
         "errors": sum(r.get("errors", 0) for r in replies),
         "non_200": sum(n for r in replies for s, n in r.get("statuses", {}).items() if s != 200),
-        "node_cpu_us_per_heartbeat": per_beat(node_cpu),
-        "node_cpu_util": round(node_cpu / window.wall, 3) if node_cpu is not None else None,
+        "node_cpu_us_per_heartbeat": report.us_each(node_cpu, beats),
+        "node_cpu_util": report.cores(node_cpu, window.wall),
         "redis_cpu_us_per_heartbeat": redis_us,
         "redis_capacity_per_s": round(1e6 / redis_us) if redis_us else None,
-        "redis_cpu_util": round(redis_cpu / window.wall, 3) if redis_cpu is not None else None,
+        "redis_cpu_util": report.cores(redis_cpu, window.wall),
         "clients_cpu_util": round(clients_cpu / window.wall, 3),
         "redis_commands_per_heartbeat": {
             k: round(v / beats, 3) for k, v in commands.items() if beats and v / beats >= 0.01
@@ -80,61 +78,67 @@ def run(ctx: Context) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with ctx.nodes(1, prefix) as nodes:
         node = nodes[0]
-        local = node if node.pid is not None else None
         ctx.emit(
             f"1 node process; WebSocket: {p.ws_sockets} sockets x {p.ws_window} heartbeats "
             f"in flight; REST: {p.rest_connections} keep-alive connections; {p.studies} "
             f"studies; {ctx.clients} client processes; {p.seconds:g} s per path"
         )
-        specs = [
-            [node.host, node.port, i % p.studies, study, user]
-            for i, (user, study) in enumerate(users[: p.ws_sockets])
-        ]
-        ctx.pool.call_all(
-            "open",
-            120,
+        rows.append(_websocket(ctx, node, users[: p.ws_sockets]))
+        rows.append(_rest(ctx, node, users[: p.rest_connections]))
+    rows.append(_floor(ctx, prefix, users))
+    return _summarize(ctx, rows)
+
+
+def _local(node: Endpoint) -> Endpoint | None:
+    """`node` if its CPU can be read (a process of ours), else None."""
+    return node if node.pid is not None else None
+
+
+def _websocket(ctx: Context, node: Endpoint, users: list[list[str]]) -> dict[str, Any]:
+    p = ctx.profile.heartbeats
+    specs = [
+        [node.host, node.port, i % p.studies, study, user] for i, (user, study) in enumerate(users)
+    ]
+    open_group(ctx, "hb", "node", _split(specs, ctx.clients))
+
+    def ws(duration: float) -> list[dict[str, Any]]:
+        return ctx.pool.call_all(
+            "ws_heartbeats",
+            duration + 30,
+            [{"group": "hb", "duration": duration, "window": p.ws_window}] * ctx.clients,
+        )
+
+    ws(min(1.0, p.seconds))  # warm-up: the first heartbeats create the sessions
+    row = _measure(ctx, "WebSocket", _local(node), lambda: ws(p.seconds))
+    close_groups(ctx, "hb")
+    return row
+
+
+def _rest(ctx: Context, node: Endpoint, users: list[list[str]]) -> dict[str, Any]:
+    p = ctx.profile.heartbeats
+
+    def rest(duration: float) -> list[dict[str, Any]]:
+        return ctx.pool.call_all(
+            "rest_heartbeats",
+            duration + 30,
             [
                 {
-                    "group": "hb",
-                    "kind": "node",
-                    "specs": part,
+                    "host": node.host,
+                    "port": node.port,
                     "secret": ctx.secret,
-                    "concurrency": 100,
-                    "connect_timeout": 30,
+                    "users": part,
+                    "duration": duration,
                 }
-                for part in _split(specs, ctx.clients)
+                for part in _split(users, ctx.clients)
             ],
         )
 
-        def ws(duration: float) -> list[dict[str, Any]]:
-            return ctx.pool.call_all(
-                "ws_heartbeats",
-                duration + 30,
-                [{"group": "hb", "duration": duration, "window": p.ws_window}] * ctx.clients,
-            )
+    rest(min(1.0, p.seconds))
+    return _measure(ctx, "REST", _local(node), lambda: rest(p.seconds))
 
-        ws(min(1.0, p.seconds))  # warm-up: the first heartbeats create the sessions
-        rows.append(_measure(ctx, "WebSocket", local, lambda: ws(p.seconds)))
-        ctx.pool.call_all("close", 60, [{"group": "hb"}] * ctx.clients)
 
-        def rest(duration: float) -> list[dict[str, Any]]:
-            return ctx.pool.call_all(
-                "rest_heartbeats",
-                duration + 30,
-                [
-                    {
-                        "host": node.host,
-                        "port": node.port,
-                        "secret": ctx.secret,
-                        "users": part,
-                        "duration": duration,
-                    }
-                    for part in _split(users[: p.rest_connections], ctx.clients)
-                ],
-            )
-
-        rest(min(1.0, p.seconds))
-        rows.append(_measure(ctx, "REST", local, lambda: rest(p.seconds)))
+def _floor(ctx: Context, prefix: str, users: list[list[str]]) -> dict[str, Any]:
+    p = ctx.profile.heartbeats
 
     def floor() -> list[dict[str, Any]]:
         return ctx.pool.call_all(
@@ -152,8 +156,7 @@ def run(ctx: Context) -> dict[str, Any]:
             ],
         )
 
-    rows.append(_measure(ctx, "raw Redis (floor)", None, floor))
-    return _summarize(ctx, rows)
+    return _measure(ctx, "raw Redis (floor)", None, floor)
 
 
 def _busy(row: dict[str, Any]) -> str:
@@ -172,6 +175,16 @@ def _summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
             if floor["redis_capacity_per_s"]
             else None
         )
+    ctx.emit(_table(rows))
+    ctx.emit(
+        f"raw Redis capacity for heartbeat.lua + schedule.lua: "
+        f"{report.fmt(floor['redis_capacity_per_s'])}/s on one Redis core "
+        f"(1 / Redis CPU per heartbeat); reached {report.fmt(floor['heartbeats_per_s'])}/s"
+    )
+    return {"config": asdict(ctx.profile.heartbeats), "rows": rows, "targets": _targets(rows)}
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
     columns = [
         "path",
         "heartbeats/s",
@@ -184,34 +197,30 @@ def _summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "x redis capacity",
         "redis commands per heartbeat",
     ]
-    ctx.emit(
-        report.table(
-            "Heartbeats (one node process; CPU columns: fraction of one core)",
-            columns,
+    return report.table(
+        "Heartbeats (one node process; CPU columns: fraction of one core)",
+        columns,
+        [
             [
-                [
-                    r["path"],
-                    r["heartbeats_per_s"],
-                    r["errors"] + r["non_200"],
-                    r["node_cpu_us_per_heartbeat"],
-                    r["node_cpu_util"],
-                    r["redis_cpu_us_per_heartbeat"],
-                    r["redis_cpu_util"],
-                    r["clients_cpu_util"],
-                    r["vs_redis_capacity"],
-                    " ".join(f"{k}={v:g}" for k, v in r["redis_commands_per_heartbeat"].items()),
-                ]
-                for r in rows
-            ],
-        )
+                r["path"],
+                r["heartbeats_per_s"],
+                r["errors"] + r["non_200"],
+                r["node_cpu_us_per_heartbeat"],
+                r["node_cpu_util"],
+                r["redis_cpu_us_per_heartbeat"],
+                r["redis_cpu_util"],
+                r["clients_cpu_util"],
+                r["vs_redis_capacity"],
+                " ".join(f"{k}={v:g}" for k, v in r["redis_commands_per_heartbeat"].items()),
+            ]
+            for r in rows
+        ],
     )
-    ctx.emit(
-        f"raw Redis capacity for heartbeat.lua + schedule.lua: "
-        f"{report.fmt(floor['redis_capacity_per_s'])}/s on one Redis core "
-        f"(1 / Redis CPU per heartbeat); reached {report.fmt(floor['heartbeats_per_s'])}/s"
-    )
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[report.Target]:
     ws, rest = rows[0], rows[1]
-    targets = [
+    return [
         report.check(
             "WebSocket heartbeats per node process",
             ">= 20,000/s",
@@ -231,4 +240,3 @@ def _summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
             _busy(rest),
         ),
     ]
-    return {"config": asdict(ctx.profile.heartbeats), "rows": rows, "targets": targets}

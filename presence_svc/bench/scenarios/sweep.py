@@ -15,12 +15,14 @@ import os
 import time
 from collections.abc import Coroutine
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from presence_svc.bench import report
 from presence_svc.bench.harness import Context
+from presence_svc.bench.profiles import SweepProfile
 from presence_svc.bench.runner import CpuWindow
 from presence_svc.models import Thresholds
 from presence_svc.redis.keys import Keys
@@ -96,80 +98,95 @@ async def _delete_prefix(client: Any, prefix: str) -> None:
 
 async def _one_size(ctx: Context, sessions: int) -> list[dict[str, Any]]:
     p = ctx.profile.sweep
-    per = p.sessions_per_study
     keys = Keys(f"bench-{ctx.run_id}-sweep{sessions}")
     client = aioredis.Redis.from_url(ctx.redis_url)
-    rows: list[dict[str, Any]] = []
     try:
         now = int(time.time() * 1000)
         stale = now - IDLE_MS - 5_000  # past idle, not yet away
-        groups = {d: [f"d{d}-{i}" for i in range(d // per)] for d in p.due}
-        fresh = [f"f{i}" for i in range((sessions - sum(p.due)) // per)]
-        started = time.perf_counter()
-        await _fill(client, keys, fresh, per, now, now + IDLE_MS)
-        for studies in groups.values():
-            await _fill(client, keys, studies, per, stale, now + 10**9)  # parked: not due
-        fill_s = time.perf_counter() - started
-        memory = (await client.info("memory"))["used_memory"]
-        total = (len(fresh) + sum(map(len, groups.values()))) * per
+        groups = {d: [f"d{d}-{i}" for i in range(d // p.sessions_per_study)] for d in p.due}
+        row = await _fill_all(client, keys, p, sessions, groups, now, stale)
         for name in ("sweep_scan", "sweep_apply", "reschedule"):
             await client.script_load(script_source(name))  # as on a node that has swept before
         store = RedisStore(client, keys, THRESHOLDS)
-        durations = []
-        for _ in range(p.empty_ticks):
-            t0 = time.perf_counter_ns()
-            tick = await store.sweep(now)
-            durations.append(time.perf_counter_ns() - t0)
-            assert tick.studies == 0, tick
-        ms = report.percentiles_ms(durations)
-        rows.append(
-            {
-                "kind": "nothing due",
-                "sessions": total,
-                "studies": total // per,
-                "fill_s": round(fill_s, 1),
-                "redis_used_mib": round(memory / 2**20),
-                "ticks": p.empty_ticks,
-                "tick_ms": ms,
-            }
-        )
+        row.update(await _empty_ticks(store, now, p.empty_ticks))
+        rows = [row]
         for due, studies in groups.items():
             await _schedule(client, keys, studies, stale + IDLE_MS)
-            window = CpuWindow({"harness": os.getpid(), "redis": ctx.redis_pid}).start()
-            events = ticks = 0
-            while ticks < 1000:
-                tick = await store.sweep(now)
-                events += tick.events
-                ticks += 1
-                if not tick.more_due:
-                    break
-            window.stop()
-            redis_cpu = window.cpu.get("redis")
-            rows.append(
-                {
-                    "kind": f"{due:,} due",
-                    "sessions": total,
-                    "due": due,
-                    "ticks": ticks,
-                    "events": events,
-                    "sweep_ms": round(window.wall * 1000, 1),
-                    "us_per_transition": round(window.wall / max(events, 1) * 1e6, 2),
-                    "harness_cpu_us_per_transition": round(
-                        window.cpu["harness"] / max(events, 1) * 1e6, 2
-                    ),
-                    "redis_cpu_us_per_transition": (
-                        round(redis_cpu / max(events, 1) * 1e6, 2)
-                        if redis_cpu is not None
-                        else None
-                    ),
-                }
-            )
-            if events != len(studies) * per:
-                raise RuntimeError(f"{events} transitions for {len(studies) * per} due sessions")
+            rows.append(await _sweep_due(ctx, store, now, due, row["sessions"]))
+            if rows[-1]["events"] != len(studies) * p.sessions_per_study:
+                raise RuntimeError(
+                    f"{rows[-1]['events']} transitions for "
+                    f"{len(studies) * p.sessions_per_study} due sessions"
+                )
     finally:
         await _delete_prefix(client, keys.prefix)
         await client.aclose()
     return rows
+
+
+async def _fill_all(
+    client: Any,
+    keys: Keys,
+    p: SweepProfile,
+    sessions: int,
+    groups: dict[int, list[str]],
+    now: int,
+    stale: int,
+) -> dict[str, Any]:
+    """Fill Redis: fresh studies due after the idle threshold, then the stale `groups` parked
+    far in the future; the start of the "nothing due" row (the size, fill time and memory)."""
+    per = p.sessions_per_study
+    fresh = [f"f{i}" for i in range((sessions - sum(p.due)) // per)]
+    started = time.perf_counter()
+    await _fill(client, keys, fresh, per, now, now + IDLE_MS)
+    for studies in groups.values():
+        await _fill(client, keys, studies, per, stale, now + 10**9)  # parked: not due
+    fill_s = time.perf_counter() - started
+    memory = (await client.info("memory"))["used_memory"]
+    total = (len(fresh) + sum(map(len, groups.values()))) * per
+    return {
+        "kind": "nothing due",
+        "sessions": total,
+        "studies": total // per,
+        "fill_s": round(fill_s, 1),
+        "redis_used_mib": round(memory / 2**20),
+    }
+
+
+async def _empty_ticks(store: RedisStore, now: int, ticks: int) -> dict[str, Any]:
+    durations = []
+    for _ in range(ticks):
+        t0 = time.perf_counter_ns()
+        tick = await store.sweep(now)
+        durations.append(time.perf_counter_ns() - t0)
+        assert tick.studies == 0, tick
+    return {"ticks": ticks, "tick_ms": report.percentiles_ms(durations)}
+
+
+async def _sweep_due(
+    ctx: Context, store: RedisStore, now: int, due: int, sessions: int
+) -> dict[str, Any]:
+    """Sweep until nothing is due (1000 ticks at most), the Redis and harness CPU measured."""
+    window = CpuWindow({"harness": os.getpid(), "redis": ctx.redis_pid}).start()
+    events = ticks = 0
+    while ticks < 1000:
+        tick = await store.sweep(now)
+        events += tick.events
+        ticks += 1
+        if not tick.more_due:
+            break
+    window.stop()
+    return {
+        "kind": f"{due:,} due",
+        "sessions": sessions,
+        "due": due,
+        "ticks": ticks,
+        "events": events,
+        "sweep_ms": round(window.wall * 1000, 1),
+        "us_per_transition": report.us_each(window.wall, max(events, 1)),
+        "harness_cpu_us_per_transition": report.us_each(window.cpu["harness"], max(events, 1)),
+        "redis_cpu_us_per_transition": report.us_each(window.cpu.get("redis"), max(events, 1)),
+    }
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -181,42 +198,56 @@ def run(ctx: Context) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for sessions in p.sessions:
         rows += _run(_one_size(ctx, sessions))
-    ctx.emit(
-        report.table(
-            "Sweep (ms: wall time; us: microseconds; CPU read from /proc in 10 ms steps)",
+    ctx.emit(_table(rows))
+    plots = [_plot(ctx, rows)] if len(p.sessions) > 1 or len(p.due) > 1 else []
+    return {
+        "config": asdict(p),
+        "rows": rows,
+        "targets": _targets(rows),
+        "plots": [str(x) for x in plots if x is not None],
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    return report.table(
+        "Sweep (ms: wall time; us: microseconds; CPU read from /proc in 10 ms steps)",
+        [
+            "sessions",
+            "measured",
+            "fill s",
+            "redis MiB",
+            "tick p50 ms",
+            "tick p99 ms",
+            "tick max ms",
+            "ticks",
+            "sweep ms",
+            "us/transition",
+            "harness CPU us/tr",
+            "redis CPU us/tr",
+        ],
+        [
             [
-                "sessions",
-                "measured",
-                "fill s",
-                "redis MiB",
-                "tick p50 ms",
-                "tick p99 ms",
-                "tick max ms",
-                "ticks",
-                "sweep ms",
-                "us/transition",
-                "harness CPU us/tr",
-                "redis CPU us/tr",
-            ],
-            [
-                [
-                    r["sessions"],
-                    r["kind"],
-                    r.get("fill_s"),
-                    r.get("redis_used_mib"),
-                    r.get("tick_ms", {}).get("p50"),
-                    r.get("tick_ms", {}).get("p99"),
-                    r.get("tick_ms", {}).get("max"),
-                    r["ticks"],
-                    r.get("sweep_ms"),
-                    r.get("us_per_transition"),
-                    r.get("harness_cpu_us_per_transition"),
-                    r.get("redis_cpu_us_per_transition"),
-                ]
-                for r in rows
-            ],
-        )
+                r["sessions"],
+                r["kind"],
+                r.get("fill_s"),
+                r.get("redis_used_mib"),
+                r.get("tick_ms", {}).get("p50"),
+                r.get("tick_ms", {}).get("p99"),
+                r.get("tick_ms", {}).get("max"),
+                r["ticks"],
+                r.get("sweep_ms"),
+                r.get("us_per_transition"),
+                r.get("harness_cpu_us_per_transition"),
+                r.get("redis_cpu_us_per_transition"),
+            ]
+            for r in rows
+        ],
     )
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[report.Target]:
+    """The empty tick at the largest size; the cost per transition of its largest due group
+    over its smallest."""
     biggest = max(r["sessions"] for r in rows)
     empty = next(r for r in rows if r["sessions"] == biggest and r["kind"] == "nothing due")
     due_rows = [r for r in rows if r["sessions"] == biggest and "due" in r]
@@ -247,26 +278,20 @@ def run(ctx: Context) -> dict[str, Any]:
                 f"{small['due']:,} due: {small['us_per_transition']} us each",
             )
         )
-    plots = []
-    if len(p.sessions) > 1 or len(p.due) > 1:
-        series = {
-            f"{n:,} sessions": [
-                (r["due"], r["sweep_ms"]) for r in rows if r["sessions"] == n and "due" in r
-            ]
-            for n in sorted({r["sessions"] for r in rows})
-        }
-        plots.append(
-            report.plot_lines(
-                ctx.folder / "sweep-due.png",
-                "Sweep: time to apply due transitions",
-                "sessions due at once",
-                "ms for the whole sweep",
-                series,
-            )
-        )
-    return {
-        "config": asdict(p),
-        "rows": rows,
-        "targets": targets,
-        "plots": [str(x) for x in plots if x is not None],
+    return targets
+
+
+def _plot(ctx: Context, rows: list[dict[str, Any]]) -> Path | None:
+    series = {
+        f"{n:,} sessions": [
+            (r["due"], r["sweep_ms"]) for r in rows if r["sessions"] == n and "due" in r
+        ]
+        for n in sorted({r["sessions"] for r in rows})
     }
+    return report.plot_lines(
+        ctx.folder / "sweep-due.png",
+        "Sweep: time to apply due transitions",
+        "sessions due at once",
+        "ms for the whole sweep",
+        series,
+    )
