@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from presence_svc.bench.wsclient import OP_TEXT, frame, open_ws
+from presence_svc.bench.wsclient import OP_TEXT, WsClient, frame, open_ws
 from presence_svc.codec import json_text
 from presence_svc.models import CursorUpdate, Thresholds, iso_from_ms
 from presence_svc.redis.keys import Keys
@@ -19,6 +20,18 @@ EVENT_TYPE = "bench.cursor_moved"
 
 def _ignore(client: Any, payload: bytes, now_ns: int) -> None:
     return None
+
+
+# The fields of a real cursor_moved event, so the payload has a realistic size.
+_CURSOR_FIELDS = {
+    "session_id": "0" * 32,
+    "user_id": "bench-mover",
+    "chapter_id": "ch1",
+    "move_path": "main.12.var2.3",
+    "status": "active",
+}
+
+Send = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 async def publish(
@@ -39,41 +52,14 @@ async def publish(
     """
     import redis.asyncio as aioredis
 
-    from presence_svc.publisher import AsyncStudyEventPublisher
-
     redis_client = aioredis.Redis.from_url(redis_url) if mode == "node" else None
-    publisher = AsyncStudyEventPublisher(redis_client, prefix)
     pubs = [await open_ws(h, p, "/publish", _ignore, 10, skip=0) for h, p in targets]
+    send = _via_redis(redis_client, prefix) if redis_client is not None else _to_servers(pubs)
     total = max(1, round(rate * duration))
     counts = [0] * len(studies)
-    # The fields of a real cursor_moved event, so the payload has a realistic size.
-    static = {
-        "session_id": "0" * 32,
-        "user_id": "bench-mover",
-        "chapter_id": "ch1",
-        "move_path": "main.12.var2.3",
-        "status": "active",
-    }
     started = time.perf_counter()
-    worst_lag = 0.0
     try:
-        for i in range(total):
-            lag = time.perf_counter() - (started + i / rate)
-            if lag < 0:
-                await asyncio.sleep(-lag)
-            else:
-                worst_lag = max(worst_lag, lag)
-            s = i % len(studies)
-            data = {"bs": s, "bn": counts[s], "bt": time.time_ns(), "study_id": studies[s]}
-            data.update(static, timestamp=iso_from_ms(int(time.time() * 1000)))
-            counts[s] += 1
-            if redis_client is not None:
-                await publisher.publish(studies[s], EVENT_TYPE, data)
-            else:
-                text = f"{studies[s]}\n{json_text({'type': EVENT_TYPE, 'data': data})}"
-                payload = frame(OP_TEXT, text.encode())
-                for pub in pubs:
-                    pub.send_raw(payload)
+        worst_lag = await _paced(send, studies, counts, rate, total, started)
     finally:
         for pub in pubs:
             pub.close()
@@ -85,6 +71,49 @@ async def publish(
         "seconds": time.perf_counter() - started,
         "worst_lag_ms": worst_lag * 1000,
     }
+
+
+async def _paced(
+    send: Send, studies: list[str], counts: list[int], rate: float, total: int, started: float
+) -> float:
+    """Send event i at `started` + i / `rate`, at once when late; the worst lateness, in s.
+    `counts` (per study) counts the events sent."""
+    worst_lag = 0.0
+    for i in range(total):
+        lag = time.perf_counter() - (started + i / rate)
+        if lag < 0:
+            await asyncio.sleep(-lag)
+        else:
+            worst_lag = max(worst_lag, lag)
+        s = i % len(studies)
+        data = {"bs": s, "bn": counts[s], "bt": time.time_ns(), "study_id": studies[s]}
+        data.update(_CURSOR_FIELDS, timestamp=iso_from_ms(int(time.time() * 1000)))
+        counts[s] += 1
+        await send(studies[s], data)
+    return worst_lag
+
+
+def _via_redis(client: Any, prefix: str) -> Send:
+    from presence_svc.publisher import AsyncStudyEventPublisher
+
+    publisher = AsyncStudyEventPublisher(client, prefix)
+
+    async def send(study: str, data: dict[str, Any]) -> None:
+        await publisher.publish(study, EVENT_TYPE, data)
+
+    return send
+
+
+def _to_servers(pubs: list[WsClient]) -> Send:
+    """The bare servers' /publish path: the study id, a newline, the JSON text a node sends."""
+
+    async def send(study: str, data: dict[str, Any]) -> None:
+        text = f"{study}\n{json_text({'type': EVENT_TYPE, 'data': data})}"
+        payload = frame(OP_TEXT, text.encode())
+        for pub in pubs:
+            pub.send_raw(payload)
+
+    return send
 
 
 class _Captured(Exception):

@@ -153,38 +153,9 @@ def run(options: BenchOptions, catalogue: Mapping[str, Scenario]) -> dict[str, A
             stack.callback(redis_child.stop)
         pool = WorkerPool(options.profile.client_workers + 1, options.profile.lifetime)
         stack.callback(pool.close)
-        secret = options.jwt_secret or os.environ.get("PRESENCE_JWT_SECRET") or ""
-        if not options.nodes:
-            secret = secrets.token_hex(32)  # local nodes: a throw-away secret
-        elif len(secret.encode()) < 32:
-            raise ValueError("external nodes need their PRESENCE_JWT_SECRET (--jwt-secret)")
-        ctx = Context(options, run_id, folder, redis_url, redis_child, pool, secret)
-        layout = {
-            "redis": "local private redis-server" if redis_child else f"external {redis_url}",
-            "nodes": list(options.nodes) or "local presence-svc serve processes (per scenario)",
-            "client_workers": options.profile.client_workers,
-            "publisher_workers": 1,
-        }
-        env = environment(layout)
-        ctx.emit(f"presence-svc bench: profile {options.profile.name}, run {run_id}")
-        ctx.emit(
-            f"machine: {env['cores']} cores ({env['cpu_model']}), load average "
-            f"{' '.join(f'{x:.2f}' for x in env['loadavg_at_start'])}; {env['note']}"
-        )
-        ctx.emit(f"code measured: {env['code']}")
-        if not report.plotting_available():
-            ctx.emit("plots skipped: matplotlib is missing (pip install -e '.[bench]')")
-        results: dict[str, Any] = {}
-        targets: list[report.Target] = []
-        for name in chosen:
-            ctx.emit(f"\n=== {name} ===")
-            t0 = time.monotonic()
-            result = catalogue[name](ctx)
-            result["seconds"] = round(time.monotonic() - t0, 1)
-            result.update(scenario=name, profile=options.profile.name, environment=env)
-            report.write_json(folder, name, result)
-            results[name] = result
-            targets += result.get("targets", [])
+        ctx = Context(options, run_id, folder, redis_url, redis_child, pool, _secret(options))
+        env = _introduce(ctx)
+        targets = _run_scenarios(ctx, chosen, catalogue, env)
         ctx.emit("\n" + report.targets_table(targets))
         ctx.emit(f"\nresults in {folder} ({time.monotonic() - started:.0f} s)")
         summary = {
@@ -199,3 +170,50 @@ def run(options: BenchOptions, catalogue: Mapping[str, Scenario]) -> dict[str, A
         report.write_json(folder, "summary", summary)
         (folder / "report.txt").write_text("\n".join(ctx.lines) + "\n")
         return summary
+
+
+def _secret(options: BenchOptions) -> str:
+    """The JWT secret the clients sign with: the external nodes' own, or a throw-away one."""
+    secret = options.jwt_secret or os.environ.get("PRESENCE_JWT_SECRET") or ""
+    if not options.nodes:
+        return secrets.token_hex(32)
+    if len(secret.encode()) < 32:
+        raise ValueError("external nodes need their PRESENCE_JWT_SECRET (--jwt-secret)")
+    return secret
+
+
+def _introduce(ctx: Context) -> dict[str, Any]:
+    """Print what is measured, and on what; the environment every result carries."""
+    options = ctx.options
+    layout = {
+        "redis": "local private redis-server" if ctx.redis_child else f"external {ctx.redis_url}",
+        "nodes": list(options.nodes) or "local presence-svc serve processes (per scenario)",
+        "client_workers": options.profile.client_workers,
+        "publisher_workers": 1,
+    }
+    env = environment(layout)
+    ctx.emit(f"presence-svc bench: profile {options.profile.name}, run {ctx.run_id}")
+    ctx.emit(
+        f"machine: {env['cores']} cores ({env['cpu_model']}), load average "
+        f"{' '.join(f'{x:.2f}' for x in env['loadavg_at_start'])}; {env['note']}"
+    )
+    ctx.emit(f"code measured: {env['code']}")
+    if not report.plotting_available():
+        ctx.emit("plots skipped: matplotlib is missing (pip install -e '.[bench]')")
+    return env
+
+
+def _run_scenarios(
+    ctx: Context, chosen: tuple[str, ...], catalogue: Mapping[str, Scenario], env: dict[str, Any]
+) -> list[report.Target]:
+    """Run each scenario and write its JSON; the targets of all of them."""
+    targets: list[report.Target] = []
+    for name in chosen:
+        ctx.emit(f"\n=== {name} ===")
+        t0 = time.monotonic()
+        result = catalogue[name](ctx)
+        result["seconds"] = round(time.monotonic() - t0, 1)
+        result.update(scenario=name, profile=ctx.profile.name, environment=env)
+        report.write_json(ctx.folder, name, result)
+        targets += result.get("targets", [])
+    return targets
