@@ -5,7 +5,8 @@ node proves itself alive every third of the lease TTL, which renews every lease 
 Redis call; nodes silent for a whole TTL (by Redis's clock) are declared dead by their peers,
 whose sessions then leave after the grace period unless their users reconnect elsewhere.
 Releases that fail while Redis is unreachable are retried, so no session stays held by a
-closed connection.
+closed connection; and a periodic pass over the node's lease set releases what a heartbeat that
+reached Redis after its socket's release left held (see `LeaseKeeper._audit`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 
+# Renewals between two passes over the node's lease set when no store call failed meanwhile
+# (a failure brings the next pass forward to the next renewal).
+AUDIT_EVERY = 10
+
 
 class LeaseKeeper:
     """Holds this node's leases and renews them every third of `lease_ttl` seconds.
 
     `monotonic` and `sleep` are the keeper's sense of time (the process's by default): tests
     hand in a clock they move, so a renewal interval takes no real time to pass. `clock` is
-    the node's shared clock, whose offset to Redis's each renewal refreshes.
+    the node's shared clock, whose offset to Redis's each renewal refreshes. `audit_every` is
+    how many renewals apart the passes over the node's lease set are (`_audit`).
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class LeaseKeeper:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         clock: NodeClock | None = None,
+        audit_every: int = AUDIT_EVERY,
     ) -> None:
         self.node_id = uuid.uuid4().hex
         self.clock = clock or NodeClock()
@@ -57,6 +64,10 @@ class LeaseKeeper:
         self._unreleased: list[Lease] = []  # releases to retry at the next tick
         self._releasing: set[Lease] = set()  # releases of closing sockets, not yet confirmed
         self.released_dead = 0  # leases of dead nodes this node released
+        self._audit_every = audit_every
+        self._renewals_since_audit = 0
+        self._store_failed = False  # a store call failed since the last pass began
+        self.released_stale = 0  # leases of this node no open socket held, released by a pass
 
     @property
     def held(self) -> int:
@@ -87,8 +98,9 @@ class LeaseKeeper:
             await self._service.release([lease])
         except BaseException as exc:
             # Whatever cut it short (Redis gone, a deadline, the socket's task cancelled), it
-            # may not have been applied.
+            # may not have been applied; and calls left on a dropped connection may yet be.
             self._unreleased.append(lease)
+            self._store_failed = True
             if not isinstance(exc, Exception):
                 raise
             log.warning("release of %s deferred: %s", connection_id, exc)
@@ -113,12 +125,14 @@ class LeaseKeeper:
         return renewal.alive
 
     async def run(self) -> None:
-        """Renew, retry deferred releases and reap dead nodes, until cancelled."""
+        """Renew, retry deferred releases, check the lease set (`_audit`) and reap dead nodes,
+        until cancelled."""
         while True:
             await self._sleep(self._interval)
             try:
                 await self._tick()
             except Exception as exc:
+                self._store_failed = self._store_failed or isinstance(exc, StoreUnavailable)
                 log.warning("lease renewal failed: %s", exc)
 
     async def _tick(self) -> None:
@@ -138,10 +152,52 @@ class LeaseKeeper:
             except StoreUnavailable:
                 self._unreleased = pending + self._unreleased
                 raise
+        self._renewals_since_audit += 1
+        if self._store_failed or self._renewals_since_audit >= self._audit_every:
+            await self._audit()
         # After an outage every peer looks dead until it renews too: reap only after a whole
         # TTL of unbroken renewals of our own, which gives live peers time to show up.
         if self._up_since is not None and renewed - self._up_since >= self._ttl:
             self.released_dead += await self._service.reap_dead_nodes(self.node_id)
+
+    async def _audit(self) -> None:
+        """Anti-entropy: release the leases the node's lease set lists that neither an open
+        socket nor a release on its way accounts for.
+
+        A heartbeat left on a connection the batcher dropped during a Redis stall can still be
+        applied when Redis resumes, after its socket's release was: it lists the lease again
+        and holds the session for a connection that is gone, a ghost no reaper would end while
+        the node lives. Such a lease is released as a closed socket's is (its user leaves a
+        grace later unless it heartbeats again). Kept: every lease of `_held` (a socket's lease
+        is there before its first heartbeat is sent, so one the read finds is there or on its
+        way out), of releases in flight and of releases to retry (those end it themselves). A
+        lease released twice is a no-op, and connection ids are never reused, so a lease
+        released by its own socket while the pass ran is safe to release again.
+
+        Cost: one read of the lease set (SSCAN, about `redis.nodes.LEASE_PAGE` a round trip)
+        every `audit_every` renewals, or at the renewal after a failed store call; plus a
+        release per stale lease, normally none.
+        """
+        self._store_failed = False
+        self._renewals_since_audit = 0
+        node_id = self.node_id
+        listed = await self._service.leases_of(node_id)
+        if node_id != self.node_id:
+            return  # re-held under a new id meanwhile: the old set is for the reapers
+        accounted = {
+            lease.holder.connection_id
+            for lease in (*self._held.values(), *self._releasing, *self._unreleased)
+        }
+        stale = [lease for lease in listed if lease.holder.connection_id not in accounted]
+        if not stale:
+            return
+        log.warning("releasing %d leases that no open socket holds", len(stale))
+        try:
+            await self._service.release(stale)
+        except BaseException:
+            self._unreleased.extend(stale)
+            raise
+        self.released_stale += len(stale)
 
     async def _come_back(self) -> None:
         """Peers took this node for dead (a long pause, a partition) and are releasing its

@@ -79,6 +79,10 @@ class PresenceService:
         """Deregister this node at a clean shutdown."""
         await self._store.drop_node(node_id)
 
+    async def leases_of(self, node_id: str) -> list[Lease]:
+        """The leases the store lists for this node (to compare with its open sockets)."""
+        return await self._store.leases_of(node_id)
+
     async def reap_dead_nodes(self, node_id: str) -> int:
         """Release the leases of nodes other than `node_id` (the caller) silent for the lease
         TTL by the store's clock; their users leave a whole grace after the reap."""

@@ -99,6 +99,10 @@ class NodeRegistry(Protocol):
     - `reacquire` lets a node declared dead by mistake hold its sessions again (with fresh
       holders: a reap still running on the old ones could otherwise undo the new holds).
     - `drop_node` forgets a node that stopped cleanly, after it released its leases.
+    - `leases_of` lists the leases the store records for a node (what a reap of it would
+      release), read in bounded pages: a lease added or removed while it reads may or may not
+      be in it. A node compares it with its open sockets to release the leases a call that
+      arrived out of order (after its socket's release) left behind.
     """
 
     async def renew_node(self, node_id: str, now_ms: int | None = None) -> NodeRenewal:
@@ -112,6 +116,10 @@ class NodeRegistry(Protocol):
 
     async def drop_node(self, node_id: str) -> None:
         """Forget a node that stopped cleanly."""
+        ...
+
+    async def leases_of(self, node_id: str) -> list[Lease]:
+        """The leases the store lists for the node, each once."""
         ...
 
     async def reap_dead_nodes(

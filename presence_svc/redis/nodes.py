@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 REAP_NODES = 10
 REAP_BATCH = 500
 REAP_RETRY_MS = 30_000
+# Members asked for per SSCAN page when a node reads its own lease set (a hint to Redis).
+LEASE_PAGE = 1000
 
 Release = Callable[[Sequence[Lease], int, int], Awaitable[int]]
 
@@ -81,6 +83,20 @@ class RedisNodes:
             log.warning("node %s still lists %d leases: left for a peer to reap", node_id, left)
             return
         await self._redis.zrem(self._keys.live_nodes, node_id)
+
+    async def leases_of(self, node_id: str) -> list[Lease]:
+        key = self._keys.node_leases(node_id)
+        # A dict: SSCAN may return a member twice (the set was resized between two pages).
+        found: dict[Lease, None] = {}
+        cursor = 0
+        while True:
+            cursor, page = await self._redis.sscan(key, cursor, count=LEASE_PAGE)
+            for raw in page:
+                lease = parse_lease(node_id, raw)
+                if lease is not None:
+                    found[lease] = None
+            if int(cursor) == 0:
+                return list(found)
 
     async def reap(self, caller: str, lease_ttl_ms: int, grace_ms: int, now_ms: int | None) -> int:
         keys = [self._keys.live_nodes, self._keys.dead_nodes]

@@ -251,6 +251,16 @@ class RedisStore:
         """
         await self._nodes.drop(node_id)
 
+    @reachable_per_step  # one page per step, each with its deadline: bounded, not cut as a whole
+    async def leases_of(self, node_id: str) -> list[Lease]:
+        """The leases the node's lease set lists, each once (malformed members are logged
+        and skipped).
+
+        Cost: one `SSCAN` round trip per page of about `nodes.LEASE_PAGE` members, so
+        ceil(leases / LEASE_PAGE) reads; nothing is written.
+        """
+        return await self._nodes.leases_of(node_id)
+
     @reachable_per_step  # long, and resumable: each step has the deadline, not the whole
     async def reap_dead_nodes(
         self, caller: str, lease_ttl_ms: int, grace_ms: int, now_ms: int | None = None

@@ -40,6 +40,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from redis.retry import Retry
 
 from presence_svc.leases import LeaseKeeper
+from presence_svc.models import Lease
 from presence_svc.publisher import StudyEventPublisher
 from presence_svc.redis.keys import Keys
 from presence_svc.service import PresenceService
@@ -390,6 +391,9 @@ class _RefusingService:
     async def renew_node(self, node_id: str) -> NodeRenewal:
         self.renewals += 1
         return NodeRenewal(True, int(time.time() * 1000))
+
+    async def leases_of(self, node_id: str) -> list[Lease]:
+        return []  # its periodic pass finds nothing to release
 
     async def reap_dead_nodes(self, node_id: str) -> int:
         raise NoPermissionError(
