@@ -7,10 +7,17 @@ import socket
 
 import pydantic
 import pytest
+from redis.asyncio.sentinel import SentinelManagedConnection
 
 from presence_svc.app import build_node, link_tuning
-from presence_svc.redis.client import RedisClients, connect
+from presence_svc.redis.client import RedisClients, connect, sentinel_options
 from presence_svc.redis.pubsub import LinkTuning
+from presence_svc.redis.sentinel import (
+    PrimaryConnection,
+    PrimarySSLConnection,
+    data_node_options,
+    pubsub_options,
+)
 from presence_svc.settings import DEV_JWT_SECRET, SettingsError, load_settings
 from tests.support.app import fake_redis
 
@@ -363,3 +370,80 @@ def test_invalid_max_clock_skew_names_its_variable(
     with pytest.raises(SettingsError) as caught:
         load_settings()
     assert "PRESENCE_MAX_CLOCK_SKEW" in str(caught.value)
+
+
+# --- Redis Sentinel ---------------------------------------------------------------------------
+
+
+def test_sentinel_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRESENCE_REDIS_SENTINELS", "10.0.0.1:26379, sentinel-b:26380,[::1]:26381")
+    monkeypatch.setenv("PRESENCE_REDIS_SENTINEL_MASTER", "presence")
+    monkeypatch.setenv("PRESENCE_REDIS_SENTINEL_PASSWORD", "sentinel-pw")
+    monkeypatch.setenv("PRESENCE_REDIS_SENTINEL_TLS", "true")
+    monkeypatch.setenv("PRESENCE_REDIS_SENTINEL_TLS_CA_CERTS", "/etc/ca.pem")
+    monkeypatch.setenv("PRESENCE_JWT_SECRET", SECRET)
+    settings = load_settings()
+    assert settings.redis_sentinels == [
+        ("10.0.0.1", 26379),
+        ("sentinel-b", 26380),
+        ("::1", 26381),
+    ]
+    assert settings.redis_sentinel_master == "presence"
+    assert settings.redis_url is None  # optional: only how to talk to the primary
+    assert settings.embedded is False
+    assert settings.study_grant_required is True
+    options = sentinel_options(settings)
+    assert options["password"] == "sentinel-pw" and "username" not in options
+    assert options["ssl"] is True and options["ssl_ca_certs"] == "/etc/ca.pem"
+
+
+ON_SENTINEL = {"PRESENCE_REDIS_SENTINELS": "a:26379", "PRESENCE_REDIS_SENTINEL_MASTER": "m"}
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({**ON_SENTINEL, "PRESENCE_REDIS_SENTINELS": "sentinel-a"}, "'sentinel-a' is not host"),
+        ({**ON_SENTINEL, "PRESENCE_REDIS_SENTINELS": "a:26379,b:0"}, "'b:0' is not host:port"),
+        ({**ON_SENTINEL, "PRESENCE_REDIS_SENTINELS": "a:http"}, "PRESENCE_REDIS_SENTINELS"),
+        ({"PRESENCE_REDIS_SENTINELS": "a:26379"}, "needs PRESENCE_REDIS_SENTINEL_MASTER"),
+        ({"PRESENCE_REDIS_SENTINEL_MASTER": "m"}, "only with PRESENCE_REDIS_SENTINELS"),
+        ({"PRESENCE_REDIS_SENTINEL_PASSWORD": "pw"}, "only with PRESENCE_REDIS_SENTINELS"),
+        (
+            {**ON_SENTINEL, "PRESENCE_REDIS_CLUSTER": "true", "PRESENCE_REDIS_URL": "redis://s"},
+            "PRESENCE_REDIS_SENTINELS and PRESENCE_REDIS_CLUSTER exclude each other",
+        ),
+        ({**ON_SENTINEL, "PRESENCE_REDIS_URL": "unix:///run/r.sock"}, "redis:// or rediss://"),
+        (
+            {**ON_SENTINEL, "PRESENCE_REDIS_SENTINEL_TLS_CA_CERTS": "/ca.pem"},
+            "PRESENCE_REDIS_SENTINEL_TLS=true",
+        ),
+    ],
+)
+def test_invalid_sentinel_settings_say_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], message: str
+) -> None:
+    monkeypatch.setenv("PRESENCE_JWT_SECRET", SECRET)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=message):
+        load_settings()
+
+
+def test_sentinels_without_a_secret_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRESENCE_REDIS_SENTINELS", "a:26379")
+    monkeypatch.setenv("PRESENCE_REDIS_SENTINEL_MASTER", "presence")
+    with pytest.raises(SettingsError, match="PRESENCE_JWT_SECRET is required"):
+        load_settings()
+
+
+def test_the_url_says_how_to_talk_to_the_primary_not_where_it_is() -> None:
+    options = data_node_options("rediss://presence:pw@ignored-host:1234/3?ssl_ca_certs=/ca.pem")
+    assert "host" not in options and "port" not in options
+    assert (options["username"], options["password"], options["db"]) == ("presence", "pw", 3)
+    assert options["ssl_ca_certs"] == "/ca.pem"
+    assert options["connection_class"] is PrimarySSLConnection
+    assert data_node_options(None) == {"connection_class": PrimaryConnection}
+    assert data_node_options("redis://:pw@presence/0")["connection_class"] is PrimaryConnection
+    # Pub/sub connections are redis-py's own: a write never reconnects them behind the links.
+    assert pubsub_options(None)["connection_class"] is SentinelManagedConnection
