@@ -114,23 +114,41 @@ def test_load_balancer_waits_for_every_node_and_listens_on_8080() -> None:
     assert urlsplit(healthcheck_url(lb)).port == int(container_port)
 
 
-def test_nginx_round_robins_over_every_node() -> None:
-    conf = nginx_conf()
-    upstreams = [d for d in nginx_directives(conf) if d[:1] == ["upstream"]]
-    assert len(upstreams) == 1
-    name = upstreams[0][1]
-    body = nginx_block(conf, "upstream", name)
-    servers = {d[1] for d in body if d[0] == "server"}
-    assert servers == {f"{node}:{served_port()}" for node in nodes()}
-    # Any balancing directive would replace round-robin (and stickiness is not needed).
-    assert not [d for d in body if d[0] in {"ip_hash", "hash", "least_conn", "random", "sticky"}]
-    location = nginx_block(conf, "location", "/")
-    assert ["proxy_pass", f"http://{name}"] in location
+BALANCING = {"ip_hash", "hash", "least_conn", "random", "sticky"}
 
 
-def test_nginx_proxies_websocket_upgrades_with_long_timeouts() -> None:
+def upstream_of(conf: str, *location: str) -> str:
+    """The upstream a location proxies to."""
+    (proxy_pass,) = [d for d in nginx_block(conf, "location", *location) if d[0] == "proxy_pass"]
+    return proxy_pass[1].removeprefix("http://")
+
+
+def test_nginx_round_robins_rest_over_every_node() -> None:
     conf = nginx_conf()
-    location = nginx_block(conf, "location", "/")
+    upstreams = [d[1] for d in nginx_directives(conf) if d[:1] == ["upstream"]]
+    assert len(upstreams) == 2, "one round-robin upstream, one hashed on the study"
+    for name in upstreams:
+        servers = {d[1] for d in nginx_block(conf, "upstream", name) if d[0] == "server"}
+        assert servers == {f"{node}:{served_port()}" for node in nodes()}, name
+    name = upstream_of(conf, "/")
+    assert name in upstreams
+    # Any balancing directive would replace round-robin (and REST needs no stickiness).
+    assert not [d for d in nginx_block(conf, "upstream", name) if d[0] in BALANCING]
+
+
+def test_nginx_hashes_websockets_on_their_study() -> None:
+    conf = nginx_conf()
+    name = upstream_of(conf, "=", "/ws/presence")
+    assert name != upstream_of(conf, "/")
+    balancing = [d for d in nginx_block(conf, "upstream", name) if d[0] in BALANCING]
+    # Consistent (ketama): a node that leaves moves only its own studies.
+    assert balancing == [["hash", "$arg_study_id", "consistent"]]
+
+
+@pytest.mark.parametrize("where", [("/",), ("=", "/ws/presence")], ids=["rest", "ws"])
+def test_nginx_proxies_websocket_upgrades_with_long_timeouts(where: tuple[str, ...]) -> None:
+    conf = nginx_conf()
+    location = nginx_block(conf, "location", *where)
     assert ["proxy_http_version", "1.1"] in location
     assert ["proxy_set_header", "Upgrade", "$http_upgrade"] in location
     connection = [d for d in location if d[:2] == ["proxy_set_header", "Connection"]]
