@@ -1,0 +1,213 @@
+"""The browser client in headless Chromium, on the demo page, against two real nodes and Redis.
+
+Each user has a browser context of their own (a window of their own, so neither page counts as a
+background tab). The pages expose `window.presence = {client, events}` (presence_svc/web/demo).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from presence_svc.redis.keys import Keys
+from tests.browser.conftest import GRACE, LEASE_TTL, NodeFactory, study, token
+from tests.support.processes import NodeProcess
+
+WAIT_MS = 10_000
+# The page heartbeats every 300 ms while its user is active; 1.5 s without input, it stops.
+TUNING = {"hb": "300", "active": "1500", "stable": "1000"}
+
+Opener = Callable[..., Any]
+
+
+@pytest.fixture
+def demo_nodes(nodes: NodeFactory) -> tuple[NodeProcess, NodeProcess]:
+    return nodes(demo="true"), nodes(demo="true")
+
+
+@pytest.fixture
+def open_page(browser: Any, tmp_path: Path) -> Iterator[Opener]:
+    """Open the demo page on `node` as `user`, in a context of its own; wait until it is open."""
+    contexts: list[Any] = []
+
+    def open_(node: NodeProcess, user: str, study_id: str, urls: list[NodeProcess]) -> Any:
+        context = browser.new_context(viewport={"width": 1000, "height": 640})
+        contexts.append(context)
+        page = context.new_page()
+        fragment = {
+            "token": token(user),
+            "study": study_id,
+            "urls": ",".join(each.base_url for each in urls),
+            **TUNING,
+        }
+        page.goto(node.base_url + "/demo#" + "&".join(f"{k}={v}" for k, v in fragment.items()))
+        page.wait_for_function("() => window.presence?.client.state === 'open'", timeout=WAIT_MS)
+        return page
+
+    try:
+        yield open_
+    finally:
+        for context in contexts:
+            context.close()
+
+
+def wait_for_user(page: Any, user: str, condition: str = "true") -> None:
+    """Wait until `page`'s client lists `user` with `condition` true of it (JS, as `u`)."""
+    page.wait_for_function(
+        "() => window.presence.client.users()"
+        f".some((u) => u.user_id === {user!r} && ({condition}))",
+        timeout=WAIT_MS,
+    )
+
+
+def events_of(page: Any, user: str) -> list[str]:
+    kinds: list[str] = page.evaluate(
+        f"() => window.presence.events.filter((e) => e.detail?.user_id === {user!r})"
+        ".map((e) => e.kind)"
+    )
+    return kinds
+
+
+def test_two_users_on_two_nodes_join_move_idle_return_and_leave(
+    demo_nodes: tuple[NodeProcess, NodeProcess], open_page: Opener, tmp_path: Path
+) -> None:
+    a, b = demo_nodes
+    study_id = study()
+    alice = open_page(a, "alice", study_id, [a, b])
+    bob = open_page(b, "bob", study_id, [b, a])
+    wait_for_user(bob, "alice")
+    wait_for_user(alice, "bob")
+    assert alice.evaluate("document.visibilityState") == "visible"
+
+    alice.click('.move[data-chapter="ch1"][data-path="main.5"]')
+    bob.wait_for_selector('.move[data-path="main.5"] .badge[data-user="alice"]', timeout=WAIT_MS)
+    wait_for_user(bob, "alice", "u.chapter_id === 'ch1' && u.move_path === 'main.5'")
+
+    # No input on alice's page: her heartbeats stop and she turns idle for bob.
+    wait_for_user(bob, "alice", "u.status === 'idle'")
+    alice.mouse.move(200, 200)
+    alice.mouse.move(300, 250)
+    wait_for_user(bob, "alice", "u.status === 'active'")
+    assert events_of(bob, "alice")[-2:] == ["status", "status"]
+    screenshot = tmp_path / "demo-bob.png"
+    bob.screenshot(path=str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+
+    alice.evaluate("() => window.presence.client.leave()")
+    bob.wait_for_function(
+        "() => !window.presence.client.users().some((u) => u.user_id === 'alice')",
+        timeout=WAIT_MS,
+    )
+    assert events_of(bob, "alice")[-1] == "leave"
+    assert events_of(bob, "alice").count("join") == 1
+
+
+def test_a_killed_node_moves_its_page_to_the_other_without_a_flap(
+    demo_nodes: tuple[NodeProcess, NodeProcess], open_page: Opener
+) -> None:
+    a, b = demo_nodes
+    study_id = study()
+    alice = open_page(a, "alice", study_id, [a, b])
+    bob = open_page(b, "bob", study_id, [b, a])
+    wait_for_user(bob, "alice")
+    before = events_of(bob, "alice")
+
+    a.signal(signal.SIGKILL)
+    alice.wait_for_function(
+        f"() => window.presence.client.url === {b.base_url!r}"
+        " && window.presence.client.state === 'open' && window.presence.client.connects === 2",
+        timeout=WAIT_MS,
+    )
+    alice.click('.move[data-chapter="ch2"][data-path="main.7"]')
+    wait_for_user(bob, "alice", "u.chapter_id === 'ch2' && u.move_path === 'main.7'")
+    # A leave would come a lease TTL (the reap) plus the grace after the kill: wait all of it,
+    # since what is checked is that nothing comes.
+    time.sleep(LEASE_TTL + GRACE + 1.5)
+    wait_for_user(bob, "alice")
+    after = events_of(bob, "alice")[len(before) :]
+    assert "leave" not in after and "join" not in after, after
+    assert "cursor" in after
+
+
+def test_a_seq_gap_makes_the_page_resync(
+    demo_nodes: tuple[NodeProcess, NodeProcess],
+    open_page: Opener,
+    cleanup_real_redis: str,
+    key_prefix: str,
+) -> None:
+    a, b = demo_nodes
+    study_id = study()
+    alice = open_page(a, "alice", study_id, [a, b])
+    bob = open_page(b, "bob", study_id, [b, a])
+    wait_for_user(alice, "bob")
+    assert alice.evaluate("window.presence.client.resyncs") == 0
+
+    # One seq taken without an event: the next event is one further than alice expects.
+    client = redis.Redis.from_url(cleanup_real_redis)
+    try:
+        client.hincrby(Keys(key_prefix).study(study_id).meta, "seq", 1)
+    finally:
+        client.close()
+    bob.click('.move[data-chapter="ch1"][data-path="main.6.var1.2"]')
+
+    alice.wait_for_function("() => window.presence.client.resyncs === 1", timeout=WAIT_MS)
+    alice.wait_for_function("() => window.presence.client.state === 'open'", timeout=WAIT_MS)
+    # The missed event is in the fresh snapshot, not guessed.
+    wait_for_user(alice, "bob", "u.move_path === 'main.6.var1.2'")
+    assert alice.evaluate("window.presence.client.connects") == 2
+    kinds = [event["kind"] for event in alice.evaluate("window.presence.events")]
+    assert "resync" in kinds
+    assert events_of(bob, "alice").count("leave") == 0
+
+
+def test_an_expiring_token_is_refreshed_over_the_socket(
+    demo_nodes: tuple[NodeProcess, NodeProcess], open_page: Opener
+) -> None:
+    a, b = demo_nodes
+    study_id = study()
+    bob = open_page(b, "bob", study_id, [b])
+    page = bob.context.new_page()
+    page.goto(a.base_url + "/demo")  # same origin as the client; the demo's own client is idle
+    minted: list[str] = []
+
+    def mint() -> str:
+        minted.append(token("carol", ttl=3))
+        return minted[-1]
+
+    page.expose_function("mintToken", mint)
+    page.evaluate(
+        """async (studyId) => {
+            const { PresenceClient } = await import("/client/presence.js");
+            const carol = new PresenceClient({
+                url: location.origin, studyId, getToken: () => {
+                    window.minted = (window.minted || 0) + 1;
+                    return window.mintToken();
+                },
+                heartbeatInterval: 300, activityTimeout: 60000,
+            });
+            window.carolErrors = [];
+            carol.on("error", (error) => window.carolErrors.push(error.code));
+            await carol.connect();
+            carol.join();
+            window.carol = carol;
+        }""",
+        study_id,
+    )
+    wait_for_user(bob, "carol")
+    # Three tokens: the first, then two refreshes, the second after the first token expired.
+    page.wait_for_function("() => window.minted >= 3", timeout=15_000)
+    assert len(minted) >= 3, minted
+    state = page.evaluate(
+        "() => ({connects: window.carol.connects, state: window.carol.state,"
+        " errors: window.carolErrors})"
+    )
+    assert state == {"connects": 1, "state": "open", "errors": []}, json.dumps(state)
+    wait_for_user(bob, "carol")
+    assert events_of(bob, "carol") == ["join"]
