@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +27,9 @@ Sleep = Callable[[float], Awaitable[None]]
 # Every this many writes (and after a failed one) a node rewrites its watch counts whole
 # instead of the changes only, so a hash lost with a Redis restart is soon whole again.
 FULL_WRITE_EVERY = 30
+# Seconds the event rate is averaged over (at least one interval): a single heartbeat's burst
+# is not a spike that the next write forgets.
+RATE_WINDOW = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +194,8 @@ class StatsWriter:
         self._written: dict[str, int] = {}  # the watch counts as last written
         self._written_for: str | None = None  # the node id they were written for
         self._writes_since_whole = 0
-        self._last: tuple[float, int] | None = None  # (monotonic time, events) of the last write
+        # (monotonic time, events published) of the writes within the rate window, oldest first
+        self._samples: deque[tuple[float, int]] = deque()
 
     @property
     def ttl_ms(self) -> int:
@@ -233,12 +238,17 @@ class StatsWriter:
             raise
         self._written, self._written_for = current, node_id
         self._writes_since_whole = 0 if whole else self._writes_since_whole + 1
-        self._last = (now, report.events_published)
 
     def _rate(self, now: float, events: int) -> float:
-        if self._last is None or now <= self._last[0]:
+        """Events per second over the last RATE_WINDOW seconds (or the interval, if longer)."""
+        window = max(RATE_WINDOW, self._interval)
+        while len(self._samples) > 1 and now - self._samples[1][0] >= window:
+            self._samples.popleft()
+        self._samples.append((now, events))
+        since, before = self._samples[0]
+        if now <= since:
             return 0.0
-        return round(max(0, events - self._last[1]) / (now - self._last[0]), 3)
+        return round(max(0, events - before) / (now - since), 3)
 
     async def close(self) -> None:
         """Delete this node's report (at shutdown); a failure only leaves it to expire."""
