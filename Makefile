@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test test-faults lint typecheck clean bench bench-quick
+.PHONY: run demo test test-faults lint typecheck clean bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.run-installed
 	$(BIN)/presence-svc serve --host $(HOST) --port $(PORT)
+
+# The demo page (a chess study on the browser client) and the dashboard, with tokens in the
+# printed URLs: two nodes on a local Redis (127.0.0.1:6379, a fresh key prefix) when one
+# answers, else one node on the embedded store. Open the alice and bob URLs in two windows.
+demo: $(VENV)/.run-installed
+	$(BIN)/python -m presence_svc.web.demo_launch --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.test-installed
 	$(BIN)/ruff check presence_svc tests
