@@ -14,14 +14,14 @@ import collections
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from presence_svc.client.state import Change, User
 
 EventKind = Literal[
     "join", "leave", "status", "cursor", "snapshot", "state", "error", "refreshed", "message"
 ]
-EVENT_KINDS: frozenset[str] = frozenset(EventKind.__args__)  # type: ignore[attr-defined]
+EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
 
 
 class PresenceError(Exception):
