@@ -1,5 +1,6 @@
-"""Redis stalls (SIGSTOP): releases cut short by a stall and a crash are not lost, and calls
-that hit a stalled Redis answer `unavailable` by their deadline instead of hanging or 500.
+"""Redis stalls (SIGSTOP): releases cut short by a stall and a crash are not lost, a heartbeat
+that Redis applies after its socket's release leaves no ghost, and calls that hit a stalled
+Redis answer `unavailable` by their deadline instead of hanging or 500.
 
 Each test has its own redis-server (append-only, so a killed one comes back with its data).
 """
@@ -16,10 +17,25 @@ from typing import TypeVar
 
 import httpx
 import redis
+import redis.asyncio as aioredis
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from tests.faults.conftest import GRACE, LEASE_TTL, NodeFactory, record, study, token
+from presence_svc.leases import AUDIT_EVERY
+from presence_svc.models import CursorUpdate, Holder, Thresholds
+from presence_svc.redis.keys import Keys
+from presence_svc.redis.store import RedisStore
+from tests.faults.conftest import (
+    AWAY,
+    EXPIRE,
+    GRACE,
+    IDLE,
+    LEASE_TTL,
+    NodeFactory,
+    record,
+    study,
+    token,
+)
 from tests.support.auth import bearer
 from tests.support.clients import Watcher
 from tests.support.processes import NodeProcess, RedisServer
@@ -119,6 +135,84 @@ async def test_releases_cut_by_a_stall_and_a_crash_are_not_lost(
     gone = await eventually_async(nobody_listed, within=GRACE + 5, what="the user gone again")
     record("redis stall + crash", "returning user gone after its close", gone)
     assert holders_left(redis_server, sid) == []
+
+
+async def test_a_heartbeat_applied_after_its_socket_s_release_leaves_no_ghost(
+    redis_server: RedisServer, nodes: NodeFactory
+) -> None:
+    # During a stall the node's batcher drops a connection with a heartbeat still on it; the
+    # socket closes and its release goes out on a new connection. When Redis resumes it may run
+    # the old connection's heartbeat after the release, holding the session for a socket that
+    # is gone. Which connection Redis reads first is not the test's to choose, so the stall
+    # gives the node its failures (a heartbeat and a release past their deadline) and the test
+    # then applies that heartbeat itself, after the release: the node's own commands.
+    a = nodes(redis_call_timeout=str(CALL_TIMEOUT))
+    sid = study()
+    stays, ghost = await hold(a, sid, "stays"), await hold(a, sid, "ghost")
+    try:
+
+        async def both_listed() -> bool:
+            return await listed(a, sid) == {"stays", "ghost"}
+
+        await eventually_async(both_listed, within=10, what="both users listed")
+        with stopped(redis_pid(redis_server)):
+            await ghost.send({"type": "heartbeat"})
+            await ghost.wait_until(
+                lambda w: any(m["type"] == "error" for m in w.messages),
+                within=CALL_TIMEOUT + SLACK,
+                what="the heartbeat unavailable",
+            )
+            await ghost.close()
+            await asyncio.sleep(CALL_TIMEOUT + 0.5)  # its release fails by its deadline too
+        await late_heartbeat(a, redis_server, sid, "ghost", str(ghost.connected["connection_id"]))
+
+        async def ghost_gone() -> bool:
+            return await listed(a, sid) == {"stays"}
+
+        # Within one periodic pass (AUDIT_EVERY renewals a third of the TTL apart), the grace.
+        gone = await eventually_async(
+            ghost_gone, within=AUDIT_EVERY * LEASE_TTL / 3 + GRACE + SLACK, what="the ghost gone"
+        )
+        record("late heartbeat", "ghost gone after its late hold", gone)
+        held = [key.decode() for key in holders_left(redis_server, sid)]
+        assert held == [f"faults:{{{sid}}}:conns:stays"]
+        assert not stays.closed
+    finally:
+        await stays.close()
+
+
+async def late_heartbeat(
+    node: NodeProcess, server: RedisServer, sid: str, user: str, connection_id: str
+) -> None:
+    """Once the node has released the closed socket's lease and renewed after that, apply the
+    socket's heartbeat as the node would have sent it (its lease set first, then the hold)."""
+    keys = Keys("faults")
+    node_id = str(node.health()["node_id"])
+    member = f"{sid} {user} {connection_id}"
+    client = aioredis.Redis.from_url(server.url)
+    late = RedisStore(client, keys, Thresholds(IDLE, AWAY, EXPIRE))
+    try:
+
+        async def released() -> bool:
+            return not await client.sismember(keys.node_leases(node_id), member)
+
+        await eventually_async(released, within=LEASE_TTL + SLACK, what="the release retried")
+        # Past the pass that followed the failures (it ran in the renewal that retried the
+        # release): the next renewal has begun.
+        at = await client.zscore(keys.live_nodes, node_id)
+
+        async def renewed() -> bool:
+            return await client.zscore(keys.live_nodes, node_id) != at
+
+        await eventually_async(renewed, within=LEASE_TTL + SLACK, what="a renewal")
+        now_ms = int(time.time() * 1000)
+        await late.heartbeat(user, sid, CursorUpdate(), now_ms, Holder(node_id, connection_id))
+        # Held for the gone socket, unless a periodic pass has found it already.
+        held = await client.sismember(keys.node_leases(node_id), member)
+        assert held or "leases that no open socket holds" in node.log_text()
+    finally:
+        await late.close()
+        await client.aclose()
 
 
 async def test_a_stall_longer_than_the_call_timeout_answers_unavailable(
