@@ -186,4 +186,6 @@ def test_deploy_readme_walks_through_the_compose_cluster() -> None:
     readme = (DEPLOY / "README.md").read_text()
     assert "still to come" not in readme
     assert "docker compose exec" in readme and "presence-svc token alice --study study123" in readme
-    assert "kubectl apply -k deploy/k8s" in readme
+    assert "kubectl apply -k deploy/k8s/overlays/fleet" in readme
+    assert "kubectl kustomize deploy/k8s/overlays/sidecar" in readme
+    assert "serve --uds" in readme
