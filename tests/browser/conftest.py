@@ -2,7 +2,7 @@
 against two real node processes on one real Redis.
 
 Playwright's own browser download cannot work here: the browser is always /usr/bin/chromium.
-Fixtures: `browser` (one Chromium for the session), `context` (a fresh profile per test, closed
+Fixtures: `browser` (one Chromium per module), `context` (a fresh profile per test, closed
 afterwards), `nodes` (a factory of nodes with short thresholds; keyword arguments override
 PRESENCE_* settings), `two_nodes` (two nodes on the same Redis and key prefix), and `token()`.
 """
@@ -47,9 +47,13 @@ def study() -> str:
     return f"study-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the whole session (Debian's, never a download)."""
+    """One headless Chromium per test module (Debian's, never a download).
+
+    Not per session: while Playwright's sync API is open, its event loop counts as running in
+    the main thread, and the asyncio tests of later modules could not start theirs.
+    """
     if not Path(CHROMIUM).exists():
         pytest.skip(f"browser tests need {CHROMIUM}: apt-get install chromium")
     sync_api = pytest.importorskip(
