@@ -47,7 +47,9 @@ class PresenceStore(Protocol):
     - A heartbeat with a `holder` (a WebSocket connection) makes it hold the session: a held
       session still turns idle and away by heartbeat age but does not expire. `release` ends
       holds; a session no connection holds any more leaves at the given time (a pending leave)
-      unless a heartbeat comes first. Every heartbeat calls off a pending leave.
+      unless a heartbeat comes first. Every heartbeat calls off a pending leave, except one whose
+      holder was already released (sent before the release, it reached the store after it):
+      it counts as a heartbeat but holds nothing, and the release's leave time still stands.
     - `sweep` applies every transition due at `now_ms` (idle, away, expiry or pending leave with
       `user_left`) to the studies due for a sweep, each transition published exactly once even
       when several nodes sweep at the same moment. Its cost follows the number of due studies

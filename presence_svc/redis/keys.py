@@ -25,12 +25,18 @@ class StudyKeys:
     leaving: str  # sorted set: user_id -> when its unheld session leaves (ms)
     session_prefix: str  # + user_id = session hash
     conns_prefix: str  # + user_id = set of connection ids holding the session
+    # + user_id = sorted set: connection ids released from the session -> the leave time their
+    # release gave (ms); a heartbeat under one of them holds nothing (release.lua).
+    released_prefix: str
 
     def session(self, user_id: str) -> str:
         return self.session_prefix + user_id
 
     def conns(self, user_id: str) -> str:
         return self.conns_prefix + user_id
+
+    def released(self, user_id: str) -> str:
+        return self.released_prefix + user_id
 
     def of_session(self, user_id: str) -> list[str]:
         """The KEYS of the scripts that change one session (heartbeat.lua, leave.lua)."""
@@ -99,4 +105,5 @@ def _study_keys(prefix: str, study_id: str) -> StudyKeys:
         leaving=base + "leaving",
         session_prefix=base + "session:",
         conns_prefix=base + "conns:",
+        released_prefix=base + "released:",
     )

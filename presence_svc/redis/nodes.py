@@ -64,7 +64,12 @@ class RedisNodes:
                     ("SADD", self._keys.node_leases(lease.holder.node_id), member),
                     call(
                         self._scripts.acquire,
-                        [sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
+                        [
+                            sk.session(lease.user_id),
+                            sk.conns(lease.user_id),
+                            sk.leaving,
+                            sk.released(lease.user_id),
+                        ],
                         [lease.user_id, lease.holder.connection_id],
                     ),
                 ]

@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 # How long an empty study keeps its seq (so watchers never see it go backwards meanwhile).
 EMPTY_STUDY_TTL_MS = 24 * 3600 * 1000
 SNAPSHOT_ATTEMPTS = 5
+# How long a released connection id stays known to its session (past the leave time its release
+# gave), and at most how many per session: a heartbeat sent before its connection's release and
+# delayed past it (a stall) must find it there, and holds nothing then (lua/release.lua). A
+# delay that long outlasts TCP's own retries; 100 ids per session fit a listpack.
+RELEASED_KEEP_MS = 3600 * 1000
+RELEASED_MAX = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +148,11 @@ class RedisStore:
         now_ms: int,
         holder: Holder | None = None,
     ) -> Session:
-        """Record a heartbeat (held by `holder`, if given) and schedule the study's next sweep."""
+        """Record a heartbeat (held by `holder`, if given) and schedule the study's next sweep.
+
+        A holder already released holds nothing: its heartbeat was sent before the release and
+        delayed past it, and is applied as if it had come first (lua/heartbeat.lua).
+        """
         sk = self._keys.study(study_id)
         commands: list[Command] = []
         if holder is not None:
@@ -157,7 +167,7 @@ class RedisStore:
         commands.append(
             call(
                 self._scripts.heartbeat,
-                sk.of_session(user_id),
+                [*sk.of_session(user_id), sk.released(user_id)],
                 [
                     user_id,
                     study_id,
@@ -215,8 +225,20 @@ class RedisStore:
                 [
                     call(
                         self._scripts.release,
-                        [sk.session(lease.user_id), sk.conns(lease.user_id), sk.leaving],
-                        [lease.user_id, lease.holder.connection_id, leave_at_ms],
+                        [
+                            sk.session(lease.user_id),
+                            sk.conns(lease.user_id),
+                            sk.leaving,
+                            sk.released(lease.user_id),
+                        ],
+                        [
+                            lease.user_id,
+                            lease.holder.connection_id,
+                            leave_at_ms,
+                            now_ms,
+                            RELEASED_KEEP_MS,
+                            RELEASED_MAX,
+                        ],
                     ),
                     self._schedule(lease.study_id, leave_at_ms, now_ms),
                     (

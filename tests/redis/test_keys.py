@@ -20,9 +20,11 @@ def test_study_keys_layout() -> None:
         leaving="presence:{study123}:leaving",
         session_prefix="presence:{study123}:session:",
         conns_prefix="presence:{study123}:conns:",
+        released_prefix="presence:{study123}:released:",
     )
     assert sk.session("alice") == "presence:{study123}:session:alice"
     assert sk.conns("alice") == "presence:{study123}:conns:alice"
+    assert sk.released("alice") == "presence:{study123}:released:alice"
     assert sk.session("bob@x.org") == "presence:{study123}:session:bob@x.org"
 
 
@@ -43,6 +45,7 @@ def test_all_keys_of_a_study_are_in_one_cluster_slot(study: str) -> None:
         sk.session("alice"),
         sk.session("u:1"),
         sk.conns("alice"),
+        sk.released("alice"),
     ]
     slots = {key_slot(name.encode()) for name in names}
     assert slots == {key_slot(study.encode())}

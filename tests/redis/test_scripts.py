@@ -127,7 +127,7 @@ def publishing_call(
     if name == "heartbeat":
         # A new chapter: cursor_moved, were it allowed to publish.
         args = [USER, STUDY, now_ms, iso, "f" * 32, "1", "ch2", "0", "", "", publish]
-        return sk.of_session(USER), args
+        return [*sk.of_session(USER), sk.released(USER)], args
     if name == "leave":
         return sk.of_session(USER), [USER, now_ms, iso, EMPTY_STUDY_TTL_MS, publish]
     # Past the expiry with nothing holding it: user_left, were it allowed to publish.

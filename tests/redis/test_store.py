@@ -30,6 +30,8 @@ from presence_svc.models import (
     USER_JOINED,
     USER_LEFT,
     CursorUpdate,
+    Holder,
+    Lease,
     Session,
     Status,
     StudyPresence,
@@ -38,7 +40,12 @@ from presence_svc.models import (
     iso_from_ms,
 )
 from presence_svc.redis.keys import SCHEDULE_SHARDS, Keys
-from presence_svc.redis.store import EMPTY_STUDY_TTL_MS, RedisStore
+from presence_svc.redis.store import (
+    EMPTY_STUDY_TTL_MS,
+    RELEASED_KEEP_MS,
+    RELEASED_MAX,
+    RedisStore,
+)
 from presence_svc.store import StoreUnavailable
 from tests.support.events import Event, EventTap, kinds
 from tests.support.processes import free_port
@@ -1170,6 +1177,150 @@ async def test_keys_of_a_study_share_its_hash_tag(
         assert hash_tag(key).startswith("schedule:")
         assert key in keys.schedule_shards()
     assert len(keys.schedule_shards()) == SCHEDULE_SHARDS
+
+
+# --- a hold by a released connection ----------------------------------------------------------
+# A heartbeat sent before its connection's release can reach Redis after it (a stall); the
+# scripts then refuse it the hold (release.lua keeps the released ids).
+
+GRACE_MS = 10_000
+
+
+def on(conn: str) -> Holder:
+    return Holder("n1", conn)
+
+
+async def conns_of(client: Any, keys: Keys, study: str, user: str) -> set[str]:
+    return {m.decode() for m in await client.smembers(keys.study(study).conns(user))}
+
+
+async def leaving(client: Any, keys: Keys, study: str) -> dict[str, int]:
+    rows = await client.zrange(keys.study(study).leaving, 0, -1, withscores=True)
+    return {m.decode(): int(score) for m, score in rows}
+
+
+async def released_ids(client: Any, keys: Keys, study: str, user: str) -> list[str]:
+    return [m.decode() for m in await client.zrange(keys.study(study).released(user), 0, -1)]
+
+
+async def test_a_heartbeat_applied_after_its_connection_s_release_holds_nothing(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    first = await store.heartbeat("alice", "s1", both("ch1", "m1"), t0, on("c1"))
+    await tap.drain()
+    leave_at = t0 + 2_000 + GRACE_MS
+    assert await store.release([Lease("s1", "alice", on("c1"))], leave_at, t0 + 2_000) == 1
+
+    # Sent at t0 + 1 s, before the release, with a cursor move: it still counts as a heartbeat
+    # of alice, but the grace her release started runs on.
+    late = await store.heartbeat("alice", "s1", both("ch1", "m2"), t0 + 1_000, on("c1"))
+    assert late.session_id == first.session_id
+    assert (late.move_path, late.last_heartbeat_ms) == ("m2", t0 + 1_000)
+    assert kinds(await tap.drain()) == [(CURSOR_MOVED, "alice")]
+    assert await conns_of(any_redis, keys, "s1", "alice") == set()
+    assert await leaving(any_redis, keys, "s1") == {"alice": leave_at}
+
+    assert (await store.sweep(leave_at - 1)).events == 0
+    assert (await store.sweep(leave_at)).events == 1
+    assert kinds(await tap.drain()) == [(USER_LEFT, "alice")]
+
+
+async def test_a_release_that_overtook_the_first_heartbeat_still_refuses_it_the_hold(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    leave_at = t0 + GRACE_MS
+    assert await store.release([Lease("s1", "alice", on("c1"))], leave_at, t0) == 0
+    assert await released_ids(any_redis, keys, "s1", "alice") == ["c1"]
+
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0 - 500, on("c1"))
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
+    assert await conns_of(any_redis, keys, "s1", "alice") == set()
+    assert await leaving(any_redis, keys, "s1") == {"alice": leave_at}
+    assert (await store.sweep(leave_at)).events == 1
+    assert kinds(await tap.drain()) == [(USER_LEFT, "alice")]
+
+
+async def test_a_late_heartbeat_of_one_tab_leaves_the_other_tab_s_hold_and_new_ids_hold(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0, on("c1"))
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0, on("c2"))
+    assert await store.release([Lease("s1", "alice", on("c1"))], t0 + GRACE_MS, t0) == 0
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0 + 1, on("c1"))
+    assert await conns_of(any_redis, keys, "s1", "alice") == {"c2"}
+    assert await leaving(any_redis, keys, "s1") == {}
+
+    # The last tab closes; a new connection (a reconnect) within the grace holds again.
+    assert await store.release([Lease("s1", "alice", on("c2"))], t0 + 2 + GRACE_MS, t0 + 2) == 1
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0 + 3, on("c3"))
+    assert await conns_of(any_redis, keys, "s1", "alice") == {"c3"}
+    assert await leaving(any_redis, keys, "s1") == {}
+    await store.sweep(t0 + 2 + GRACE_MS)
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
+    assert await released_ids(any_redis, keys, "s1", "alice") == ["c1", "c2"]
+
+
+@pytest.mark.parametrize("ended_by", ["sweep", "leave"])
+async def test_the_released_ids_outlive_the_session(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int, ended_by: str
+) -> None:
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0, on("c1"))
+    leave_at = t0 + GRACE_MS
+    await store.release([Lease("s1", "alice", on("c1"))], leave_at, t0)
+    if ended_by == "sweep":
+        await store.sweep(leave_at)
+    else:
+        assert await store.leave("alice", "s1", t0 + 1)
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice"), (USER_LEFT, "alice")]
+
+    # Even past the session's end the late heartbeat holds nothing: the session it starts
+    # again leaves at its next sweep, the release's leave time being past.
+    late = leave_at + 5
+    await store.heartbeat("alice", "s1", NO_CURSOR, late, on("c1"))
+    assert await conns_of(any_redis, keys, "s1", "alice") == set()
+    assert await leaving(any_redis, keys, "s1") == {"alice": leave_at}
+    due = await schedule_score(any_redis, keys, "s1")
+    assert due is not None and due <= late + IDLE_MS  # the heartbeat's own schedule at the latest
+    await store.sweep(max(due, late))
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice"), (USER_LEFT, "alice")]
+
+
+async def test_acquire_refuses_a_released_id_and_holds_under_a_fresh_one(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0, on("c1"))
+    leave_at = t0 + GRACE_MS
+    await store.release([Lease("s1", "alice", on("c1"))], leave_at, t0)
+
+    assert await store.reacquire([Lease("s1", "alice", on("c1"))]) == [False]
+    assert await conns_of(any_redis, keys, "s1", "alice") == set()
+    assert await leaving(any_redis, keys, "s1") == {"alice": leave_at}
+    assert await store.reacquire([Lease("s1", "alice", Holder("n2", "c9"))]) == [True]
+    assert await conns_of(any_redis, keys, "s1", "alice") == {"c9"}
+    assert await leaving(any_redis, keys, "s1") == {}
+    await store.sweep(leave_at)
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
+
+
+async def test_released_ids_are_bounded_in_number_and_age(
+    store: RedisStore, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0, on("kept"))
+    key = keys.study("s1").released("alice")
+    extra = 5
+    for i in range(RELEASED_MAX + extra):
+        now = t0 + i
+        await store.release([Lease("s1", "alice", on(f"c{i}"))], now + GRACE_MS, now)
+    ids = await released_ids(any_redis, keys, "s1", "alice")
+    assert ids == [f"c{i}" for i in range(extra, RELEASED_MAX + extra)]  # the newest only
+    # The set expires with its newest id: kept_ms past the last release's leave time.
+    assert RELEASED_KEEP_MS < await any_redis.pttl(key) <= GRACE_MS + RELEASED_KEEP_MS
+    assert await conns_of(any_redis, keys, "s1", "alice") == {"kept"}
+
+    last_leave = t0 + RELEASED_MAX + extra - 1 + GRACE_MS
+    later = last_leave + RELEASED_KEEP_MS + 1
+    await store.release([Lease("s1", "alice", on("last"))], later + GRACE_MS, later)
+    assert await released_ids(any_redis, keys, "s1", "alice") == ["last"]
 
 
 # --- Redis unreachable ------------------------------------------------------------------------

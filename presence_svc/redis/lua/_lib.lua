@@ -124,6 +124,22 @@ local function hold(conns_key, leaving_key, user_id, conn)
   redis.call('ZREM', leaving_key, user_id)
 end
 
+-- When connection `conn` was released from the session: the leave time its release gave (a
+-- number), or nil if it never was. Connection ids are never reused, so a call under a released
+-- id is one that reached Redis after that release (delayed by a stall) and must not hold.
+local function released_at(released_key, conn)
+  return tonumber(redis.call('ZSCORE', released_key, conn))
+end
+
+-- The unheld session of `user_id` leaves at `leave_at`, unless an earlier leave is pending: a
+-- pending leave only ever moves earlier.
+local function leave_by(leaving_key, user_id, leave_at)
+  local pending = redis.call('ZSCORE', leaving_key, user_id)
+  if not pending or tonumber(pending) > leave_at then
+    redis.call('ZADD', leaving_key, leave_at, user_id)
+  end
+end
+
 -- Removes what may be left of a user's session besides its hash: its index entry, its pending
 -- leave and its connection set.
 local function drop_remains(index_key, leaving_key, conns_key, user_id)
@@ -134,6 +150,8 @@ end
 
 -- Ends session `s` (its hash as a table) of `user_id`: deletes it and all it has in the study,
 -- raises seq and publishes user_left. The caller settles the study if it may now be empty.
+-- The ids released from it (release.lua) are kept until they expire: a heartbeat delayed past
+-- the end must not hold the user's next session for a connection that is gone either.
 local function end_session(pub, index_key, leaving_key, session_key, conns_key, user_id, s)
   redis.call('DEL', session_key)
   drop_remains(index_key, leaving_key, conns_key, user_id)

@@ -2,8 +2,14 @@
 -- changed (user_joined; or user_active and/or cursor_moved).
 -- Any heartbeat calls off a leave pending since the session's last connection closed; one sent
 -- over a WebSocket also makes that connection hold the session (see release.lua).
+-- Except one whose connection was already released: it was sent before that release and was
+-- delayed (a stall), so it is applied as if it had come first. It is recorded as a heartbeat
+-- of the user (last_heartbeat, status, cursor, their events; a session that had ended starts
+-- again) but holds nothing, and, unless another connection holds the session, the session
+-- leaves at the time that release gave (or at an earlier pending leave).
 -- KEYS[1] session hash   KEYS[2] study index   KEYS[3] study meta   KEYS[4] study channel
 -- KEYS[5] session's connection set   KEYS[6] study's pending leaves
+-- KEYS[7] session's released connection ids
 -- ARGV[1] user_id   ARGV[2] study_id   ARGV[3] now_ms   ARGV[4] now_iso
 -- ARGV[5] session_id to use if the session is new
 -- ARGV[6] '1' if chapter_id is given   ARGV[7] chapter_id ('' clears it)
@@ -14,7 +20,7 @@
 -- with '' for an absent cursor field and events = the number of events published.
 
 local session_key, index_key, meta_key, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local conns_key, leaving_key = KEYS[5], KEYS[6]
+local conns_key, leaving_key, released_key = KEYS[5], KEYS[6], KEYS[7]
 local user_id, study_id, now_ms, now_iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local new_session_id = ARGV[5]
 local sets_chapter, chapter_id = ARGV[6] == '1', ARGV[7]
@@ -57,7 +63,10 @@ if s.move_path then redis.call('HSET', session_key, 'move_path', s.move_path)
 else redis.call('HDEL', session_key, 'move_path') end
 redis.call('ZADD', index_key, beat, user_id)
 redis.call('PERSIST', meta_key)
-if conn ~= '' then
+local released = conn ~= '' and released_at(released_key, conn)
+if released and redis.call('SCARD', conns_key) == 0 then
+  leave_by(leaving_key, user_id, released)
+elseif conn ~= '' and not released then
   hold(conns_key, leaving_key, user_id, conn)
 else
   redis.call('ZREM', leaving_key, user_id)
