@@ -131,6 +131,22 @@ local function released_at(released_key, conn)
   return tonumber(redis.call('ZSCORE', released_key, conn))
 end
 
+-- As `hold`, unless `conn` was released: then it holds nothing, calls nothing off, and the
+-- release's leave time is returned (nil otherwise). Only a connection's first hold looks it up,
+-- so a heartbeat of a connection that already holds the session costs nothing more: a released
+-- id has left the connection set for good.
+local function hold_unless_released(conns_key, leaving_key, released_key, user_id, conn)
+  if redis.call('SADD', conns_key, conn) == 1 then
+    local leave_at = released_at(released_key, conn)
+    if leave_at then
+      redis.call('SREM', conns_key, conn)
+      return leave_at
+    end
+  end
+  redis.call('ZREM', leaving_key, user_id)
+  return nil
+end
+
 -- The unheld session of `user_id` leaves at `leave_at`, unless an earlier leave is pending: a
 -- pending leave only ever moves earlier.
 local function leave_by(leaving_key, user_id, leave_at)

@@ -63,13 +63,15 @@ if s.move_path then redis.call('HSET', session_key, 'move_path', s.move_path)
 else redis.call('HDEL', session_key, 'move_path') end
 redis.call('ZADD', index_key, beat, user_id)
 redis.call('PERSIST', meta_key)
-local released = conn ~= '' and released_at(released_key, conn)
-if released and redis.call('SCARD', conns_key) == 0 then
-  leave_by(leaving_key, user_id, released)
-elseif conn ~= '' and not released then
-  hold(conns_key, leaving_key, user_id, conn)
-else
+if conn == '' then
   redis.call('ZREM', leaving_key, user_id)
+else
+  local released = hold_unless_released(conns_key, leaving_key, released_key, user_id, conn)
+  if released and redis.call('SCARD', conns_key) == 0 then
+    leave_by(leaving_key, user_id, released)
+  elseif released then
+    redis.call('ZREM', leaving_key, user_id)
+  end
 end
 
 local events = 0
