@@ -38,6 +38,15 @@ class StudyKeys:
     def released(self, user_id: str) -> str:
         return self.released_prefix + user_id
 
+    def of_hold(self, user_id: str) -> list[str]:
+        """The KEYS of the scripts that hold or release one session (acquire.lua, release.lua)."""
+        return [
+            self.session_prefix + user_id,
+            self.conns_prefix + user_id,
+            self.leaving,
+            self.released_prefix + user_id,
+        ]
+
     def of_session(self, user_id: str) -> list[str]:
         """The KEYS of the scripts that change one session (heartbeat.lua, leave.lua)."""
         return [

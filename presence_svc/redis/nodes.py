@@ -64,12 +64,7 @@ class RedisNodes:
                     ("SADD", self._keys.node_leases(lease.holder.node_id), member),
                     call(
                         self._scripts.acquire,
-                        [
-                            sk.session(lease.user_id),
-                            sk.conns(lease.user_id),
-                            sk.leaving,
-                            sk.released(lease.user_id),
-                        ],
+                        sk.of_hold(lease.user_id),
                         [lease.user_id, lease.holder.connection_id],
                     ),
                 ]

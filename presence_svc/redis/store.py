@@ -225,12 +225,7 @@ class RedisStore:
                 [
                     call(
                         self._scripts.release,
-                        [
-                            sk.session(lease.user_id),
-                            sk.conns(lease.user_id),
-                            sk.leaving,
-                            sk.released(lease.user_id),
-                        ],
+                        sk.of_hold(lease.user_id),
                         [
                             lease.user_id,
                             lease.holder.connection_id,

@@ -25,6 +25,12 @@ def test_study_keys_layout() -> None:
     assert sk.session("alice") == "presence:{study123}:session:alice"
     assert sk.conns("alice") == "presence:{study123}:conns:alice"
     assert sk.released("alice") == "presence:{study123}:released:alice"
+    assert sk.of_hold("alice") == [
+        "presence:{study123}:session:alice",
+        "presence:{study123}:conns:alice",
+        "presence:{study123}:leaving",
+        "presence:{study123}:released:alice",
+    ]
     assert sk.session("bob@x.org") == "presence:{study123}:session:bob@x.org"
 
 
