@@ -130,6 +130,11 @@ def _register_readings(node: Node, store: RedisStore) -> None:
         ("presence_slow_consumers_dropped", "Sockets closed 1013.", lambda: node.slow_consumers),
         ("presence_envelopes_dropped", "Invalid envelopes.", lambda: node.fanout.dropped_messages),
         ("presence_dead_node_leases_released", "Reaped leases.", lambda: node.leases.released_dead),
+        (
+            "presence_stale_leases_released",
+            "Own leases no open socket held, released by the periodic pass.",
+            lambda: node.leases.released_stale,
+        ),
     ]
     for name, documentation, read in gauges:
         node.metrics.gauge(name, documentation, read)

@@ -165,10 +165,12 @@ class LeaseKeeper:
         socket nor a release on its way accounts for.
 
         A heartbeat left on a connection the batcher dropped during a Redis stall can still be
-        applied when Redis resumes, after its socket's release was: it lists the lease again
-        and holds the session for a connection that is gone, a ghost no reaper would end while
-        the node lives. Such a lease is released as a closed socket's is (its user leaves a
-        grace later unless it heartbeats again). Kept: every lease of `_held` (a socket's lease
+        applied when Redis resumes, after its socket's release was: it lists the lease again.
+        release.lua's record of released connection ids keeps such a heartbeat from holding
+        the session (heartbeat.lua refuses the hold); this pass is the second line, for a
+        record that has run out or a lease listed by an older version: a lease no open socket
+        accounts for is released as a closed socket's is (its user leaves a grace later unless
+        it heartbeats again). Kept: every lease of `_held` (a socket's lease
         is there before its first heartbeat is sent, so one the read finds is there or on its
         way out), of releases in flight and of releases to retry (those end it themselves). A
         lease released twice is a no-op, and connection ids are never reused, so a lease
