@@ -6,13 +6,9 @@ See docs/redis-protocol.md for the keys and fields; `lua/` for each operation.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from redis.exceptions import ResponseError
 
 from presence_svc.models import (
     CursorUpdate,
@@ -32,21 +28,17 @@ from presence_svc.redis.calls import (
     reachable,
     reachable_per_step,
     text,
-    unavailable,
 )
 from presence_svc.redis.cluster import ClusterBatcher, is_cluster
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.nodes import RedisNodes
-from presence_svc.redis.scripts import Scripts, located
+from presence_svc.redis.scripts import Scripts
+from presence_svc.redis.sweep import EMPTY_STUDY_TTL_MS, RedisSweep
 from presence_svc.store import NodeRenewal
 
 if TYPE_CHECKING:
     from presence_svc.store import NodeRegistry, PresenceStore
 
-log = logging.getLogger(__name__)
-
-# How long an empty study keeps its seq (so watchers never see it go backwards meanwhile).
-EMPTY_STUDY_TTL_MS = 24 * 3600 * 1000
 SNAPSHOT_ATTEMPTS = 5
 # How long a released connection id stays known to its session (past the leave time its release
 # gave), and at most how many per session: a heartbeat sent before its connection's release and
@@ -54,13 +46,6 @@ SNAPSHOT_ATTEMPTS = 5
 # delay that long outlasts TCP's own retries; 100 ids per session fit a listpack.
 RELEASED_KEEP_MS = 3600 * 1000
 RELEASED_MAX = 100
-
-
-@dataclass(frozen=True, slots=True)
-class _DueStudy:
-    schedule_key: str
-    study_id: str
-    score: bytes
 
 
 def _session_from_hash(fields: Sequence[bytes] | dict[bytes, bytes]) -> Session:
@@ -130,10 +115,18 @@ class RedisStore:
         self.events_published = 0  # by this store's scripts (for the node's metrics)
         self.redis_errors = 0  # calls that failed because Redis was unreachable
         self._idle_ms = round(thresholds.idle_after * 1000)
-        self._away_ms = round(thresholds.away_after * 1000)
-        self._expire_ms = round(thresholds.expire_after * 1000)
-        self._studies_per_sweep = studies_per_sweep
-        self._sessions_per_window = sessions_per_window
+        self._sweep = RedisSweep(
+            redis,
+            keys,
+            self._scripts,
+            self._batch,
+            self._publish,
+            idle_ms=self._idle_ms,
+            away_ms=round(thresholds.away_after * 1000),
+            expire_ms=round(thresholds.expire_after * 1000),
+            studies_per_sweep=studies_per_sweep,
+            sessions_per_window=sessions_per_window,
+        )
 
     async def close(self) -> None:
         """Give back the connections of the store's pipelining (at shutdown)."""
@@ -184,7 +177,7 @@ class RedisStore:
             )
         )
         # Scheduling must follow the state change: lua/schedule.lua has the race it closes.
-        commands.append(self._schedule(study_id, now_ms + self._idle_ms, now_ms))
+        commands.append(self._sweep.schedule(study_id, now_ms + self._idle_ms, now_ms))
         replies = await self._batch.run(commands)
         session_id, chapter, move, status, beat, joined, events = replies[-2]
         self.events_published += int(events)
@@ -235,7 +228,7 @@ class RedisStore:
                             RELEASED_MAX,
                         ],
                     ),
-                    self._schedule(lease.study_id, leave_at_ms, now_ms),
+                    self._sweep.schedule(lease.study_id, leave_at_ms, now_ms),
                     (
                         "SREM",
                         self._keys.node_leases(lease.holder.node_id),
@@ -320,99 +313,9 @@ class RedisStore:
     @reachable
     async def sweep(self, now_ms: int) -> SweepReport:
         """One bounded sweep tick: due studies from the schedule, then scan, apply, reschedule."""
-        due, more = await self._due_studies(now_ms)
-        if not due:
-            return SweepReport()
-        scans = await self._run_each([self._scan(d, now_ms) for d in due])
-        scanned = [(d, scan) for d, scan in zip(due, scans, strict=True) if scan is not None]
-        applies = await self._run_each([self._apply(d, scan, now_ms) for d, scan in scanned])
-        done = [(d, a) for (d, _), a in zip(scanned, applies, strict=True) if a is not None]
-        await self._run_each([self._reschedule(d, reply) for d, reply in done])
-        events = sum(int(reply[0]) for _, reply in done)
-        self.events_published += events
-        # A study whose scan was cut by sessions_per_window is already due again.
-        more = more or any(reply[1] and int(text(reply[1])) <= now_ms for _, reply in done)
-        return SweepReport(studies=len(due), events=events, more_due=more)
-
-    async def _due_studies(self, now_ms: int) -> tuple[list[_DueStudy], bool]:
-        shards = self._keys.schedule_shards()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                pipe.zrangebyscore(
-                    shard,
-                    "-inf",
-                    now_ms,
-                    start=0,
-                    num=self._studies_per_sweep,
-                    withscores=True,
-                    score_cast_func=lambda raw: raw,
-                )
-            replies = await pipe.execute()
-        due: list[_DueStudy] = []
-        more = False
-        for shard, hits in zip(shards, replies, strict=True):
-            more = more or len(hits) >= self._studies_per_sweep
-            due.extend(_DueStudy(shard, text(study), score) for study, score in hits)
-        return due, more
-
-    def _scan(self, due: _DueStudy, now_ms: int) -> Command:
-        sk = self._keys.study(due.study_id)
-        return call(
-            self._scripts.sweep_scan,
-            [sk.index, sk.meta, sk.leaving],
-            [now_ms, self._idle_ms, self._away_ms, self._expire_ms, self._sessions_per_window],
-        )
-
-    def _apply(self, due: _DueStudy, scan: list[bytes], now_ms: int) -> Command:
-        sk = self._keys.study(due.study_id)
-        idle_wm, away_wm, expire_wm, *raw_users = scan
-        users = [text(u) for u in raw_users]
-        per_user = [key for u in users for key in (sk.session(u), sk.conns(u))]
-        return call(
-            self._scripts.sweep_apply,
-            [sk.index, sk.meta, sk.channel, sk.leaving, *per_user],
-            [
-                now_ms,
-                iso_from_ms(now_ms),
-                self._idle_ms,
-                self._away_ms,
-                self._expire_ms,
-                idle_wm,
-                away_wm,
-                expire_wm,
-                EMPTY_STUDY_TTL_MS,
-                self._publish,
-                *users,
-            ],
-        )
-
-    def _schedule(self, study_id: str, due_ms: int, now_ms: int) -> Command:
-        return call(
-            self._scripts.schedule, [self._keys.schedule(study_id)], [study_id, due_ms, now_ms]
-        )
-
-    def _reschedule(self, due: _DueStudy, applied: list[Any]) -> Command:
-        return call(
-            self._scripts.reschedule, [due.schedule_key], [due.study_id, due.score, applied[1]]
-        )
-
-    async def _run_each(self, commands: Sequence[Command]) -> list[Any]:
-        """Run each command as its own operation; a failing one is logged and yields None."""
-        replies = await asyncio.gather(
-            *(self._batch.run([command]) for command in commands), return_exceptions=True
-        )
-        out: list[Any] = []
-        for reply in replies:
-            if isinstance(reply, BaseException) and unavailable(reply):
-                raise reply
-            if isinstance(reply, BaseException):
-                # Logged here, not raised: worded with its script and line as `reachable` would.
-                error = located(reply) if isinstance(reply, ResponseError) else reply
-                log.error("sweep step failed: %s", error)
-                out.append(None)
-            else:
-                out.append(reply[0])
-        return out
+        report = await self._sweep.sweep(now_ms)
+        self.events_published += report.events
+        return report
 
 
 if TYPE_CHECKING:

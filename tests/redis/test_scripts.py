@@ -20,7 +20,8 @@ from redis.exceptions import ReadOnlyError, ResponseError
 from presence_svc.models import iso_from_ms
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.scripts import PRELUDE, Scripts, locate, located, script_source
-from presence_svc.redis.store import EMPTY_STUDY_TTL_MS, RedisStore
+from presence_svc.redis.store import RedisStore
+from presence_svc.redis.sweep import EMPTY_STUDY_TTL_MS
 from tests.conftest import open_redis
 from tests.support.store import AWAY_MS, EXPIRE_MS, IDLE_MS, NO_CURSOR, THRESHOLDS, both
 

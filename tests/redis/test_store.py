@@ -40,12 +40,8 @@ from presence_svc.models import (
     iso_from_ms,
 )
 from presence_svc.redis.keys import SCHEDULE_SHARDS, Keys
-from presence_svc.redis.store import (
-    EMPTY_STUDY_TTL_MS,
-    RELEASED_KEEP_MS,
-    RELEASED_MAX,
-    RedisStore,
-)
+from presence_svc.redis.store import RELEASED_KEEP_MS, RELEASED_MAX, RedisStore
+from presence_svc.redis.sweep import EMPTY_STUDY_TTL_MS
 from presence_svc.store import StoreUnavailable
 from tests.support.events import Event, EventTap, kinds
 from tests.support.processes import free_port
@@ -106,10 +102,11 @@ def hook_before(
 ) -> None:
     """Run `action` just before sweep step `step` (0 scan, 1 apply, 2 reschedule) of `store`.
 
-    This reaches into RedisStore._run_each (each sweep step is one call of it), the
+    This reaches into RedisSweep._run_each (each sweep step is one call of it), the
     one way to put another node's work deterministically between the steps of a sweep.
     """
-    original = store._run_each
+    sweep = store._sweep
+    original = sweep._run_each
     calls = 0
 
     async def run_each(commands: Sequence[Any]) -> list[Any]:
@@ -119,7 +116,7 @@ def hook_before(
         calls += 1
         return await original(commands)
 
-    monkeypatch.setattr(store, "_run_each", run_each)
+    monkeypatch.setattr(sweep, "_run_each", run_each)
 
 
 # --- models used by the store -----------------------------------------------------------------
