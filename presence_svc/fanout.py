@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 from presence_svc.codec import EnvelopeError, Outgoing, decode_envelope
 from presence_svc.redis.keys import Keys
-from presence_svc.redis.pubsub import Links, LinkTuning, PubSubLinks
+from presence_svc.redis.links import Links
+from presence_svc.redis.pubsub import LinkTuning, PubSubLinks
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ import pytest
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import Fanout
 from presence_svc.redis.keys import Keys
-from presence_svc.redis.pubsub import LinkTuning, SingleLinks
+from presence_svc.redis.links import SingleLinks
+from presence_svc.redis.pubsub import LinkTuning
 from tests.conftest import open_redis
 from tests.support.recorder import Recorder
 from tests.support.tasks import stop

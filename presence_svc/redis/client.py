@@ -19,7 +19,7 @@ from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_svc.redis.cluster import ClusterLinks, is_cluster
-from presence_svc.redis.pubsub import Links, SingleLinks
+from presence_svc.redis.links import Links, SingleLinks
 from presence_svc.redis.sentinel import (
     PrimaryWatch,
     SentinelPool,

@@ -25,56 +25,12 @@ from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from presence_svc.redis.links import Links
+
 log = logging.getLogger(__name__)
 
 _CONFIRMS = frozenset({"subscribe", "ssubscribe"})
 _MESSAGES = frozenset({"message", "smessage"})
-
-
-class Links(Protocol):
-    """Where channels are subscribed: which shard carries a channel, and connections to it."""
-
-    sharded: bool  # SSUBSCRIBE (Redis Cluster) rather than SUBSCRIBE
-
-    def shard_of(self, channel: str) -> str: ...
-
-    def batches(self, channels: list[str]) -> list[list[str]]:
-        """`channels` split into groups that one (S)SUBSCRIBE command may name together."""
-
-    def open(self, shard: str) -> Any:
-        """A new redis-py PubSub on `shard` that never reconnects on its own."""
-
-    async def refresh(self) -> None:
-        """Learn again which shard owns which channel."""
-
-    async def aclose(self) -> None:
-        """Close the clients the links were opened with (at shutdown)."""
-
-
-class SingleLinks:
-    """One Redis: every channel on the one link of the node."""
-
-    sharded = False
-
-    def __init__(self, redis: Any, owned: bool = False) -> None:
-        self._redis = redis
-        self._owned = owned
-
-    def shard_of(self, channel: str) -> str:
-        return ""
-
-    def batches(self, channels: list[str]) -> list[list[str]]:
-        return [channels]
-
-    def open(self, shard: str) -> Any:
-        return self._redis.pubsub()
-
-    async def refresh(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        if self._owned:
-            await self._redis.aclose()
 
 
 class Inbox(Protocol):

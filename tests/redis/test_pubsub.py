@@ -29,7 +29,8 @@ from redis.backoff import NoBackoff
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import Fanout
 from presence_svc.redis.keys import Keys
-from presence_svc.redis.pubsub import LinkTuning, PubSubLinks, SingleLinks
+from presence_svc.redis.links import SingleLinks
+from presence_svc.redis.pubsub import LinkTuning, PubSubLinks
 from tests.support.recorder import Recorder
 from tests.support.tasks import stop
 from tests.support.waiting import eventually_async
