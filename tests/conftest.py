@@ -3,7 +3,7 @@
 The helpers themselves live in tests/support/ (app and TestClient, tokens, waiting, clocks,
 recorders of events); FakeClock is still importable from here for the modules that do.
 
-keys, store, tap and t0 serve test_redis_store.py and test_leases.py alike (a module may define
+keys, store, tap and t0 serve test_redis_store.py and tests/leases/ alike (a module may define
 its own fixture of the same name, as test_service.py does `store`).
 """
 
