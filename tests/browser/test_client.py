@@ -211,3 +211,106 @@ def test_an_expiring_token_is_refreshed_over_the_socket(
     assert state == {"connects": 1, "state": "open", "errors": []}, json.dumps(state)
     wait_for_user(bob, "carol")
     assert events_of(bob, "carol") == ["join"]
+
+
+HIDE = """(hidden) => {
+    // A headless tab cannot be minimised: the document says it is hidden, then tells the page.
+    if (hidden) {
+        const own = (value) => ({configurable: true, get: () => value});
+        Object.defineProperty(document, "visibilityState", own("hidden"));
+        Object.defineProperty(document, "hidden", own(true));
+    } else {
+        delete document.visibilityState;
+        delete document.hidden;
+    }
+    document.dispatchEvent(new Event("visibilitychange"));
+    return document.visibilityState;
+}"""
+
+
+def keep_moving_until(page: Any, watcher: Any, condition: str, timeout: float = 10.0) -> None:
+    """Move the mouse on `page` every 100 ms until `condition` (JS) holds on `watcher`."""
+    deadline = time.monotonic() + timeout
+    step = 0
+    while not watcher.evaluate(f"() => {condition}"):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {condition}"
+        step += 1
+        page.mouse.move(100 + step % 7 * 40, 100 + step % 5 * 30)
+        # The input reached the client: it is not for want of input that it stays quiet.
+        assert page.evaluate("() => Date.now() - window.presence.client._lastActivity") < 1000
+        page.wait_for_timeout(100)
+
+
+def user_is(user: str, condition: str) -> str:
+    return f"window.presence.client.users().some((u) => u.user_id === {user!r} && ({condition}))"
+
+
+def test_a_hidden_page_stops_heartbeats_despite_input_and_resumes_when_visible(
+    demo_nodes: tuple[NodeProcess, NodeProcess], open_page: Opener
+) -> None:
+    a, b = demo_nodes
+    study_id = study()
+    alice = open_page(a, "alice", study_id, [a, b])
+    bob = open_page(b, "bob", study_id, [b, a])
+    keep_moving_until(alice, bob, user_is("alice", "u.status === 'active'"))
+    before = len(events_of(bob, "alice"))
+
+    assert alice.evaluate(HIDE, True) == "hidden"
+    # Input keeps coming, faster than the activity timeout: only the hidden document explains
+    # the silence that makes alice idle for bob.
+    keep_moving_until(alice, bob, user_is("alice", "u.status === 'idle'"))
+    assert alice.evaluate("document.hidden") is True
+
+    assert alice.evaluate(HIDE, False) == "visible"
+    keep_moving_until(alice, bob, user_is("alice", "u.status === 'active'"))
+    after = events_of(bob, "alice")[before:]
+    assert after == ["status", "status"], after
+    assert alice.evaluate("[window.presence.client.state, window.presence.client.connects]") == [
+        "open",
+        1,
+    ]
+
+
+def test_going_offline_drops_the_socket_and_online_reconnects_and_resyncs(
+    demo_nodes: tuple[NodeProcess, NodeProcess], open_page: Opener
+) -> None:
+    a, b = demo_nodes
+    study_id = study()
+    alice = open_page(a, "alice", study_id, [a, b])
+    bob = open_page(b, "bob", study_id, [b, a])
+    wait_for_user(bob, "alice")
+    wait_for_user(alice, "bob")
+    before = events_of(bob, "alice")
+
+    alice.context.set_offline(True)
+    alice.wait_for_function(
+        "() => window.presence.client.state === 'reconnecting'"
+        " && window.presence.client._ws === null",
+        timeout=WAIT_MS,
+    )
+    # While offline, bob moves: alice's socket is gone, only a fresh snapshot can bring it.
+    bob.click('.move[data-chapter="ch2"][data-path="main.4"]')
+    wait_for_user(bob, "bob", "u.move_path === 'main.4'")
+    alice.wait_for_timeout(800)
+    offline = alice.evaluate(
+        "() => [window.presence.client.state, window.presence.client.connects]"
+    )
+    assert offline == ["reconnecting", 1], offline  # no attempt while the browser is offline
+    assert not alice.evaluate(user_is("bob", "u.move_path === 'main.4'"))
+
+    alice.context.set_offline(False)
+    alice.wait_for_function(
+        "() => window.presence.client.state === 'open' && window.presence.client.connects === 2",
+        timeout=WAIT_MS,
+    )
+    wait_for_user(alice, "bob", "u.chapter_id === 'ch2' && u.move_path === 'main.4'")
+    alice.click('.move[data-chapter="ch1"][data-path="main.3"]')
+    wait_for_user(bob, "alice", "u.chapter_id === 'ch1' && u.move_path === 'main.3'")
+    # A leave would come a grace after the release of alice's socket: wait all of it, since
+    # what is checked is that nothing comes.
+    time.sleep(GRACE + 1.5)
+    wait_for_user(bob, "alice")
+    after = events_of(bob, "alice")[len(before) :]
+    assert "leave" not in after and "join" not in after, after
+    states = [e["detail"] for e in alice.evaluate("window.presence.events") if e["kind"] == "state"]
+    assert states[-2:] == ["reconnecting", "open"], states
