@@ -1299,6 +1299,27 @@ async def test_acquire_refuses_a_released_id_and_holds_under_a_fresh_one(
     assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
 
 
+async def test_a_second_release_of_a_connection_keeps_the_first_leave_time(
+    store: RedisStore, any_redis: Any, keys: Keys, t0: int
+) -> None:
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0, on("c1"))
+    key = keys.study("s1").released("alice")
+    leave_at = t0 + GRACE_MS
+    assert await store.release([Lease("s1", "alice", on("c1"))], leave_at, t0) == 1
+    # The lease-set pass releasing the lease again, later and with a longer grace.
+    later = t0 + 5_000
+    assert await store.release([Lease("s1", "alice", on("c1"))], later + 10 * GRACE_MS, later) == 0
+
+    assert await any_redis.zscore(key, "c1") == leave_at
+    assert RELEASED_KEEP_MS < await any_redis.pttl(key) <= GRACE_MS + RELEASED_KEEP_MS
+    # A REST heartbeat calls the leave off; then a late one under c1 leaves at the first
+    # release's leave time, not the second's.
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0 + 6_000)
+    assert await leaving(any_redis, keys, "s1") == {}
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0 + 1_000, on("c1"))
+    assert await leaving(any_redis, keys, "s1") == {"alice": leave_at}
+
+
 async def test_released_ids_are_bounded_in_number_and_age(
     store: RedisStore, any_redis: Any, keys: Keys, t0: int
 ) -> None:

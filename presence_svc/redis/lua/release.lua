@@ -4,6 +4,8 @@
 -- The released id is also kept, scored by `leave_at`, so that a heartbeat or an acquire under
 -- it reaching Redis later (delayed by a stall) cannot hold the session again: kept for
 -- `keep_ms` past its leave time, the newest `max_kept` per session (the set expires with them).
+-- A connection released again (the lease-set pass may release a lease its socket has just
+-- released) keeps the leave time of its first release, and the set keeps its expiry.
 -- KEYS[1] session hash   KEYS[2] session's connection set   KEYS[3] study's pending leaves
 -- KEYS[4] session's released connection ids
 -- ARGV[1] user_id   ARGV[2] connection id   ARGV[3] leave_at ms   ARGV[4] now ms
@@ -16,11 +18,13 @@ local user_id, conn, leave_at = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now, keep_ms, max_kept = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 
 -- Whatever the connection set holds: this release may have overtaken the connection's first
--- heartbeat, which must then find the id released.
-redis.call('ZADD', released_key, leave_at, conn)
-redis.call('ZREMRANGEBYSCORE', released_key, '-inf', now - keep_ms)
-redis.call('ZREMRANGEBYRANK', released_key, 0, -(max_kept + 1))
-redis.call('PEXPIRE', released_key, math.max(leave_at - now, 0) + keep_ms)
+-- heartbeat, which must then find the id released. NX: the first release's leave time stands,
+-- and a repeated release neither moves it nor keeps the set longer (nothing was added).
+if redis.call('ZADD', released_key, 'NX', leave_at, conn) == 1 then
+  redis.call('ZREMRANGEBYSCORE', released_key, '-inf', now - keep_ms)
+  redis.call('ZREMRANGEBYRANK', released_key, 0, -(max_kept + 1))
+  redis.call('PEXPIRE', released_key, math.max(leave_at - now, 0) + keep_ms)
+end
 
 if redis.call('SREM', conns_key, conn) == 0 then
   return 0
