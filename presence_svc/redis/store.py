@@ -144,7 +144,11 @@ class RedisStore:
         """Record a heartbeat (held by `holder`, if given) and schedule the study's next sweep.
 
         A holder already released holds nothing: its heartbeat was sent before the release and
-        delayed past it, and is applied as if it had come first (lua/heartbeat.lua).
+        delayed past it, and is applied as if it had come first (lua/heartbeat.lua). Without a
+        session (it has ended) such a heartbeat stores nothing and publishes nothing, and the
+        Session returned is the one it would have started, marked as not stored by an empty
+        `session_id` (no stored session has one). Only a closed socket's late heartbeat gets
+        that answer, which nobody reads; REST heartbeats have no holder.
         """
         sk = self._keys.study(study_id)
         commands: list[Command] = []
@@ -179,7 +183,20 @@ class RedisStore:
         # Scheduling must follow the state change: lua/schedule.lua has the race it closes.
         commands.append(self._sweep.schedule(study_id, now_ms + self._idle_ms, now_ms))
         replies = await self._batch.run(commands)
-        session_id, chapter, move, status, beat, joined, events = replies[-2]
+        stored = replies[-2]
+        if not stored:
+            # No error and no exception: the ws path would log or answer one, to a closed socket.
+            return Session(
+                session_id="",
+                user_id=user_id,
+                study_id=study_id,
+                chapter_id=(cursor.chapter_id or None) if cursor.sets_chapter else None,
+                move_path=(cursor.move_path or None) if cursor.sets_move_path else None,
+                status=Status.ACTIVE,
+                last_heartbeat_ms=now_ms,
+                joined_at_ms=now_ms,
+            )
+        session_id, chapter, move, status, beat, joined, events = stored
         self.events_published += int(events)
         return Session(
             session_id=text(session_id),

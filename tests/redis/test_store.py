@@ -1222,19 +1222,18 @@ async def test_a_heartbeat_applied_after_its_connection_s_release_holds_nothing(
     assert kinds(await tap.drain()) == [(USER_LEFT, "alice")]
 
 
-async def test_a_release_that_overtook_the_first_heartbeat_still_refuses_it_the_hold(
+async def test_a_release_that_overtook_the_first_heartbeat_leaves_it_no_session(
     store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int
 ) -> None:
     leave_at = t0 + GRACE_MS
     assert await store.release([Lease("s1", "alice", on("c1"))], leave_at, t0) == 0
     assert await released_ids(any_redis, keys, "s1", "alice") == ["c1"]
 
-    await store.heartbeat("alice", "s1", NO_CURSOR, t0 - 500, on("c1"))
-    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
-    assert await conns_of(any_redis, keys, "s1", "alice") == set()
-    assert await leaving(any_redis, keys, "s1") == {"alice": leave_at}
-    assert (await store.sweep(leave_at)).events == 1
-    assert kinds(await tap.drain()) == [(USER_LEFT, "alice")]
+    # Its socket is closed by now: like any late heartbeat under a released id that would
+    # start a session, it starts none (a join of a gone socket, then its leave, is a flap).
+    late = await store.heartbeat("alice", "s1", NO_CURSOR, t0 - 500, on("c1"))
+    assert late.session_id == ""
+    await assert_nothing_stored(store, tap, any_redis, keys, "s1", "alice")
 
 
 async def test_a_late_heartbeat_of_one_tab_leaves_the_other_tab_s_hold_and_new_ids_hold(
@@ -1257,6 +1256,19 @@ async def test_a_late_heartbeat_of_one_tab_leaves_the_other_tab_s_hold_and_new_i
     assert await released_ids(any_redis, keys, "s1", "alice") == ["c1", "c2"]
 
 
+async def assert_nothing_stored(
+    store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, study: str, user: str
+) -> None:
+    """No session of `user` in `study`, and nothing published."""
+    sk = keys.study(study)
+    assert await any_redis.exists(sk.session(user)) == 0
+    assert await any_redis.zscore(sk.index, user) is None
+    assert await conns_of(any_redis, keys, study, user) == set()
+    assert await leaving(any_redis, keys, study) == {}
+    assert (await store.presence(study)).sessions == ()
+    assert kinds(await tap.drain()) == []
+
+
 @pytest.mark.parametrize("ended_by", ["sweep", "leave"])
 async def test_the_released_ids_outlive_the_session(
     store: RedisStore, tap: EventTap, any_redis: Any, keys: Keys, t0: int, ended_by: str
@@ -1269,17 +1281,24 @@ async def test_the_released_ids_outlive_the_session(
     else:
         assert await store.leave("alice", "s1", t0 + 1)
     assert kinds(await tap.drain()) == [(USER_JOINED, "alice"), (USER_LEFT, "alice")]
+    meta = keys.study("s1").meta
+    seq = await any_redis.hget(meta, "seq")
+    assert await any_redis.pttl(meta) > 0  # the study is empty
 
-    # Even past the session's end the late heartbeat holds nothing: the session it starts
-    # again leaves at its next sweep, the release's leave time being past.
-    late = leave_at + 5
-    await store.heartbeat("alice", "s1", NO_CURSOR, late, on("c1"))
-    assert await conns_of(any_redis, keys, "s1", "alice") == set()
-    assert await leaving(any_redis, keys, "s1") == {"alice": leave_at}
-    due = await schedule_score(any_redis, keys, "s1")
-    assert due is not None and due <= late + IDLE_MS  # the heartbeat's own schedule at the latest
-    await store.sweep(max(due, late))
-    assert kinds(await tap.drain()) == [(USER_JOINED, "alice"), (USER_LEFT, "alice")]
+    # Past the session's end the late heartbeat of the long closed socket brings nothing back
+    # (no user_joined, no ghost listed until the next sweep), and writes nothing.
+    late = await store.heartbeat("alice", "s1", both("ch1", "m1"), leave_at + 5, on("c1"))
+    assert late.session_id == ""  # the heartbeat's session was not stored
+    await assert_nothing_stored(store, tap, any_redis, keys, "s1", "alice")
+    assert await any_redis.hget(meta, "seq") == seq
+    assert await any_redis.pttl(meta) > 0
+    assert await released_ids(any_redis, keys, "s1", "alice") == ["c1"]
+
+    # A new connection (or a REST heartbeat) starts her next session as usual.
+    again = await store.heartbeat("alice", "s1", NO_CURSOR, leave_at + 6, on("c2"))
+    assert again.session_id not in ("", late.session_id)
+    assert await conns_of(any_redis, keys, "s1", "alice") == {"c2"}
+    assert kinds(await tap.drain()) == [(USER_JOINED, "alice")]
 
 
 async def test_acquire_refuses_a_released_id_and_holds_under_a_fresh_one(

@@ -3,10 +3,13 @@
 -- Any heartbeat calls off a leave pending since the session's last connection closed; one sent
 -- over a WebSocket also makes that connection hold the session (see release.lua).
 -- Except one whose connection was already released: it was sent before that release and was
--- delayed (a stall), so it is applied as if it had come first. It is recorded as a heartbeat
--- of the user (last_heartbeat, status, cursor, their events; a session that had ended starts
--- again) but holds nothing, and, unless another connection holds the session, the session
--- leaves at the time that release gave (or at an earlier pending leave).
+-- delayed (a stall), so it is applied as if it had come first. If the session exists, it is
+-- recorded as a heartbeat of the user (last_heartbeat, status, cursor, their events) but holds
+-- nothing, and, unless another connection holds the session, the session leaves at the time
+-- that release gave (or at an earlier pending leave). If there is no session (it has ended, or
+-- the release overtook the connection's first heartbeat), it starts none: its socket is closed,
+-- and a session started for it would be a ghost, joined and listed until a sweep ends it. It
+-- then writes and publishes nothing.
 -- KEYS[1] session hash   KEYS[2] study index   KEYS[3] study meta   KEYS[4] study channel
 -- KEYS[5] session's connection set   KEYS[6] study's pending leaves
 -- KEYS[7] session's released connection ids
@@ -17,7 +20,8 @@
 -- ARGV[10] connection id holding the session ('' for a heartbeat that holds nothing, e.g. REST)
 -- ARGV[11] publish command: 'PUBLISH', or 'SPUBLISH' on Redis Cluster (anything else: an error)
 -- Returns {session_id, chapter_id, move_path, status, last_heartbeat, joined_at, events}
--- with '' for an absent cursor field and events = the number of events published.
+-- with '' for an absent cursor field and events = the number of events published; or {} (an
+-- empty array) when nothing was written: no session, and the connection id was released.
 
 local session_key, index_key, meta_key, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local conns_key, leaving_key, released_key = KEYS[5], KEYS[6], KEYS[7]
@@ -32,6 +36,9 @@ local pub = publisher(meta_key, channel, publish, now, now_iso)
 local existing = redis.call('HGETALL', session_key)
 local s
 local is_new = #existing == 0
+if is_new and conn ~= '' and released_at(released_key, conn) then
+  return {}
+end
 if is_new then
   s = {session_id = new_session_id, user_id = user_id, study_id = study_id, status = 'active',
        joined_at = now_ms}
