@@ -85,8 +85,13 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
         store=store,
         service=service,
         snapshots=snapshots,
+        # The domain's fan-out gets the Redis side as its Protocols: the pub/sub links, and
+        # channel names from keys.py.
         fanout=Fanout(
-            clients.links, keys, snapshots, metrics.delivered, tuning=link_tuning(settings)
+            clients.subscriptions(link_tuning(settings)),
+            keys.channel,
+            snapshots,
+            metrics.delivered,
         ),
         sweeper=Sweeper(service, settings.sweep_interval, swept),
         leases=LeaseKeeper(service, settings.lease_ttl, clock=clock),

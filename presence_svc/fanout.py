@@ -3,8 +3,9 @@
 A study's channel is subscribed while the node has at least one local subscriber for it: the
 first `add` subscribes, the last `remove` unsubscribes (`subscription` does both around a
 block). Each message is decoded and turned into JSON text once, then handed to every local
-subscriber of the study. The pub/sub connections themselves (reading, reconnecting, following
-slots) are redis/pubsub.py's; after a loss it reports each channel subscribed again, and its
+subscriber of the study. The connections the channels are subscribed on (reading,
+reconnecting, following slots) are a `Subscriptions`' (redis/pubsub.py's PubSubLinks, wired
+by app.build_node); after a loss it reports each channel subscribed again, and its
 subscribers get a fresh snapshot from `resync`, since events published meanwhile are lost to
 them.
 
@@ -23,9 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from presence_svc.codec import EnvelopeError, Outgoing, decode_envelope
-from presence_svc.redis.keys import Keys
-from presence_svc.redis.links import Links
-from presence_svc.redis.pubsub import LinkTuning, PubSubLinks
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +36,53 @@ class Subscriber(Protocol):
         """Take one event; must not block (queue it or drop the subscriber)."""
 
 
+class Inbox(Protocol):
+    """What the subscriptions hand on: messages, and channels subscribed again after a loss."""
+
+    def on_message(self, channel: str, data: Any) -> None:
+        """A message published on `channel` (its raw payload); must not block."""
+
+    def on_resubscribed(self, channel: str) -> None:
+        """`channel` is subscribed again after a reconnect or a slot move: events were lost."""
+
+
+class Subscriptions(Protocol):
+    """The channels subscribed for the fan-out, on connections kept alive (and healed).
+
+    Callers never subscribe and unsubscribe one channel concurrently (Fanout locks per study).
+    """
+
+    @property
+    def links(self) -> int:
+        """Connections open (one per shard in use)."""
+
+    @property
+    def connected(self) -> bool:
+        """False while any connection is being replaced."""
+
+    @property
+    def reconnects(self) -> int:
+        """Connections replaced since start."""
+
+    async def subscribe(self, channel: str) -> None:
+        """Subscribe `channel`; returns once the server confirms it."""
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Unsubscribe `channel` (a failure is the subscriptions' to handle)."""
+
+    async def run(self) -> None:
+        """Read the connections, replacing those that fail, until cancelled."""
+
+    async def close(self) -> None:
+        """Stop reading and close every connection (at shutdown)."""
+
+
+# Subscriptions that hand what they read to the given inbox: Fanout passes itself, since the
+# two refer to each other.
+Connect = Callable[[Inbox], Subscriptions]
+ChannelOf = Callable[[str], str]  # a study's channel name
+
+
 @dataclass(eq=False, slots=True)
 class _Channel:
     study_id: str
@@ -45,6 +90,12 @@ class _Channel:
     # Events read while its resync snapshot is being read: delivered after the snapshot, so
     # no socket sees an event newer than a snapshot that then overwrites it.
     held: list[Outgoing] | None = None
+    # Resyncs under way (the channel can be resubscribed again while a snapshot is read), how
+    # many have started, and the snapshot of the latest-started one that has returned one.
+    resyncing: int = 0
+    resyncs_started: int = 0
+    snapshot: Outgoing | None = None
+    snapshot_of: int = 0  # which resync (in start order) `snapshot` came from
 
 
 class _KeyedLocks:
@@ -70,20 +121,21 @@ class _KeyedLocks:
 class Fanout:
     def __init__(
         self,
-        links: Links,
-        keys: Keys,
+        connect: Connect,
+        channel_of: ChannelOf,
         resync: Resync,
         observe: Observer | None = None,
-        *,
-        tuning: LinkTuning | None = None,
     ) -> None:
-        self._keys = keys
+        """`connect(self)` makes the subscriptions, which hand what they read to this fan-out;
+        `channel_of` names a study's channel; `resync` reads a study's snapshot (a read that
+        starts after it is called); `observe` hears of each event delivered."""
+        self._channel_of = channel_of
         self._resync = resync
         self._observe = observe
         self._channels: dict[str, _Channel] = {}
         self._locks = _KeyedLocks()
         self._tasks: set[asyncio.Future[None]] = set()
-        self._pubsub = PubSubLinks(links, self, tuning)
+        self._pubsub = connect(self)
         self.dropped_messages = 0
 
     @property
@@ -116,7 +168,7 @@ class Fanout:
         Returns once the channel subscription is confirmed by Redis, so anything the caller reads
         afterwards (a snapshot) cannot miss an event published after it.
         """
-        channel = self._keys.channel(study_id)
+        channel = self._channel_of(study_id)
         async with self._locks.hold(channel):
             entry = self._channels.get(channel)
             if entry is not None:  # confirmed: the lock was held until it was
@@ -131,7 +183,7 @@ class Fanout:
 
     async def remove(self, study_id: str, subscriber: Subscriber) -> None:
         """Stop delivering to `subscriber`; unsubscribes the channel after its last subscriber."""
-        channel = self._keys.channel(study_id)
+        channel = self._channel_of(study_id)
         async with self._locks.hold(channel):
             entry = self._channels.get(channel)
             if entry is None or subscriber not in entry.subscribers:
@@ -178,7 +230,9 @@ class Fanout:
             return
         if entry.held is None:
             entry.held = []
-        self._spawn(self._send_snapshot(entry))
+        entry.resyncing += 1
+        entry.resyncs_started += 1
+        self._spawn(self._send_snapshot(entry, entry.resyncs_started))
 
     def _to_subscribers(self, entry: _Channel, event: Outgoing) -> None:
         subscribers = tuple(entry.subscribers)
@@ -192,17 +246,30 @@ class Fanout:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_snapshot(self, entry: _Channel) -> None:
-        snapshot: Outgoing | None = None
+    async def _send_snapshot(self, entry: _Channel, number: int) -> None:
+        # Resyncs of one channel overlap when it is resubscribed again while a snapshot is
+        # read, and may end in any order. Only the last to end delivers anything: the snapshot
+        # of the latest-started resync that returned one (read after the latest loss, it also
+        # covers what that loss lost; an older one would not), then every event held since the
+        # first began; then holding stops. Were an earlier one to deliver and stop holding,
+        # events would go straight out and a later snapshot, read before some of them, would
+        # then overwrite them on the sockets. Held events the snapshot already covers are
+        # harmless: sockets drop events at or below its floor.
         try:
             snapshot = await self._resync(entry.study_id)
         except Exception as exc:
             # The next reconnect tries again; until then seq gaps tell clients what they miss.
             log.error("resync of study %s failed: %s", entry.study_id, exc)
+        else:
+            if number > entry.snapshot_of:
+                entry.snapshot, entry.snapshot_of = snapshot, number
         finally:
-            held, entry.held = entry.held or [], None
-            for event in [snapshot, *held] if snapshot is not None else held:
-                self._to_subscribers(entry, event)
+            entry.resyncing -= 1
+            if not entry.resyncing:
+                newest, entry.snapshot, entry.snapshot_of = entry.snapshot, None, 0
+                held, entry.held = entry.held or [], None
+                for event in [newest, *held] if newest is not None else held:
+                    self._to_subscribers(entry, event)
 
     async def close(self) -> None:
         """Stop the resyncs under way and close the pub/sub links (at shutdown)."""

@@ -18,7 +18,7 @@ from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import Fanout
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.links import SingleLinks
-from presence_svc.redis.pubsub import LinkTuning
+from presence_svc.redis.pubsub import LinkTuning, PubSubLinks
 from tests.conftest import open_redis
 from tests.support.recorder import Recorder
 from tests.support.tasks import stop
@@ -37,7 +37,10 @@ class Harness:
         self.redis = redis
         self.keys = keys
         self.resyncs: list[str] = []
-        self.fanout = Fanout(SingleLinks(redis), keys, self.resync, tuning=tuning)
+        links = SingleLinks(redis)
+        self.fanout = Fanout(
+            lambda inbox: PubSubLinks(links, inbox, tuning), keys.channel, self.resync
+        )
         self.task: asyncio.Task[None] | None = None
 
     async def resync(self, study: str) -> Outgoing:

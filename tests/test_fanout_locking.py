@@ -17,7 +17,7 @@ import pytest
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import Fanout
 from presence_svc.redis.keys import Keys
-from presence_svc.redis.pubsub import LinkTuning
+from presence_svc.redis.pubsub import LinkTuning, PubSubLinks
 from tests.support.recorder import Recorder
 from tests.support.tasks import stop
 from tests.support.waiting import eventually_async
@@ -150,13 +150,31 @@ class Stub:
         self.links = StubLinks()
         self.resyncs: list[str] = []
         self.resync_gates: dict[str, asyncio.Event] = {}  # a study's resync waits for its gate
-        self.fanout = Fanout(self.links, KEYS, self.resync, tuning=TUNING)
+        # A study listed here answers each resync with a future of its own, set by the test
+        # (in any order); `answered` names each study whose resync has returned.
+        self.answers: dict[str, list[asyncio.Future[Outgoing]]] = {}
+        self.answered: list[str] = []
+        self.fanout = Fanout(
+            lambda inbox: PubSubLinks(self.links, inbox, TUNING), KEYS.channel, self.resync
+        )
 
     async def resync(self, study: str) -> Outgoing:
         self.resyncs.append(study)
         if study in self.resync_gates:
             await self.resync_gates[study].wait()
-        return Outgoing(None, json_text({"type": "presence.snapshot", "data": {}}), floor=0)
+        if study in self.answers:
+            answer = asyncio.get_running_loop().create_future()
+            self.answers[study].append(answer)
+            snapshot: Outgoing = await answer
+            # Fanout goes on from here without yielding: once the test sees this, whatever
+            # this resync delivers has been delivered.
+            self.answered.append(study)
+            return snapshot
+        return snapshot_at(0)
+
+
+def snapshot_at(floor: int) -> Outgoing:
+    return Outgoing(None, json_text({"type": "presence.snapshot", "data": {}}), floor=floor)
 
 
 @pytest.fixture
@@ -280,6 +298,66 @@ async def test_events_read_during_a_resync_follow_its_snapshot(stub: Stub) -> No
     gate.set()
     snapshot, event = await rec.wait_for(2)
     assert snapshot.floor is not None and event.seq == 8
+
+
+@pytest.mark.parametrize("first_done", ["older", "newer"])
+async def test_overlapping_resyncs_deliver_the_newest_snapshot_then_every_held_event(
+    stub: Stub, first_done: str
+) -> None:
+    """s1 is resubscribed twice while its first snapshot is read: whichever resync finishes
+    first, no event reaches the socket before a snapshot older than it (the socket would take
+    that snapshot as its state and lose the event), and every held event follows the snapshot
+    once."""
+    rec, other = Recorder(), Recorder()  # `other` (resynced at once) marks what has been read
+    await stub.fanout.add("s1", rec)
+    await stub.fanout.add("other", other)
+    answers = stub.answers["s1"] = []
+    marks = 0
+
+    async def publish(seq: int) -> None:
+        nonlocal marks
+        assert stub.links.publish("s1", seq) == 1
+        assert stub.links.publish("other", 100 + seq) == 1
+        marks += 1
+        await other.wait_for(marks)  # read after s1's event, on the same connection
+
+    async def lose_the_link(resyncs: int) -> None:
+        nonlocal marks
+        stub.links.on("two")[-1].break_()
+        await eventually_async(lambda: len(answers) == resyncs, what=f"resync {resyncs} asked")
+        marks += 1
+        await other.wait_for(marks)  # its snapshot: both channels are back
+
+    async def answer(index: int, floor: int) -> None:
+        done = len(stub.answered) + 1
+        answers[index].set_result(snapshot_at(floor))
+        await eventually_async(lambda: len(stub.answered) == done, what=f"resync {index} done")
+
+    await lose_the_link(1)
+    await publish(5)
+    await lose_the_link(2)
+    await publish(7)
+    # The first resync's snapshot was read before seq 5, the second's after seq 7 (the
+    # Coalescer reads a resync's snapshot after it was asked for); 9 comes after both reads.
+    older, newer = (0, 4), (1, 7)
+    first, second = (older, newer) if first_done == "older" else (newer, older)
+    await answer(*first)
+    await publish(9)
+    await answer(*second)
+
+    events = rec.events
+    for i, event in enumerate(events):
+        for later in events[i + 1 :]:
+            assert not (
+                event.seq is not None and later.floor is not None and later.floor < event.seq
+            ), f"event {event.seq} went out before a snapshot at {later.floor}"
+    # The newest snapshot, whichever finished last (the older one misses what the second
+    # loss lost), then every held event once, in the order read.
+    assert [e.floor for e in rec.snapshots()] == [7]
+    assert events[0].floor == 7 and [e.seq for e in events[1:]] == [5, 7, 9]
+    # Nothing is held any more: the next event goes straight out.
+    await publish(11)
+    assert [e.seq for e in await rec.wait_for(5)][4:] == [11]
 
 
 async def test_a_failed_subscribe_leaves_nothing_behind(stub: Stub) -> None:

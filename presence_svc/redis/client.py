@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_svc.redis.cluster import ClusterLinks, is_cluster
 from presence_svc.redis.links import Links, SingleLinks
+from presence_svc.redis.pubsub import LinkTuning, PubSubLinks
 from presence_svc.redis.sentinel import (
     PrimaryWatch,
     SentinelPool,
@@ -27,6 +28,9 @@ from presence_svc.redis.sentinel import (
     pubsub_options,
 )
 from presence_svc.settings import Settings
+
+if TYPE_CHECKING:
+    from presence_svc.fanout import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,13 @@ class RedisClients:
         """Links for a client opened elsewhere (tests, the embedded Redis)."""
         links: Links = ClusterLinks(commands) if is_cluster(commands) else SingleLinks(commands)
         return cls(commands, links, owns_commands=False)
+
+    def subscriptions(self, tuning: LinkTuning | None = None) -> Callable[[Inbox], PubSubLinks]:
+        """What fanout.Fanout subscribes on: the pub/sub links over `links`, for its inbox.
+
+        A factory, since the links hand what they read to the fan-out that holds them.
+        """
+        return lambda inbox: PubSubLinks(self.links, inbox, tuning)
 
     async def aclose(self) -> None:
         if self.watch is not None:

@@ -12,6 +12,10 @@ same way.
 Locking is per link and held only while a command is written or the link is replaced: a
 channel waiting for its confirmation holds nothing, so it never delays another channel. Callers
 must not subscribe and unsubscribe the same channel concurrently (fanout.py locks per study).
+
+`PubSubLinks` is the fan-out's `Subscriptions` and hands what it reads to the fan-out's `Inbox`
+(both Protocols of fanout.py, which knows nothing of Redis): app.build_node makes one through
+`client.RedisClients.subscriptions`.
 """
 
 from __future__ import annotations
@@ -23,24 +27,18 @@ import time
 import types
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from presence_svc.fanout import Inbox
 from presence_svc.redis.links import Links
+
+if TYPE_CHECKING:
+    from presence_svc.fanout import Subscriptions
 
 log = logging.getLogger(__name__)
 
 _CONFIRMS = frozenset({"subscribe", "ssubscribe"})
 _MESSAGES = frozenset({"message", "smessage"})
-
-
-class Inbox(Protocol):
-    """What the links hand on: messages, and channels subscribed again after a loss."""
-
-    def on_message(self, channel: str, data: Any) -> None:
-        """A message published on `channel` (its raw payload); must not block."""
-
-    def on_resubscribed(self, channel: str) -> None:
-        """`channel` is subscribed again after a reconnect or a slot move: events were lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,3 +372,8 @@ async def _resubscribe_nothing(pubsub: Any, connection: Any) -> None:
 
 def _on(link: _Link) -> str:
     return f" (shard {link.shard})" if link.shard else ""
+
+
+if TYPE_CHECKING:
+    # Static proof that PubSubLinks keeps the fan-out's contract (mypy checks every member).
+    _subscriptions: type[Subscriptions] = PubSubLinks

@@ -44,7 +44,7 @@ class Node:
         self.store = RedisStore(client, keys, THRESHOLDS)
         self.clients = RedisClients.around(client)
         self.resyncs: list[str] = []
-        self.fanout = Fanout(self.clients.links, keys, self.resync)
+        self.fanout = Fanout(self.clients.subscriptions(), keys.channel, self.resync)
         self.task: asyncio.Task[None] | None = None
 
     async def resync(self, study: str) -> Outgoing:

@@ -55,7 +55,10 @@ class Harness:
         self.floor = 100
         # Runs between reading a snapshot and handing it out (to race an event with it).
         self.after_read: Callable[[str], Awaitable[None]] | None = None
-        self.fanout = Fanout(SingleLinks(fanout_client), keys, self.resync, tuning=tuning)
+        links = SingleLinks(fanout_client)
+        self.fanout = Fanout(
+            lambda inbox: PubSubLinks(links, inbox, tuning), keys.channel, self.resync
+        )
         self.task: asyncio.Task[None] = asyncio.create_task(self.fanout.run())
 
     async def resync(self, study: str) -> Outgoing:
