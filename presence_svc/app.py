@@ -32,7 +32,7 @@ from presence_svc.redis.store import RedisStore
 from presence_svc.requestid import RequestIdMiddleware
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
-from presence_svc.stats import StatsWriter
+from presence_svc.stats import OperatorStats, StatsWriter
 from presence_svc.sweeper import Sweeper
 from presence_svc.web import dashboard, stats
 from presence_svc.web.client_files import ROUTES as CLIENT_ROUTES
@@ -98,7 +98,8 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
         verifier=TokenVerifier.from_settings(settings, clock.time),
         rest_heartbeats=KeyedBuckets(settings.rest_heartbeat_rate, settings.rest_heartbeat_burst),
         metrics=metrics,
-        stats=stats_store,
+        # Read at the node's clock as it is then (tests may replace node.clock).
+        stats=OperatorStats(stats_store, lambda: node.clock.time(), settings.lease_ttl),
         stats_writer=StatsWriter(
             stats_store, lambda: node.leases.node_id, lambda: node.report(), settings.stats_interval
         ),

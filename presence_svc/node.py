@@ -15,11 +15,10 @@ from presence_svc.fanout import Fanout
 from presence_svc.leases import LeaseKeeper
 from presence_svc.limits import KeyedBuckets
 from presence_svc.metrics import Metrics
-from presence_svc.redis.stats import RedisStats
 from presence_svc.redis.store import RedisStore
 from presence_svc.service import PresenceService
 from presence_svc.settings import Settings
-from presence_svc.stats import NodeReport, StatsWriter
+from presence_svc.stats import NodeReport, OperatorStats, StatsWriter
 from presence_svc.sweeper import Sweeper
 
 
@@ -36,7 +35,7 @@ class Node:
     verifier: TokenVerifier
     rest_heartbeats: KeyedBuckets  # per user
     metrics: Metrics
-    stats: RedisStats  # operators' reads (GET /stats); the writer reports this node's own
+    stats: OperatorStats  # operators' reads (GET /stats); the writer reports this node's own
     stats_writer: StatsWriter
     # Token expiry: the node's shared clock (leases.clock) in a running node; tests move it.
     clock: Clock = field(default_factory=SystemClock)

@@ -3,15 +3,16 @@ by which every node reports itself for it.
 
 No read here goes through every session of every study. Each node writes its own counts
 (sockets, watched studies, leases, events published) to two small hashes of its own, on a
-timer of its own (`StatsWriter`); the reads take the live nodes from the node registry, those
-hashes, and per study only counts of its index by heartbeat age (redis/stats.py says what each
-costs).
+timer of its own (`StatsWriter`); the reads (`OperatorStats`, what the transport calls) take
+the live nodes from the node registry, those hashes, and per study only counts of its index by
+heartbeat age (redis/stats.py says what each costs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,6 +31,10 @@ FULL_WRITE_EVERY = 30
 # Seconds the event rate is averaged over (at least one interval): a single heartbeat's burst
 # is not a spike that the next write forgets.
 RATE_WINDOW = 5.0
+# The longest wait between two tries while writes keep failing (or the interval, if longer):
+# each failure in a row doubles the wait, so a refusal that lasts (an ACL, a bug) is not
+# retried and logged every interval, and a report lost meanwhile is rewritten within this.
+BACKOFF_CAP = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +176,36 @@ class StatsStore(Protocol):
         ...
 
 
+class OperatorStats:
+    """The operators' reads, as of now on the node's clock: what the transport calls for
+    GET /stats and GET /presence/{study_id}/stats.
+
+    `time` is the node's clock (Redis's, seconds): the one node renewals and heartbeats are
+    stamped with, so "live" and "idle" mean here what they mean to the reaper and the sweep.
+    A node counts as live for `lease_ttl` seconds after its last renewal.
+    """
+
+    def __init__(self, store: StatsStore, time: Callable[[], float], lease_ttl: float) -> None:
+        self._store = store
+        self._time = time
+        self._lease_ttl_ms = round(lease_ttl * 1000)
+
+    async def overview(self) -> Overview:
+        """Every live node with its last report, and the studies with the most users.
+
+        Raises StoreUnavailable if the store cannot serve the read now."""
+        return await self._store.overview(self._now_ms(), self._lease_ttl_ms)
+
+    async def study(self, study_id: str) -> StudyStats:
+        """One study's users by status, its seq, and the sockets of live nodes watching it.
+
+        Raises StoreUnavailable if the store cannot serve the read now."""
+        return await self._store.study(study_id, self._now_ms(), self._lease_ttl_ms)
+
+    def _now_ms(self) -> int:
+        return math.floor(self._time() * 1000)
+
+
 class StatsWriter:
     """Writes this node's report every `interval` seconds (only what changed of the watch
     counts). `node_id` is read at each write: a node declared dead comes back under a new id."""
@@ -199,17 +234,35 @@ class StatsWriter:
 
     @property
     def ttl_ms(self) -> int:
-        """A report outlives two missed writes, not more."""
+        """A report outlives three missed writes (and a second of slack), not more."""
         return round(self._interval * 3000) + 1000
 
     async def run(self) -> None:
-        """Write at once, then every interval, until cancelled; failures are logged."""
+        """Write at once, then every interval, until cancelled.
+
+        A failed write is logged and the loop goes on, whatever the error (Redis down, a
+        refusal, a bug): a task that ended would leave the node out of GET /stats for good,
+        without a word. Failures in a row back off, doubling the wait up to BACKOFF_CAP."""
+        failures = 0
         while True:
             try:
                 await self.write()
             except StoreUnavailable as exc:
+                failures += 1
                 log.warning("stats write failed: %s", exc)
-            await self._sleep(self._interval)
+            except Exception as exc:
+                failures += 1
+                # Not an outage that passes by itself: an ACL refusal, WRONGTYPE, a bug.
+                log.error("stats write failed (%d in a row): %s: %s", failures, _kind(exc), exc)
+            else:
+                failures = 0
+            await self._sleep(self._delay(failures))
+
+    def _delay(self, failures: int) -> float:
+        """Seconds until the next write, after `failures` failed writes in a row."""
+        if not failures:
+            return self._interval
+        return min(self._interval * 2.0 ** (failures - 1), max(self._interval, BACKOFF_CAP))
 
     async def write(self) -> None:
         """Write the node's report now."""
@@ -256,3 +309,10 @@ class StatsWriter:
             await self._store.forget_node(self._node_id())
         except StoreUnavailable as exc:
             log.info("node stats left to expire: %s", exc)
+        except Exception as exc:
+            # Never raised into the shutdown, which still has the fan-out and store to close.
+            log.warning("node stats left to expire: %s: %s", _kind(exc), exc)
+
+
+def _kind(exc: BaseException) -> str:
+    return type(exc).__name__

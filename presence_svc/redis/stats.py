@@ -2,11 +2,11 @@
 
 What each call costs in Redis (S = schedule shards, 16; N = live nodes):
 - `write_node` (each node, every PRESENCE_STATS_INTERVAL): one pipeline on the node's own hash
-  tag: HSET of ~6 fields and PEXPIRE of its report, HSET/HDEL of the watch counts that changed
+  tag: HSET of its 5 fields and PEXPIRE of its report, HSET/HDEL of the watch counts that changed
   and PEXPIRE; every FULL_WRITE_EVERY writes, an HKEYS of the watch counts and all of them.
 - `overview` (GET /stats): two round trips. ZRANGEBYSCORE of the live nodes (at most
   MAX_NODES), ZCARD and ZRANGE 0..STUDIES_PER_SHARD-1 of each shard; then HGETALL of each
-  node's report (~6 fields) and, per sampled study, ZCARD and two ZCOUNTs of its index
+  node's report (5 fields) and, per sampled study, ZCARD and two ZCOUNTs of its index
   (O(log n) each). At most S x STUDIES_PER_SHARD studies are counted: with more, the top list
   and the status counts are those of that sample (`exact` is false).
 - `study` (GET /presence/{study_id}/stats): two round trips. The live nodes, ZCARD, two ZCOUNTs
@@ -14,18 +14,33 @@ What each call costs in Redis (S = schedule shards, 16; N = live nodes):
 
 Statuses are read from the index's heartbeat times against the thresholds (what the sweep
 applies, within a sweep interval), never from the sessions themselves.
+
+Redis refusing a read (an ACL without a command it needs, WRONGTYPE) is logged with Redis's
+words and raised as StoreUnavailable: the endpoints answer their documented 503, never a bare
+500, and what went wrong is in the node's log, not in the answer (which anyone granted a study
+can get).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import functools
+import logging
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+from redis.exceptions import ResponseError
 
 from presence_svc.models import Thresholds
 from presence_svc.redis.batch import TIMEOUT
 from presence_svc.redis.calls import reachable, text
 from presence_svc.redis.keys import Keys
 from presence_svc.stats import NodeReport, NodeStats, Overview, StatusCounts, StudyCount, StudyStats
+from presence_svc.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 MAX_NODES = 1000
 STUDIES_PER_SHARD = 64
@@ -44,6 +59,25 @@ def _float(value: bytes | str | None) -> float | None:
         return None if value is None else float(text(value))
     except ValueError:
         return None
+
+
+def refusals_unavailable(
+    method: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Log Redis refusing the read (an error reply: NOPERM, WRONGTYPE, ...) and raise it as
+    StoreUnavailable. For the operators' reads only: they change nothing, and the node cannot
+    serve them until its ACL or its keys are fixed, which is not the caller's doing (no 4xx).
+    The lease and heartbeat paths keep their errors as calls.reachable reports them."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except ResponseError as exc:
+            log.error("stats read %s refused by Redis: %s", method.__name__, exc)
+            raise StoreUnavailable(f"Redis refused the stats read: {exc}") from exc
+
+    return wrapper
 
 
 class RedisStats:
@@ -114,6 +148,7 @@ class RedisStats:
             pipe.delete(self._keys.node_watching(node_id))
             await pipe.execute()
 
+    @refusals_unavailable
     @reachable
     async def overview(self, now_ms: int, lease_ttl_ms: int) -> Overview:
         """The live nodes and the studies with the most users (see the module's costs)."""
@@ -147,6 +182,7 @@ class RedisStats:
         sessions = sum((s.users for s in found), StatusCounts())
         return Overview(nodes, total, len(studies), tuple(found[: self._top]), sessions)
 
+    @refusals_unavailable
     @reachable
     async def study(self, study_id: str, now_ms: int, lease_ttl_ms: int) -> StudyStats:
         """One study's users by status, its seq, and the sockets of live nodes watching it."""

@@ -4,9 +4,9 @@ The ACL blocks are read from the document itself (each fenced block that starts 
 `# presence-svc ACL: <user>`), so the document and this test cannot drift apart.
 
 - Nodes connected as `presence-node` run a whole scenario (REST and WebSocket heartbeats, sweeps,
-  leave, socket close and leave grace, a peer reaping a `kill -9`ed node, shutdown) with ACL LOG
-  empty, and every command the ACL grants shows up in Redis's commandstats: the grant is
-  exactly what the service uses.
+  leave, socket close and leave grace, a peer reaping a `kill -9`ed node, the operators' stats,
+  shutdown) with ACL LOG empty, and every command the ACL grants shows up in Redis's
+  commandstats: the grant is exactly what the service uses.
 - `presence-backend` can read sessions and publish study events, and cannot write.
 - Both are refused everything else (FLUSHALL, CONFIG, keys and channels outside the prefix, Lua
   calling ungranted commands).
@@ -287,6 +287,7 @@ async def test_nodes_run_on_the_node_acl_and_backends_on_theirs(
             await wait_for(watcher, "presence.user_left", "carol")
             await rest_heartbeat(http, a.base_url, token("dave", study), study_id=study)
             await wait_for(watcher, "presence.user_joined", "dave")
+            await check_stats(http, a, study)
 
         used = commands_run(admin) - NOT_FROM_NODES
         assert acl_denials(admin) == []
@@ -326,6 +327,18 @@ async def test_nodes_run_on_the_node_acl_and_backends_on_theirs(
         admin.close()
     check_node_log(a, node_password, backend_password)
     check_node_log(b, node_password, backend_password)
+
+
+async def check_stats(http: httpx.AsyncClient, node: NodeProcess, study: str) -> None:
+    """The operators' reads (the dashboard's too) answer on the node ACL: dave alone in `study`,
+    node `node` among the live nodes."""
+    operator = support_auth.admin(secret=SECRET)
+    overview = await http.get(f"{node.base_url}/stats", headers=operator)
+    assert overview.status_code == 200, overview.text
+    assert node.health()["node_id"] in {n["node_id"] for n in overview.json()["nodes"]}
+    counted = await http.get(f"{node.base_url}/presence/{study}/stats", headers=auth("x", study))
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["users"]["total"] == 1
 
 
 def check_backend(backend: redis.Redis, study: str, seq: int) -> None:
@@ -380,6 +393,42 @@ def check_node_user_refusals(port: int, secret: str) -> None:
             node.evalsha(sneak, 0)
     finally:
         node.close()
+
+
+async def test_a_stats_read_the_acl_refuses_is_a_json_503(
+    acl_redis: RedisServer, tmp_path: Path
+) -> None:
+    # Found with the node ACL lacking +zcount: GET /stats and the study stats answered a bare
+    # 500 (NoPermissionError and its traceback) on every poll of the dashboard.
+    admin = redis.Redis.from_url(acl_redis.url, decode_responses=True)
+    secret = password()
+    apply_acl(admin, NODE_USER, secret)
+    admin.execute_command("ACL", "SETUSER", NODE_USER, "-zcount")
+    node = NodeProcess(node_env(node_url("redis", acl_redis.port, secret)), tmp_path).start()
+    study = f"study-{uuid.uuid4().hex[:8]}"
+    operator = support_auth.admin(secret=SECRET)
+    try:
+        async with httpx.AsyncClient() as http:
+            await rest_heartbeat(http, node.base_url, token("alice", study), study_id=study)
+            for url, headers in (
+                ("/stats", operator),
+                (f"/presence/{study}/stats", auth("x", study)),
+            ):
+                response = await http.get(node.base_url + url, headers=headers)
+                assert response.status_code == 503, response.text
+                assert response.json()["error"] == "unavailable"
+                assert response.headers["retry-after"] == "1"
+            # Only the stats reads are refused: heartbeats and the listing go on.
+            await rest_heartbeat(http, node.base_url, token("alice", study), study_id=study)
+            listing = await http.get(f"{node.base_url}/presence/{study}", headers=auth("x", study))
+            assert listing.json()["total"] == 1
+    finally:
+        node.stop()
+        admin.close()
+    log = node.log_text()
+    assert "Traceback" not in log, log
+    assert "refused by Redis" in log and "'zcount'" in log, "the node did not log the refusal"
+    assert secret not in log and quote(secret, safe="") not in log
 
 
 class _RefusingService:

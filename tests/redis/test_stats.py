@@ -167,6 +167,27 @@ async def test_unreachable_redis_is_store_unavailable(keys: Keys) -> None:
         await client.aclose()
 
 
+async def test_a_read_redis_refuses_is_store_unavailable_and_logged(
+    any_redis: Any,
+    store: RedisStore,
+    stats: RedisStats,
+    keys: Keys,
+    t0: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What a node ACL lacking a command does to these reads too (tests/redis/test_acl.py): an
+    # error reply, which the endpoints must answer as their 503, not as a bare 500.
+    await any_redis.set(keys.study("broken").index, "not a sorted set")
+    await store.renew_node(A, t0)
+    await any_redis.set(keys.node_stats(A), "not a hash")
+    with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+        await stats.study("broken", t0, TTL_MS)
+    with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+        await stats.overview(t0, TTL_MS)
+    refused = [r.getMessage() for r in caplog.records if "refused by Redis" in r.getMessage()]
+    assert len(refused) == 2 and all("WRONGTYPE" in m for m in refused)
+
+
 # --- the writer -------------------------------------------------------------------------------
 
 
