@@ -192,10 +192,11 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
         node = build_node(settings, clients)
         app.state.node = node
         await node.leases.start()
+        keeper = asyncio.create_task(node.leases.run(), name="leases")
         tasks = [
             asyncio.create_task(node.fanout.run(), name="fanout"),
             asyncio.create_task(node.sweeper.run(), name="sweeper"),
-            asyncio.create_task(node.leases.run(), name="leases"),
+            keeper,
             asyncio.create_task(node.stats_writer.run(), name="stats"),
         ]
         log.info("node %s ready (key prefix %r)", node.leases.node_id, settings.key_prefix)
@@ -204,6 +205,11 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
         finally:
             node.draining = True
             # By now the server has closed every socket (1012) and their leases are released.
+            # The keeper's loop ends first: a tick retrying releases holds them out of sight of
+            # shutdown() until it ends (cancelled, it hands them back), and a renewal running
+            # alongside could register the node again after shutdown() dropped it. The other
+            # tasks touch no lease: they stop after, as before.
+            await _stop([keeper])
             try:
                 await asyncio.wait_for(node.leases.shutdown(), RELEASE_TIMEOUT)
             except Exception as exc:

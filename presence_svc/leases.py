@@ -149,7 +149,10 @@ class LeaseKeeper:
             pending, self._unreleased = self._unreleased, []
             try:
                 await self._service.release(pending)
-            except StoreUnavailable:
+            except BaseException:
+                # Whatever cut it short (Redis gone, any other error, the loop cancelled at
+                # shutdown), they are retried: shutdown() and the next tick see only
+                # `_unreleased`, and a lease dropped from memory would wait for a reaper.
                 self._unreleased = pending + self._unreleased
                 raise
         self._renewals_since_audit += 1
