@@ -67,7 +67,12 @@ class PresenceStore(Protocol):
         now_ms: int,
         holder: Holder | None = None,
     ) -> Session:
-        """Record a heartbeat (held by `holder`, if given); returns the session after it."""
+        """Record a heartbeat (held by `holder`, if given); returns the session after it.
+
+        A heartbeat by a holder that was already released, for a session that no longer
+        exists (a late heartbeat of a closed socket), stores and publishes nothing: the Session
+        returned then has an empty `session_id`.
+        """
         ...
 
     async def release(self, leases: Sequence[Lease], leave_at_ms: int, now_ms: int) -> int:
