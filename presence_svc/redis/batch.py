@@ -233,11 +233,26 @@ class Batcher:
             await self._redis.connection_pool.release(connection)
 
     async def close(self) -> None:
-        """Give the batcher's connection back (at shutdown)."""
-        if self._connection is not None:
+        """Close the batcher's connection and give it back (at shutdown, or when a cluster
+        node's batcher retires), once none of the batcher's batches can read it any more.
+
+        Batches still in flight fail (ConnectionError, so StoreUnavailable to their callers).
+        """
+        # The pool may be someone else's (create_app(redis=...)): a connection handed back
+        # with replies still owed on it would give them to its next user. So it is closed
+        # first, which ends the reads in flight on it at once, and given back only when every
+        # send task has ended (a task that was waiting for the write lock may have opened
+        # another meanwhile: that one goes the same way). Not cancelled: a cluster batcher
+        # retires while its callers run on, and a cancel they did not ask for would end them.
+        while self._connection is not None or self._tasks:
             connection, self._connection = self._connection, None
             self._raw = None
-            await self._redis.connection_pool.release(connection)
+            if connection is not None:
+                await connection.disconnect()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+            if connection is not None:
+                await self._redis.connection_pool.release(connection)
 
 
 def _split(operations: list[list[Command]], flat: list[Any]) -> list[list[Any]]:

@@ -153,7 +153,11 @@ class RedisStore:
         sk = self._keys.study(study_id)
         commands: list[Command] = []
         if holder is not None:
-            # Listed before it holds anything, so a node dying in between leaves no ghost.
+            # Listed before it holds anything, so a node dying in between leaves no ghost. A
+            # plain command ahead of the script is safe in this order (not in release's):
+            # after NOSCRIPT or a failed script the lease is listed and holds nothing, which a
+            # reaper or the lease-set pass releases (ending nothing), and the retry's SADD is
+            # a no-op.
             commands.append(
                 (
                     "SADD",
@@ -226,7 +230,7 @@ class RedisStore:
         """
         if not leases:
             return 0
-        # One operation per lease: its commands run in this order, and in a cluster the
+        # One operation per lease: its scripts run in this order, and in a cluster the
         # leases' operations go to their shards side by side.
         operations: list[list[Command]] = []
         for lease in leases:
@@ -246,14 +250,28 @@ class RedisStore:
                         ],
                     ),
                     self._sweep.schedule(lease.study_id, leave_at_ms, now_ms),
-                    (
-                        "SREM",
-                        self._keys.node_leases(lease.holder.node_id),
-                        lease_member(lease.study_id, lease.user_id, lease.holder),
-                    ),
                 ]
             )
         replies = await asyncio.gather(*(self._batch.run(op) for op in operations))
+        # Unlisted from the node's lease set only once the release is applied, in a round trip
+        # of its own: in the same operation the SREM, a plain command, would run even where
+        # the scripts answer NOSCRIPT (Redis restarted) or fail, and a node dying before the
+        # retry would leave a held session no reaper or lease-set pass ever finds. Releases
+        # are rare enough for the second round trip.
+        await asyncio.gather(
+            *(
+                self._batch.run(
+                    [
+                        (
+                            "SREM",
+                            self._keys.node_leases(lease.holder.node_id),
+                            lease_member(lease.study_id, lease.user_id, lease.holder),
+                        )
+                    ]
+                )
+                for lease in leases
+            )
+        )
         return sum(int(reply[0]) for reply in replies)
 
     @reachable

@@ -24,10 +24,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import presence_svc.redis.batch as batch_module
+from presence_svc.models import Holder, Lease
 from presence_svc.redis.batch import Batcher, Command
 from presence_svc.redis.calls import reachable, reachable_per_step
+from presence_svc.redis.keys import Keys
+from presence_svc.redis.store import RedisStore
 from presence_svc.store import StoreUnavailable
 from tests.conftest import open_redis
+from tests.support.store import NO_CURSOR, THRESHOLDS
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -371,3 +375,85 @@ async def test_a_store_call_has_a_deadline_as_a_whole() -> None:
     with pytest.raises(StoreUnavailable):
         await Slow().call()
     assert 0.2 <= time.monotonic() - started < 0.29
+
+
+# --- closing, and releases after NOSCRIPT --------------------------------------------------------
+
+
+class SignalledSends(CountingPipelines):
+    """CountingPipelines that also says when a pipeline has been written."""
+
+    def __init__(self, redis: Any) -> None:
+        super().__init__(redis)
+        self.sent = asyncio.Event()
+
+    async def get_connection(self) -> Any:
+        connection = await super().get_connection()
+        send = connection.send_packed_command
+
+        async def signalled(*args: Any, **kwargs: Any) -> Any:
+            result = await send(*args, **kwargs)
+            self.sent.set()
+            return result
+
+        connection.send_packed_command = signalled
+        return connection
+
+
+async def test_close_hands_back_a_closed_connection_once_its_batches_have_ended(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    # A pool of one connection that the batcher does not own (as with create_app(redis=...)):
+    # whoever takes it after close must not read the replies owed to the batcher's batch.
+    client = aioredis.Redis.from_url(cleanup_real_redis, max_connections=1)
+    try:
+        sends = SignalledSends(client)
+        batcher = Batcher(sends, [], timeout=5)
+        blocked = batcher.run([("BLPOP", f"{key_prefix}:never", 1)])
+        await sends.sent.wait()  # on the wire; its reply comes in a second
+        await batcher.close()
+        assert blocked.done()  # ended before its connection went back
+        with pytest.raises(RedisConnectionError):
+            await blocked
+        assert await asyncio.wait_for(client.echo("mine"), 5) == b"mine"
+    finally:
+        await client.aclose()
+
+
+class Restarted:
+    """A client of a Redis that restarted, its scripts gone (here: the store's script texts
+    are ones it has never seen), and went away again before they could be loaded."""
+
+    def __init__(self, redis: Any, tag: str) -> None:
+        self._redis = redis
+        self._tag = tag
+        self.connection_pool = redis.connection_pool
+
+    def register_script(self, source: str) -> Any:
+        return self._redis.register_script(f"-- {self._tag}\n{source}")
+
+    async def script_load(self, source: str) -> Any:
+        raise RedisConnectionError("Redis went away again")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+
+async def test_a_release_whose_scripts_are_missing_leaves_its_lease_listed(
+    any_redis: Any, key_prefix: str, t0: int
+) -> None:
+    keys = Keys(key_prefix)
+    store = RedisStore(any_redis, keys, THRESHOLDS)
+    lease = Lease("s1", "alice", Holder("n1", "ws1"))
+    await store.heartbeat("alice", "s1", NO_CURSOR, t0, lease.holder)
+    restarted = RedisStore(Restarted(any_redis, key_prefix), keys, THRESHOLDS)
+    with pytest.raises(StoreUnavailable):
+        await restarted.release([lease], t0 + 10_000, t0)
+    # Nothing was released, so the lease must still be listed: were the node to die now, a
+    # reaper would still find it and end the session.
+    sk = keys.study("s1")
+    assert await any_redis.smembers(keys.node_leases("n1")) == {b"s1 alice ws1"}
+    assert await any_redis.smembers(sk.conns("alice")) == {b"ws1"}
+    assert await store.release([lease], t0 + 10_000, t0) == 1
+    assert await any_redis.exists(keys.node_leases("n1")) == 0
+    assert await any_redis.zscore(sk.leaving, "alice") == t0 + 10_000
