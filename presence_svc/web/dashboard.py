@@ -9,15 +9,7 @@ Everything the page loads comes from the node, and its Content-Security-Policy s
 
 from __future__ import annotations
 
-import functools
-from importlib import resources
-
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-
-from presence_svc.node import Node
+from presence_svc.web.pages import page_routes
 
 # name -> media type: the only files served (no path from the URL reaches the file system).
 FILES = {
@@ -37,27 +29,4 @@ SECURITY_HEADERS = {
 }
 
 
-@functools.cache
-def _read(name: str) -> bytes:
-    return (resources.files("presence_svc.web") / "dashboard" / name).read_bytes()
-
-
-def _serve(request: Request, name: str) -> Response:
-    node: Node = request.app.state.node
-    if not node.settings.dashboard or name not in FILES:
-        raise HTTPException(404, "Not Found")
-    return Response(_read(name), media_type=FILES[name], headers=SECURITY_HEADERS)
-
-
-async def page(request: Request) -> Response:
-    return _serve(request, "index.html")
-
-
-async def asset(request: Request) -> Response:
-    return _serve(request, request.path_params["name"])
-
-
-ROUTES = [
-    Route("/dashboard", page, methods=["GET"]),
-    Route("/dashboard/{name}", asset, methods=["GET"]),
-]
+ROUTES = page_routes("dashboard", FILES, SECURITY_HEADERS, lambda settings: settings.dashboard)

@@ -7,15 +7,7 @@ watches the study through `/client/presence.js` like any frontend would.
 
 from __future__ import annotations
 
-import functools
-from importlib import resources
-
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-
-from presence_svc.node import Node
+from presence_svc.web.pages import page_routes
 
 # name -> media type: the only files served (no path from the URL reaches the file system).
 FILES = {
@@ -36,27 +28,4 @@ HEADERS = {
 }
 
 
-@functools.cache
-def _read(name: str) -> bytes:
-    return (resources.files("presence_svc.web") / "demo" / name).read_bytes()
-
-
-def _serve(request: Request, name: str) -> Response:
-    node: Node = request.app.state.node
-    if not node.settings.demo or name not in FILES:
-        raise HTTPException(404, "Not Found")
-    return Response(_read(name), media_type=FILES[name], headers=HEADERS)
-
-
-async def page(request: Request) -> Response:
-    return _serve(request, "index.html")
-
-
-async def asset(request: Request) -> Response:
-    return _serve(request, request.path_params["name"])
-
-
-ROUTES = [
-    Route("/demo", page, methods=["GET", "HEAD"]),
-    Route("/demo/{name}", asset, methods=["GET", "HEAD"]),
-]
+ROUTES = page_routes("demo", FILES, HEADERS, lambda settings: settings.demo)
