@@ -10,13 +10,15 @@ PRESENCE_* settings), `two_nodes` (two nodes on the same Redis and key prefix), 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support import auth as support_auth
+from tests.support.nodes import NodeFactory as NodeFactory  # re-exported for the tests
+from tests.support.nodes import node_factory, presence_env
 from tests.support.processes import NodeProcess
 
 CHROMIUM = "/usr/bin/chromium"
@@ -34,8 +36,6 @@ SECRET = "browser-tests-secret-0123456789abcdef0123456789"
 # Short thresholds so a page turns idle within seconds; the grace covers a reconnect to a peer.
 IDLE, AWAY, EXPIRE, SWEEP = 2.0, 30.0, 60.0, 0.1
 LEASE_TTL, GRACE, DRAIN = 1.5, 4.0, 3.0
-
-NodeFactory = Callable[..., NodeProcess]
 
 
 def token(user: str, ttl: float = 600, studies: str = "*") -> str:
@@ -80,34 +80,20 @@ def context(browser: Any) -> Iterator[Any]:
 @pytest.fixture
 def nodes(cleanup_real_redis: str, key_prefix: str, tmp_path: Path) -> Iterator[NodeFactory]:
     """Start nodes on a real Redis under this test's key prefix (overrides: PRESENCE_* values)."""
-    started: list[NodeProcess] = []
-
-    def start(**overrides: str) -> NodeProcess:
-        env = {
-            "PRESENCE_REDIS_URL": cleanup_real_redis,
-            "PRESENCE_JWT_SECRET": SECRET,
-            "PRESENCE_KEY_PREFIX": key_prefix,
-            "PRESENCE_IDLE_AFTER": str(IDLE),
-            "PRESENCE_AWAY_AFTER": str(AWAY),
-            "PRESENCE_EXPIRE_AFTER": str(EXPIRE),
-            "PRESENCE_SWEEP_INTERVAL": str(SWEEP),
-            "PRESENCE_LEASE_TTL": str(LEASE_TTL),
-            "PRESENCE_LEAVE_GRACE": str(GRACE),
-            "PRESENCE_DRAIN_TIMEOUT": str(DRAIN),
-            **{f"PRESENCE_{key.upper()}": value for key, value in overrides.items()},
-        }
-        node = NodeProcess(env, tmp_path).start()
-        started.append(node)
-        return node
-
-    try:
-        yield start
-    finally:
-        for node in started:
-            node.stop()
-        for node in started:
-            log = node.log_text()
-            assert "Traceback" not in log, log
+    env = presence_env(
+        redis_url=cleanup_real_redis,
+        jwt_secret=SECRET,
+        key_prefix=key_prefix,
+        idle_after=IDLE,
+        away_after=AWAY,
+        expire_after=EXPIRE,
+        sweep_interval=SWEEP,
+        lease_ttl=LEASE_TTL,
+        leave_grace=GRACE,
+        drain_timeout=DRAIN,
+    )
+    with node_factory(env, tmp_path) as factory:
+        yield factory
 
 
 @pytest.fixture

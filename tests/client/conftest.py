@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import auth as support_auth
-from tests.support.processes import NodeProcess, RedisServer
+from tests.support.nodes import NodeFactory as NodeFactory  # re-exported for the tests
+from tests.support.nodes import node_factory, presence_env, private_redis
+from tests.support.processes import RedisServer
 
 SECRET = "client-tests-secret-0123456789abcdef0123456789"
 PREFIX = "client"
@@ -19,8 +20,6 @@ IDLE, AWAY, EXPIRE, SWEEP = 3.0, 6.0, 60.0, 0.1
 LEASE_TTL, GRACE = 1.5, 2.5
 HEARTBEAT = 1.0  # the clients' interval: a third of IDLE, as the client's docs advise
 SLACK = 1.5  # scheduling noise on a loaded 2-core machine
-
-NodeFactory = Callable[..., NodeProcess]
 
 _FIGURES: list[tuple[str, float]] = []
 
@@ -48,43 +47,24 @@ def study() -> str:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("client end-to-end tests need redis-server on PATH")
-    server = RedisServer().start()
-    try:
+    with private_redis("client end-to-end tests need") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def nodes(redis_server: RedisServer, tmp_path: Path) -> Iterator[NodeFactory]:
     """Start nodes on the test's Redis (keyword arguments override PRESENCE_* settings)."""
-    started: list[NodeProcess] = []
-
-    def start(**overrides: str) -> NodeProcess:
-        env = {
-            "PRESENCE_REDIS_URL": redis_server.url,
-            "PRESENCE_JWT_SECRET": SECRET,
-            "PRESENCE_KEY_PREFIX": PREFIX,
-            "PRESENCE_IDLE_AFTER": str(IDLE),
-            "PRESENCE_AWAY_AFTER": str(AWAY),
-            "PRESENCE_EXPIRE_AFTER": str(EXPIRE),
-            "PRESENCE_SWEEP_INTERVAL": str(SWEEP),
-            "PRESENCE_LEASE_TTL": str(LEASE_TTL),
-            "PRESENCE_LEAVE_GRACE": str(GRACE),
-            "PRESENCE_DRAIN_TIMEOUT": "3",
-            **{f"PRESENCE_{key.upper()}": value for key, value in overrides.items()},
-        }
-        node = NodeProcess(env, tmp_path).start()
-        started.append(node)
-        return node
-
-    try:
-        yield start
-    finally:
-        for node in started:
-            node.stop()
-        for node in started:
-            log = node.log_text()
-            assert "Traceback" not in log, log
+    env = presence_env(
+        redis_url=redis_server.url,
+        jwt_secret=SECRET,
+        key_prefix=PREFIX,
+        idle_after=IDLE,
+        away_after=AWAY,
+        expire_after=EXPIRE,
+        sweep_interval=SWEEP,
+        lease_ttl=LEASE_TTL,
+        leave_grace=GRACE,
+        drain_timeout="3",
+    )
+    with node_factory(env, tmp_path) as factory:
+        yield factory

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import signal
 import statistics
 import time
@@ -26,6 +25,7 @@ from tests.deploy.nginx_proxy import NginxProxy
 from tests.support import auth as support_auth
 from tests.support.clients import Watcher
 from tests.support.events import EventTap
+from tests.support.nodes import node_factory, presence_env, private_redis
 from tests.support.processes import NodeProcess, RedisServer
 
 SECRET = "affinity-tests-secret-0123456789abcdef012345"
@@ -40,37 +40,24 @@ def token(user: str) -> str:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server on PATH")
-    server = RedisServer().start()
-    try:
+    with private_redis("needs") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def nodes(redis_server: RedisServer, tmp_path: Path) -> Iterator[list[NodeProcess]]:
     """Three real nodes on the test's Redis, short lease and grace so failover is quick."""
-    env = {
-        "PRESENCE_REDIS_URL": redis_server.url,
-        "PRESENCE_JWT_SECRET": SECRET,
-        "PRESENCE_KEY_PREFIX": PREFIX,
-        "PRESENCE_SWEEP_INTERVAL": str(SWEEP),
-        "PRESENCE_LEASE_TTL": str(LEASE_TTL),
-        "PRESENCE_LEAVE_GRACE": str(GRACE),
-        "PRESENCE_DRAIN_TIMEOUT": "2",
-    }
-    started = [NodeProcess(env, tmp_path) for _ in range(3)]
-    try:
-        for node in started:
-            node.start()
-        yield started
-    finally:
-        for node in started:
-            node.stop()
-        for node in started:
-            assert "Traceback" not in node.log_text(), node.log_text()
+    env = presence_env(
+        redis_url=redis_server.url,
+        jwt_secret=SECRET,
+        key_prefix=PREFIX,
+        sweep_interval=SWEEP,
+        lease_ttl=LEASE_TTL,
+        leave_grace=GRACE,
+        drain_timeout="2",
+    )
+    with node_factory(env, tmp_path) as factory:
+        yield [factory() for _ in range(3)]
 
 
 ProxyFactory = Callable[..., NginxProxy]

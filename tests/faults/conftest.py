@@ -6,15 +6,16 @@ printed at the end of the run.
 
 from __future__ import annotations
 
-import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import auth as support_auth
-from tests.support.processes import NodeProcess, RedisServer
+from tests.support.nodes import NodeFactory as NodeFactory  # re-exported for the tests
+from tests.support.nodes import node_factory, presence_env, private_redis
+from tests.support.processes import RedisServer
 
 SECRET = "fault-tests-secret-0123456789abcdef0123456789"
 IDLE, AWAY, EXPIRE, SWEEP = 5.0, 10.0, 60.0, 0.1
@@ -45,50 +46,33 @@ def study() -> str:
     return f"study-{uuid.uuid4().hex[:10]}"
 
 
+def node_env(redis_url: str) -> dict[str, str]:
+    """The PRESENCE_* settings of the fault tests' nodes on `redis_url` (their thresholds)."""
+    return presence_env(
+        redis_url=redis_url,
+        jwt_secret=SECRET,
+        key_prefix="faults",
+        idle_after=IDLE,
+        away_after=AWAY,
+        expire_after=EXPIRE,
+        sweep_interval=SWEEP,
+        lease_ttl=LEASE_TTL,
+        leave_grace=GRACE,
+        drain_timeout=DRAIN,
+    )
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A private, persistent redis-server that the test may kill and restart."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("fault tests need redis-server on PATH")
-    server = RedisServer(persist=True).start()
-    try:
+    with private_redis("fault tests need", persist=True) as server:
         yield server
-    finally:
-        server.stop()
-
-
-NodeFactory = Callable[..., NodeProcess]
 
 
 @pytest.fixture
 def nodes(redis_server: RedisServer, tmp_path: Path) -> Iterator[NodeFactory]:
     """Start nodes on the test's Redis (keyword arguments override PRESENCE_* settings)."""
-    started: list[NodeProcess] = []
-
-    def start(**overrides: str) -> NodeProcess:
-        env = {
-            "PRESENCE_REDIS_URL": redis_server.url,
-            "PRESENCE_JWT_SECRET": SECRET,
-            "PRESENCE_KEY_PREFIX": "faults",
-            "PRESENCE_IDLE_AFTER": str(IDLE),
-            "PRESENCE_AWAY_AFTER": str(AWAY),
-            "PRESENCE_EXPIRE_AFTER": str(EXPIRE),
-            "PRESENCE_SWEEP_INTERVAL": str(SWEEP),
-            "PRESENCE_LEASE_TTL": str(LEASE_TTL),
-            "PRESENCE_LEAVE_GRACE": str(GRACE),
-            "PRESENCE_DRAIN_TIMEOUT": str(DRAIN),
-            "PRESENCE_REST_HEARTBEAT_RATE": "1000",  # the traffic helper posts 20 a second
-            **{f"PRESENCE_{key.upper()}": value for key, value in overrides.items()},
-        }
-        node = NodeProcess(env, tmp_path).start()
-        started.append(node)
-        return node
-
-    try:
-        yield start
-    finally:
-        for node in started:
-            node.stop()
-        for node in started:
-            log = node.log_text()
-            assert "Traceback" not in log, log
+    # The traffic helper posts 20 REST heartbeats a second.
+    env = node_env(redis_server.url) | presence_env(rest_heartbeat_rate="1000")
+    with node_factory(env, tmp_path) as factory:
+        yield factory

@@ -23,21 +23,18 @@ import pytest
 import redis
 
 from tests.faults.conftest import (
-    AWAY,
-    DRAIN,
-    EXPIRE,
     GRACE,
     IDLE,
     LEASE_TTL,
-    SECRET,
-    SWEEP,
     NodeFactory,
+    node_env,
     record,
     study,
     token,
 )
 from tests.support.auth import bearer
 from tests.support.clients import Watcher
+from tests.support.nodes import node_factory
 from tests.support.processes import NodeProcess, RedisServer
 from tests.support.waiting import eventually_async
 
@@ -162,35 +159,18 @@ def skewed_node(redis_server: RedisServer, tmp_path: Path) -> Iterator[Any]:
     """Start a node whose clock is off by `offset` (faketime syntax: "+30s", "-30s")."""
     if shutil.which("faketime") is None or not FAKETIME_LIB.exists():
         pytest.skip("the skewed-clock tests need the Debian package faketime (libfaketime)")
-    started: list[NodeProcess] = []
 
     def start(offset: str) -> NodeProcess:
-        env = {
-            "PRESENCE_REDIS_URL": redis_server.url,
-            "PRESENCE_JWT_SECRET": SECRET,
-            "PRESENCE_KEY_PREFIX": "faults",
-            "PRESENCE_IDLE_AFTER": str(IDLE),
-            "PRESENCE_AWAY_AFTER": str(AWAY),
-            "PRESENCE_EXPIRE_AFTER": str(EXPIRE),
-            "PRESENCE_SWEEP_INTERVAL": str(SWEEP),
-            "PRESENCE_LEASE_TTL": str(LEASE_TTL),
-            "PRESENCE_LEAVE_GRACE": str(GRACE),
-            "PRESENCE_DRAIN_TIMEOUT": str(DRAIN),
-            # What `faketime -f <offset>` sets; the monotonic clock stays real for asyncio.
+        # What `faketime -f <offset>` sets; the monotonic clock stays real for asyncio.
+        faked = {
             "LD_PRELOAD": str(FAKETIME_LIB),
             "FAKETIME": offset,
             "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         }
-        node = _SkewedNode(env, tmp_path).start()
-        started.append(node)
-        return node
+        return factory.start(faked)
 
-    try:
+    with node_factory(node_env(redis_server.url), tmp_path, _SkewedNode) as factory:
         yield start
-    finally:
-        for node in started:
-            node.stop()
-            assert "Traceback" not in node.log_text(), node.log_text()
 
 
 def skew_metric(text: str) -> float:

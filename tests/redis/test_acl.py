@@ -49,6 +49,7 @@ from tests.support import auth as support_auth
 from tests.support.clients import Watcher, rest_heartbeat
 from tests.support.clock import ManualTimer
 from tests.support.cluster import LocalCluster
+from tests.support.nodes import private_redis
 from tests.support.processes import NodeProcess, RedisServer, free_port, terminate
 from tests.support.tasks import stop
 
@@ -206,13 +207,8 @@ def refused(call: Any, *args: Any) -> str:
 @pytest.fixture
 def acl_redis() -> Iterator[RedisServer]:
     """A private redis-server (never a shared one: this test rewrites its users)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server on PATH")
-    server = RedisServer().start()
-    try:
+    with private_redis("needs") as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def test_nodes_run_on_the_node_acl_and_backends_on_theirs(
