@@ -1,20 +1,24 @@
 """The event envelope: msgpack on Redis channels, JSON text on WebSockets.
 
-On a study channel every message is a msgpack map `{"type": str, "data": map, "ts"?: int}`
-(see docs/redis-protocol.md). A node decodes each message once and encodes the JSON text that
-all of its sockets for the study receive once.
+On a study channel every message is a msgpack map `{"type": str, "data": map, "ts"?: int,
+"from"?: str}` (see docs/redis-protocol.md; `from` names the connection a signal came from).
+A node decodes each message once and encodes the JSON text that all of its sockets for the
+study receive once.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
 PRESENCE_PREFIX = "presence."
+SIGNAL_PREFIX = "signal."
+CURSOR_MOVED = "presence.cursor_moved"
 
 
 class EnvelopeError(ValueError):
@@ -33,6 +37,13 @@ class Outgoing:
     floor: int | None = None
     # The envelope's `ts`, when it has one: metadata for metrics, not part of the message.
     published_ms: int | None = field(default=None, compare=False)
+    # Sockets (by connection id) that get another message instead of this one, or nothing
+    # (None): a signal is not sent back to the socket that sent it.
+    personal: Mapping[str, Outgoing | None] | None = field(default=None, compare=False)
+    # Latest wins: a message not yet sent with the same key (a signal's or a cursor_moved's
+    # type and user) is superseded by this one where that is allowed (batches; backlogs, for
+    # messages without a seq).
+    key: tuple[str, str] | None = field(default=None, compare=False)
 
 
 def encode_envelope(event_type: str, data: dict[str, Any], ts_ms: int | None = None) -> bytes:
@@ -64,10 +75,21 @@ def decode_envelope(raw: bytes) -> Outgoing:
     # Only presence events share the study's seq; other backends' events are relayed as they are.
     seq = data.get("seq") if event_type.startswith(PRESENCE_PREFIX) else None
     ts = envelope.get("ts")
+    personal: dict[str, Outgoing | None] | None = None
+    key: tuple[str, str] | None = None
+    if event_type == CURSOR_MOVED or event_type.startswith(SIGNAL_PREFIX):
+        user_id = data.get("user_id")
+        if isinstance(user_id, str):
+            key = (event_type, user_id)
+        sender = envelope.get("from")
+        if isinstance(sender, str) and event_type.startswith(SIGNAL_PREFIX):
+            personal = {sender: None}
     return Outgoing(
-        seq=seq if isinstance(seq, int) else None,
+        seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
         text=text,
         published_ms=ts if isinstance(ts, int) and not isinstance(ts, bool) else None,
+        personal=personal,
+        key=key,
     )
 
 

@@ -164,16 +164,18 @@ class _Expiry:
 async def _serve(
     receive: Receive, send: Send, node: Node, principal: Principal, study_id: str
 ) -> None:
-    conn = Connection(send, node.settings.socket_queue_size, node.count_slow_consumer)
+    # The id the logs carry for this socket (requestid.py), so a client's report and the
+    # node's log lines meet; made here when the app runs without that middleware (tests).
+    connection_id = requestid.connection_id() or uuid.uuid4().hex
+    conn = Connection(
+        send, node.settings.socket_queue_size, node.count_slow_consumer, connection_id
+    )
     try:
         await node.fanout.add(study_id, conn)
     except Exception as exc:
         log.error("cannot subscribe to study %s: %s", study_id, exc)
         await conn.close(CLOSE_INTERNAL, "cannot subscribe to the study")
         return
-    # The id the logs carry for this socket (requestid.py), so a client's report and the
-    # node's log lines meet; made here when the app runs without that middleware (tests).
-    connection_id = requestid.connection_id() or uuid.uuid4().hex
     try:
         try:
             snapshot = await node.snapshots(study_id)

@@ -55,6 +55,7 @@ class Connection:
         "_closer",
         "_closing",
         "_floor",
+        "_id",
         "_limit",
         "_on_overflow",
         "_pending",
@@ -66,9 +67,14 @@ class Connection:
     )
 
     def __init__(
-        self, send: Send, queue_size: int, on_overflow: Callable[[], None] | None = None
+        self,
+        send: Send,
+        queue_size: int,
+        on_overflow: Callable[[], None] | None = None,
+        connection_id: str = "",
     ) -> None:
         self._send = send
+        self._id = connection_id  # what a message's `personal` map is keyed by
         self._on_overflow = on_overflow
         self._pending: deque[Outgoing] | None = None  # the backlog, while there is one
         self._limit = queue_size
@@ -117,6 +123,12 @@ class Connection:
     def deliver(self, event: Outgoing) -> None:
         if self._closing is not None:
             return
+        personal = event.personal
+        if personal is not None and self._id in personal:
+            replacement = personal[self._id]
+            if replacement is None:
+                return
+            event = replacement
         if self._started and self._writer is None and not self._broken:
             if event.floor is not None:
                 self._floor = event.floor
@@ -132,6 +144,8 @@ class Connection:
                 self._on_overflow()
             self.close_with(CLOSE_SLOW_CONSUMER, "slow consumer")
             return
+        if event.key is not None and event.seq is None:
+            _drop_superseded(pending, event.key)
         pending.append(event)
 
     def _send_now(self, text: str) -> None:
@@ -213,6 +227,10 @@ class Connection:
         finally:
             self._writer = None
 
+    @property
+    def connection_id(self) -> str:
+        return self._id
+
     async def stop(self) -> None:
         writer = self._writer
         if writer is not None:
@@ -223,3 +241,12 @@ class Connection:
             # Not cancelled: the close frame still goes out (a send waits at most until the
             # server's keepalive gives up on the client).
             await self._closer
+
+
+def _drop_superseded(pending: deque[Outgoing], key: tuple[str, str]) -> None:
+    # Latest wins for messages without a seq (signals): the older one still waiting is dropped.
+    # A backlog is at most the queue size long, and only a slow socket has one.
+    for i, waiting in enumerate(pending):
+        if waiting.key == key and waiting.seq is None and waiting.floor is None:
+            del pending[i]
+            return

@@ -169,6 +169,7 @@ async def test_first_heartbeat_publishes_user_joined(
         "chapter_id": "ch1",
         "move_path": "main.12.var2.3",
         "status": "active",
+        "previous_status": None,
         "timestamp": iso_from_ms(t0),
         "seq": 1,
     }
@@ -258,6 +259,7 @@ async def test_cursor_change_publishes_cursor_moved(
         "chapter_id": "ch1",
         "move_path": "m2",
         "status": "active",
+        "previous_status": None,
         "timestamp": iso_from_ms(t0 + 1_000),
         "seq": 2,
     }
@@ -348,6 +350,7 @@ async def test_heartbeat_while_idle_publishes_user_active(
         "chapter_id": "ch1",
         "move_path": "m1",
         "status": "active",
+        "previous_status": "idle",
         "timestamp": iso_from_ms(t0 + IDLE_MS + 1_000),
         "seq": 3,
     }
@@ -405,8 +408,8 @@ async def test_sweep_transitions_exactly_at_thresholds_and_once(
     await tap.drain()
     sk = keys.study("s1")
 
-    stages = [(IDLE_MS, USER_IDLE, "idle"), (AWAY_MS, USER_AWAY, "away")]
-    for seq, (threshold, event_type, status) in enumerate(stages, start=2):
+    stages = [(IDLE_MS, USER_IDLE, "idle", "active"), (AWAY_MS, USER_AWAY, "away", "idle")]
+    for seq, (threshold, event_type, status, previous) in enumerate(stages, start=2):
         assert await store.sweep(t0 + threshold - 1) == SweepReport()
         assert await tap.drain() == []
         assert await store.sweep(t0 + threshold) == SweepReport(studies=1, events=1)
@@ -419,6 +422,7 @@ async def test_sweep_transitions_exactly_at_thresholds_and_once(
             "chapter_id": "ch1",
             "move_path": "m1",
             "status": status,
+            "previous_status": previous,
             "timestamp": iso_from_ms(t0 + threshold),
             "seq": seq,
         }
@@ -778,6 +782,7 @@ async def test_leave_publishes_user_left_once(
         "chapter_id": "ch1",
         "move_path": "m1",
         "status": "active",
+        "previous_status": None,
         "timestamp": iso_from_ms(t0 + 5_000),
         "seq": 3,
     }

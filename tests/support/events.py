@@ -30,9 +30,16 @@ DATA_FIELDS = [
     "chapter_id",
     "move_path",
     "status",
+    "previous_status",
     "timestamp",
     "seq",
 ]
+# The statuses each event may change from (previous_status); None: the event carries none.
+PREVIOUS = {
+    "presence.user_idle": {"active"},
+    "presence.user_away": {"active", "idle"},
+    "presence.user_active": {"idle", "away"},
+}
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,11 @@ class EventTap:
         assert isinstance(ts, int)
         assert data["timestamp"] == iso_from_ms(ts)
         assert data["status"] in {s.value for s in Status}
+        allowed = PREVIOUS.get(event_type)
+        if allowed is None:
+            assert data["previous_status"] is None, envelope
+        else:
+            assert data["previous_status"] in allowed, envelope
         assert channel == self._keys.channel(data["study_id"])
         assert raw == encode_envelope(event_type, data, ts)
         expected_seq = self.last_seq.get(channel, 0) + 1

@@ -51,6 +51,7 @@ EVENT_FIELDS = {
     "chapter_id",
     "move_path",
     "status",
+    "previous_status",
     "timestamp",
     "seq",
 }

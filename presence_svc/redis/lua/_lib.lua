@@ -90,8 +90,10 @@ local function publisher(meta_key, channel, command, now_ms, now_iso)
     now_iso = now_iso}
 end
 
--- Raises the study's seq by one and publishes one presence event for session `s`.
-local function emit(pub, event_type, s)
+-- Raises the study's seq by one and publishes one presence event for session `s`. `previous`
+-- is the status it changed from (user_idle, user_away, user_active; nil for the other events):
+-- with it a client that lists only some users still keeps the study's counts exact.
+local function emit(pub, event_type, s, previous)
   local seq = redis.call('HINCRBY', pub.meta_key, 'seq', 1)
   local data = mp_map({
     'session_id', s.session_id,
@@ -100,6 +102,7 @@ local function emit(pub, event_type, s)
     'chapter_id', or_nil(s.chapter_id),
     'move_path', or_nil(s.move_path),
     'status', s.status,
+    'previous_status', or_nil(previous),
     'timestamp', pub.now_iso,
     'seq', seq,
   })

@@ -87,7 +87,7 @@ if is_new then
   events = 1
 else
   if old_status ~= 'active' then
-    emit(pub, 'presence.user_active', s)
+    emit(pub, 'presence.user_active', s, old_status)
     events = events + 1
   end
   if old_chapter ~= s.chapter_id or old_move ~= s.move_path then

@@ -53,14 +53,15 @@ for i = 1, #users do
         redis.call('ZREM', leaving_key, user)
       end
       if age >= away_ms and s.status ~= 'away' then
+        local previous = s.status
         s.status = 'away'
         redis.call('HSET', session_key, 'status', 'away')
-        emit(pub, 'presence.user_away', s)
+        emit(pub, 'presence.user_away', s, previous)
         events = events + 1
       elseif age >= idle_ms and s.status == 'active' then
         s.status = 'idle'
         redis.call('HSET', session_key, 'status', 'idle')
-        emit(pub, 'presence.user_idle', s)
+        emit(pub, 'presence.user_idle', s, 'active')
         events = events + 1
       end
     end
