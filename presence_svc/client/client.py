@@ -13,7 +13,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final
 
@@ -28,11 +28,13 @@ from presence_svc.client.feed import (
     Feed,
     PresenceError,
     PresenceEvent,
+    SignalListener,
 )
 from presence_svc.client.intent import Intent, check_cursor
 from presence_svc.client.link import Link, LinkEnd, Timing
 from presence_svc.client.policy import Backoff, Reaction, Retry, reaction
 from presence_svc.client.rest import Unauthorized, delete_presence
+from presence_svc.client.signals import DEFAULT_MAX_BYTES, encode_signal
 from presence_svc.client.state import StudyState, User
 from presence_svc.client.tokens import Tokens, TokenSource
 from presence_svc.models import ID_PATTERN
@@ -62,6 +64,9 @@ class PresenceClient:
     seconds while it is active; keep that well below the server's PRESENCE_IDLE_AFTER (30 s
     by default; a third of it is a good interval). `set_active(False)` stops them, so the
     user turns idle and away honestly.
+
+    `signal_max_bytes` is the largest signal data this client sends (the server's
+    PRESENCE_SIGNAL_MAX_BYTES; its default).
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class PresenceClient:
         keepalive: float | None = 20.0,
         max_message_size: int = 64 * 1024 * 1024,
         events_queue_size: int = 4096,
+        signal_max_bytes: int = DEFAULT_MAX_BYTES,
         rng: random.Random | None = None,
     ) -> None:
         if not isinstance(study_id, str) or not _STUDY_ID.fullmatch(study_id):
@@ -93,6 +99,7 @@ class PresenceClient:
         self._open_timeout = open_timeout
         self._keepalive = keepalive
         self._max_message_size = max_message_size
+        self._signal_max_bytes = signal_max_bytes
         self._study = StudyState()
         self._feed = Feed(self._study.users, events_queue_size)
         self._intent = Intent()
@@ -166,8 +173,25 @@ class PresenceClient:
         return self._study.seq
 
     def users(self) -> list[User]:
-        """Everyone present in the study, by user id."""
+        """The users listed, by user id: everyone unless `complete` is False (a big room's
+        snapshot lists only some; a later event of another user lists them too)."""
         return self._study.users()
+
+    def counts(self) -> dict[str, int]:
+        """Sessions by status ({"active", "idle", "away"}), listed or not, kept exact from
+        the events."""
+        return dict(self._study.counts)
+
+    @property
+    def total(self) -> int:
+        """The number of sessions in the study (the sum of `counts()`)."""
+        return self._study.total
+
+    @property
+    def complete(self) -> bool:
+        """Whether `users()` lists everyone; False in a study larger than the server's
+        PRESENCE_SNAPSHOT_MAX_USERS."""
+        return self._study.complete
 
     def changes(self) -> ChangeStream:
         """`async for users in client.changes()`: the users now, then after every change
@@ -177,6 +201,15 @@ class PresenceClient:
     def events(self, *kinds: EventKind) -> EventStream:
         """Events of these kinds (all if none), in order, from now on; see PresenceEvent."""
         return EventStream(self._feed, kinds)
+
+    def signals(self, *names: str) -> EventStream:
+        """Signals of these names (all if none), as "signal" events, in order, from now on."""
+        return EventStream(self._feed, ["signal"], names)
+
+    def on_signal(self, listener: SignalListener, *names: str) -> Callable[[], None]:
+        """Call `listener(name, data)` as each signal of these names (all if none) arrives;
+        `data` carries the sender's `user_id`. Returns the function that stops it."""
+        return self._feed.listen(listener, names)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -195,6 +228,20 @@ class PresenceClient:
         self._check_running()
         self._intent.set_cursor(fields)
         await asyncio.sleep(0)  # let the heartbeat go out now if the socket is open
+
+    async def send_signal(self, name: str, data: Mapping[str, Any] | None = None) -> bool:
+        """Send a signal to the study's other sockets (`signal.<name>`); False when not
+        connected: signals are never queued, a reconnect does not send them.
+
+        ValueError for a name not matching ^[a-z][a-z0-9_]{0,31}$ or data that is not JSON
+        of at most `signal_max_bytes`. The server holds the newest of each name while this
+        socket is over its signal rate. A signal is not a heartbeat.
+        """
+        text = encode_signal(name, data, self._signal_max_bytes)
+        link = self._link
+        if link is None or self._state != "open":
+            return False
+        return await link.send(text)
 
     def set_active(self, active: bool) -> None:
         """Whether the user is active: heartbeats stop while not, and resume at once."""

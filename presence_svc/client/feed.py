@@ -4,13 +4,15 @@ Two ways to listen. `ChangeStream` is a watch: it yields the current users, then
 again after every change, skipping to the latest when the consumer is slower than the
 changes (so it never buffers). `EventStream` yields every event of the kinds it asked for, in
 order, with a bounded queue: a consumer that falls further behind gets an error rather than
-making the client hold events without limit.
+making the client hold events without limit. Signals (typing, pointer, ...) come as events of
+kind "signal", and to plain callbacks registered with `Feed.listen`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,10 +20,23 @@ from typing import Any, Literal, get_args
 
 from presence_svc.client.state import Change, User
 
+log = logging.getLogger(__name__)
+
 EventKind = Literal[
-    "join", "leave", "status", "cursor", "snapshot", "state", "error", "refreshed", "message"
+    "join",
+    "leave",
+    "status",
+    "cursor",
+    "snapshot",
+    "state",
+    "error",
+    "refreshed",
+    "message",
+    "signal",
 ]
 EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
+
+SignalListener = Callable[[str, dict[str, Any]], None]
 
 
 class PresenceError(Exception):
@@ -46,7 +61,8 @@ class PresenceEvent:
     state changed (`state`). error: `error` (fatal when the client has stopped, otherwise
     informational: a refused heartbeat or refresh, a failed attempt). refreshed: the server
     accepted a fresh token. message: an event another backend published for the study
-    (`message` holds its `type` and `data`, unchanged).
+    (`message` holds its `type` and `data`, unchanged). signal: another socket's signal
+    (`signal` its name, `data` its data with the sender's `user_id`, `message` as received).
     """
 
     kind: EventKind
@@ -56,6 +72,8 @@ class PresenceEvent:
     state: str | None = None
     error: PresenceError | None = None
     message: dict[str, Any] | None = None
+    signal: str | None = None
+    data: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, change: Change) -> PresenceEvent:
@@ -75,6 +93,7 @@ class Feed:
         self._streams: set[EventStream] = set()
         self.finished = False
         self.error: PresenceError | None = None
+        self._signal_listeners: list[tuple[SignalListener, frozenset[str]]] = []
 
     def changed(self) -> None:
         """The users changed: wake every ChangeStream."""
@@ -85,6 +104,30 @@ class Feed:
         for event in events:
             for stream in list(self._streams):
                 stream.put(event)
+            if event.kind == "signal" and event.signal is not None:
+                self._call(event.signal, event.data or {})
+
+    def listen(self, listener: SignalListener, names: Iterable[str]) -> Callable[[], None]:
+        """Call `listener(name, data)` on each signal of these names (all if none); returns
+        the function that stops it."""
+        entry = (listener, frozenset(names))
+        self._signal_listeners.append(entry)
+
+        def stop() -> None:
+            if entry in self._signal_listeners:
+                self._signal_listeners.remove(entry)
+
+        return stop
+
+    def _call(self, name: str, data: dict[str, Any]) -> None:
+        for listener, names in list(self._signal_listeners):
+            if names and name not in names:
+                continue
+            try:
+                listener(name, data)
+            except Exception:
+                # One failing callback must neither stop the others nor break the socket.
+                log.exception("signal listener %r failed on %s", listener, name)
 
     def finish(self, error: PresenceError | None) -> None:
         """No more changes or events: streams end (raising `error` if there is one)."""
@@ -150,13 +193,14 @@ class EventStream:
     `close()`) to stop listening.
     """
 
-    def __init__(self, feed: Feed, kinds: Iterable[str]) -> None:
+    def __init__(self, feed: Feed, kinds: Iterable[str], signals: Iterable[str] = ()) -> None:
         wanted = frozenset(kinds)
         unknown = wanted - EVENT_KINDS
         if unknown:
             raise ValueError(f"unknown event kinds {sorted(unknown)}; known: {sorted(EVENT_KINDS)}")
         self._feed = feed
         self._kinds = wanted or EVENT_KINDS
+        self._signals = frozenset(signals)  # signal names to keep; all if empty
         self._queue: collections.deque[PresenceEvent] = collections.deque()
         self._overflowed = False
         self._ready = asyncio.Event()
@@ -164,6 +208,8 @@ class EventStream:
 
     def put(self, event: PresenceEvent) -> None:
         if event.kind not in self._kinds or self._overflowed:
+            return
+        if self._signals and event.kind == "signal" and event.signal not in self._signals:
             return
         if len(self._queue) >= self._feed.queue_size():
             self._overflowed = True

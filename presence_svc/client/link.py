@@ -21,7 +21,9 @@ from websockets.exceptions import ConnectionClosed
 
 from presence_svc.client.feed import Feed, PresenceError, PresenceEvent
 from presence_svc.client.intent import Intent
+from presence_svc.client.signals import received
 from presence_svc.client.state import (
+    BATCH,
     PRESENCE_PREFIX,
     SNAPSHOT,
     Change,
@@ -94,6 +96,14 @@ class Link:
             for pong in self._pongs:
                 pong.cancel()
 
+    async def send(self, text: str) -> bool:
+        """Send one message now; False if the socket has closed."""
+        try:
+            await self._ws.send(text)
+        except ConnectionClosed:
+            return False
+        return True
+
     async def barrier(self, within: float) -> None:
         """Return once the node has read everything sent before (a ping's pong came back)."""
         pong = asyncio.get_running_loop().create_future()
@@ -127,6 +137,8 @@ class Link:
             return False
         if kind == SNAPSHOT:
             return self._snapshot(data)
+        if kind == BATCH:
+            return self._batch(data)
         if kind.startswith(PRESENCE_PREFIX):
             return self._event(kind, data)
         self._reply(kind, data, message)
@@ -146,6 +158,7 @@ class Link:
         return gap
 
     def _event(self, kind: str, data: dict[str, Any]) -> bool:
+        counts = dict(self._state.counts)
         try:
             verdict, changes = self._state.apply_event(kind, data)
         except MalformedMessage as exc:
@@ -154,7 +167,30 @@ class Link:
         if verdict is Verdict.GAP:
             log.info("seq gap in study %s after %s: resyncing", data.get("study_id"), data)
             return True
-        self._report(changes)
+        self._report(changes, always=counts != self._state.counts)
+        return False
+
+    def _batch(self, data: dict[str, Any]) -> bool:
+        """Apply a presence.batch; its messages are reported as if they had come one by one,
+        and listeners of changes() are woken once for the whole batch."""
+        counts = dict(self._state.counts)
+        try:
+            verdict, steps = self._state.apply_batch(data)
+        except MalformedMessage as exc:
+            self._error(f"a malformed presence.batch: {exc}")
+            return True
+        changes = [change for step in steps if step is not None for change in step]
+        if changes or counts != self._state.counts:
+            self._feed.changed()
+        for message, step in zip(data["events"], steps, strict=True):
+            if step is None:
+                kind, body = message["type"], message.get("data")
+                self._message(kind, body if isinstance(body, dict) else {}, message)
+            else:
+                self._feed.emit(PresenceEvent.of(change) for change in step)
+        if verdict is Verdict.GAP:
+            log.info("seq gap before a batch from first_seq %s: resyncing", data.get("first_seq"))
+            return True
         return False
 
     def _reply(self, kind: str, data: dict[str, Any], message: dict[str, Any]) -> None:
@@ -176,7 +212,12 @@ class Link:
                 reply.set_exception(PresenceError(f"refresh refused: {text}"))
             self._error(text)
         else:
-            self._feed.emit([PresenceEvent("message", message=message)])
+            self._message(kind, data, message)
+
+    def _message(self, kind: str, data: dict[str, Any], message: dict[str, Any]) -> None:
+        """A message without a seq: a signal, or an event another backend published."""
+        signal = received(kind, data, message)
+        self._feed.emit([signal or PresenceEvent("message", message=message)])
 
     def _report(self, changes: list[Change], always: bool = False) -> None:
         if changes or always:
