@@ -32,6 +32,10 @@ Observer = Callable[[Outgoing, int], None]  # an event, and how many local subsc
 
 
 class Subscriber(Protocol):
+    @property
+    def watcher(self) -> bool:
+        """True while it only watches (no heartbeat yet): the node's stats count it apart."""
+
     def deliver(self, event: Outgoing) -> None:
         """Take one event; must not block (queue it or drop the subscriber)."""
 
@@ -146,6 +150,17 @@ class Fanout:
     def watching(self) -> dict[str, int]:
         """Local subscribers of each study subscribed to (for the node's stats)."""
         return {entry.study_id: len(entry.subscribers) for entry in self._channels.values()}
+
+    def watchers(self) -> dict[str, int]:
+        """Local subscribers that only watch (`watcher`), per study that has any (for the
+        node's stats). One attribute read per local subscriber, once a stats interval: less
+        than having each socket tell the fan-out of its first heartbeat on the hot path."""
+        counts: dict[str, int] = {}
+        for entry in self._channels.values():
+            n = sum(s.watcher for s in entry.subscribers)
+            if n:
+                counts[entry.study_id] = n
+        return counts
 
     @property
     def links(self) -> int:

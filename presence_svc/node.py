@@ -66,6 +66,7 @@ class Node:
             leases=self.leases.held,
             events_published=self.store.events_published,
             watching=self.fanout.watching(),
+            watchers=self.fanout.watchers(),
         )
 
     async def redis_ready(self) -> bool:

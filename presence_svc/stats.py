@@ -2,10 +2,12 @@
 by which every node reports itself for it.
 
 No read here goes through every session of every study. Each node writes its own counts
-(sockets, watched studies, leases, events published) to two small hashes of its own, on a
-timer of its own (`StatsWriter`); the reads (`OperatorStats`, what the transport calls) take
-the live nodes from the node registry, those hashes, and per study only counts of its index by
-heartbeat age (redis/stats.py says what each costs).
+(sockets, watchers, watched studies, leases, events published) to three small hashes of its
+own, on a timer of its own (`StatsWriter`); the reads (`OperatorStats`, what the transport
+calls) take the live nodes from the node registry, those hashes, and per study only counts of
+its index by heartbeat age (redis/stats.py says what each costs).
+
+A watcher is a WebSocket that has sent no heartbeat yet: it watches without being present.
 """
 
 from __future__ import annotations
@@ -67,6 +69,17 @@ class NodeReport:
     leases: int
     events_published: int  # since the node started, by its own scripts
     watching: Mapping[str, int] = field(default_factory=dict)  # study_id -> local sockets
+    # study_id -> those of its sockets that only watch (no heartbeat yet)
+    watchers: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CountChanges:
+    """What one write changes of a node's counts per study: `changed` counts to set, and
+    `dropped` studies to delete (a whole write deletes every study not in `changed`)."""
+
+    changed: Mapping[str, int] = field(default_factory=dict)
+    dropped: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +92,14 @@ class NodeStats:
     studies: int | None = None
     leases: int | None = None
     events_per_second: float | None = None
+    watchers: int | None = None  # of its sockets, those that only watch
 
     def to_json(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "seen_ms_ago": self.seen_ms_ago,
             "sockets": self.sockets,
+            "watchers": self.watchers,
             "studies": self.studies,
             "leases": self.leases,
             "events_per_second": self.events_per_second,
@@ -118,6 +133,7 @@ class Overview:
         return {
             "nodes": [n.to_json() for n in self.nodes],
             "sockets": sum(n.sockets or 0 for n in self.nodes),
+            "watchers": sum(n.watchers or 0 for n in self.nodes),
             "events_per_second": self.events_per_second,
             "studies": self.studies,
             "sampled": self.sampled,
@@ -132,6 +148,7 @@ class StudyStats:
     study_id: str
     users: StatusCounts
     watching: int  # sockets of every live node subscribed to the study
+    watchers: int  # those of them that only watch (no heartbeat yet)
     seq: int
 
     def to_json(self) -> dict[str, Any]:
@@ -139,6 +156,7 @@ class StudyStats:
             "study_id": self.study_id,
             "users": self.users.to_json(),
             "watching": self.watching,
+            "watchers": self.watchers,
             "seq": self.seq,
         }
 
@@ -153,14 +171,14 @@ class StatsStore(Protocol):
         node_id: str,
         report: NodeReport,
         events_per_second: float,
-        changed: Mapping[str, int],
-        dropped: Sequence[str],
+        watching: CountChanges,
+        watchers: CountChanges,
         *,
         whole: bool,
         ttl_ms: int,
     ) -> None:
-        """Store the node's report, expiring after `ttl_ms`; its watch counts as `changed` and
-        `dropped` ones, or (`whole`) exactly `changed`."""
+        """Store the node's report, expiring after `ttl_ms`, with the changes of its sockets
+        (`watching`) and watchers per study; `whole`: each is exactly its `changed`."""
         ...
 
     async def forget_node(self, node_id: str) -> None:
@@ -172,7 +190,7 @@ class StatsStore(Protocol):
         ...
 
     async def study(self, study_id: str, now_ms: int, lease_ttl_ms: int) -> StudyStats:
-        """One study's users by status and the sockets of live nodes watching it."""
+        """One study's users by status, and the sockets and watchers of live nodes watching it."""
         ...
 
 
@@ -197,7 +215,8 @@ class OperatorStats:
         return await self._store.overview(self._now_ms(), self._lease_ttl_ms)
 
     async def study(self, study_id: str) -> StudyStats:
-        """One study's users by status, its seq, and the sockets of live nodes watching it.
+        """One study's users by status, its seq, and the sockets of live nodes watching it
+        (and how many of them only watch).
 
         Raises StoreUnavailable if the store cannot serve the read now."""
         return await self._store.study(study_id, self._now_ms(), self._lease_ttl_ms)
@@ -207,8 +226,8 @@ class OperatorStats:
 
 
 class StatsWriter:
-    """Writes this node's report every `interval` seconds (only what changed of the watch
-    counts). `node_id` is read at each write: a node declared dead comes back under a new id."""
+    """Writes this node's report every `interval` seconds (only what changed of the counts
+    per study). `node_id` is read at each write: a node declared dead comes back under a new id."""
 
     def __init__(
         self,
@@ -226,7 +245,9 @@ class StatsWriter:
         self._interval = interval
         self._monotonic = monotonic
         self._sleep = sleep
-        self._written: dict[str, int] = {}  # the watch counts as last written
+        # The counts per study as last written: sockets, and watchers
+        self._written: dict[str, int] = {}
+        self._written_watchers: dict[str, int] = {}
         self._written_for: str | None = None  # the node id they were written for
         self._writes_since_whole = 0
         # (monotonic time, events published) of the writes within the rate window, oldest first
@@ -270,26 +291,22 @@ class StatsWriter:
         node_id = self._node_id()
         now = self._monotonic()
         whole = node_id != self._written_for or self._writes_since_whole >= FULL_WRITE_EVERY
-        current = {study: n for study, n in report.watching.items() if n > 0}
-        if whole:
-            changed, dropped = current, []
-        else:
-            changed = {s: n for s, n in current.items() if self._written.get(s) != n}
-            dropped = [s for s in self._written if s not in current]
+        current, watchers = _positive(report.watching), _positive(report.watchers)
         try:
             await self._store.write_node(
                 node_id,
                 report,
                 self._rate(now, report.events_published),
-                changed,
-                dropped,
+                _changes(current, self._written, whole),
+                _changes(watchers, self._written_watchers, whole),
                 whole=whole,
                 ttl_ms=self.ttl_ms,
             )
         except BaseException:
             self._written_for = None  # what Redis holds is unknown now: rewrite it whole
             raise
-        self._written, self._written_for = current, node_id
+        self._written, self._written_watchers = current, watchers
+        self._written_for = node_id
         self._writes_since_whole = 0 if whole else self._writes_since_whole + 1
 
     def _rate(self, now: float, events: int) -> float:
@@ -312,6 +329,18 @@ class StatsWriter:
         except Exception as exc:
             # Never raised into the shutdown, which still has the fan-out and store to close.
             log.warning("node stats left to expire: %s: %s", _kind(exc), exc)
+
+
+def _positive(counts: Mapping[str, int]) -> dict[str, int]:
+    # A study whose count fell to 0 is dropped from the hash, not written as 0.
+    return {study: n for study, n in counts.items() if n > 0}
+
+
+def _changes(current: dict[str, int], written: dict[str, int], whole: bool) -> CountChanges:
+    if whole:
+        return CountChanges(current)
+    changed = {s: n for s, n in current.items() if written.get(s) != n}
+    return CountChanges(changed, [s for s in written if s not in current])
 
 
 def _kind(exc: BaseException) -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
 
 import pytest
 from redis.exceptions import NoPermissionError, ResponseError
 
 from presence_svc.stats import (
     BACKOFF_CAP,
+    CountChanges,
     NodeReport,
     OperatorStats,
     Overview,
@@ -36,12 +36,14 @@ WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 
 class StubStore:
     """A StatsStore whose writes raise the errors queued in `errors` (None: succeed), one per
-    write, then succeed; it records when each write was tried and whether it was whole."""
+    write, then succeed; it records when each write was tried and whether it was whole, and
+    what each write changed of the watchers."""
 
     def __init__(self, timer: ManualTimer, *errors: Exception | None) -> None:
         self._timer = timer
         self.errors = list(errors)
         self.writes: list[tuple[float, bool]] = []  # (monotonic time, whole)
+        self.watchers: list[CountChanges] = []
         self.reads: list[tuple[str, int, int]] = []  # (what, now_ms, lease_ttl_ms)
         self.forget_error: Exception | None = None
 
@@ -50,13 +52,14 @@ class StubStore:
         node_id: str,
         report: NodeReport,
         events_per_second: float,
-        changed: Mapping[str, int],
-        dropped: Sequence[str],
+        watching: CountChanges,
+        watchers: CountChanges,
         *,
         whole: bool,
         ttl_ms: int,
     ) -> None:
         self.writes.append((self._timer.monotonic(), whole))
+        self.watchers.append(watchers)
         error = self.errors.pop(0) if self.errors else None
         if error is not None:
             raise error
@@ -71,7 +74,7 @@ class StubStore:
 
     async def study(self, study_id: str, now_ms: int, lease_ttl_ms: int) -> StudyStats:
         self.reads.append((study_id, now_ms, lease_ttl_ms))
-        return StudyStats(study_id, StatusCounts(), 0, 0)
+        return StudyStats(study_id, StatusCounts(), 0, 0, 0)
 
 
 def writer_of(store: StubStore, timer: ManualTimer, interval: float = 1.0) -> StatsWriter:
@@ -147,6 +150,35 @@ async def test_a_cap_shorter_than_the_interval_never_writes_more_often_than_it(
     finally:
         await stop(task)
     assert [t for t, _ in store.writes] == [0.0, interval, interval * 2, interval * 3]
+
+
+async def test_watchers_are_written_as_they_change_and_whole_after_a_failure(
+    timer: ManualTimer,
+) -> None:
+    store = StubStore(timer)
+    reports = [
+        NodeReport(2, 2, 0, 0, watching={"s1": 1, "s2": 1}, watchers={"s1": 1, "s2": 1}),
+        NodeReport(2, 2, 1, 0, watching={"s1": 1, "s2": 1}, watchers={"s2": 1}),  # s1 beat
+        NodeReport(2, 2, 1, 0, watching={"s1": 1, "s2": 1}, watchers={"s2": 1}),
+        NodeReport(1, 1, 1, 0, watching={"s1": 1}, watchers={"s2": 0}),  # s2's socket closed
+    ]
+    current = iter(reports)
+    writer = StatsWriter(store, lambda: NODE, lambda: next(current), 1.0, sleep=timer.sleep)
+    for _ in range(3):
+        await writer.write()
+    store.errors = [StoreUnavailable("down")]
+    with pytest.raises(StoreUnavailable):
+        await writer.write()
+    current = iter(reports[3:])
+    await writer.write()
+    assert store.watchers == [
+        CountChanges({"s1": 1, "s2": 1}),
+        CountChanges({}, ["s1"]),  # the socket that heartbeated is no longer a watcher
+        CountChanges({}, []),  # nothing changed
+        CountChanges({}, ["s2"]),  # the failed write
+        CountChanges({}),  # after it, whole: exactly the watchers there are (none)
+    ]
+    assert [whole for _, whole in store.writes] == [True, False, False, False, True]
 
 
 async def test_close_never_raises_into_the_shutdown(

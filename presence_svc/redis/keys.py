@@ -84,13 +84,18 @@ class Keys:
         return f"{self.prefix}:{{node:{node_id}}}:leases"
 
     def node_stats(self, node_id: str) -> str:
-        """Hash: what the node reports of itself (sockets, studies, leases, events), written by
-        the node on a timer of its own and expiring when it stops writing."""
+        """Hash: what the node reports of itself (sockets, watchers, studies, leases, events),
+        written by the node on a timer of its own and expiring when it stops writing."""
         return f"{self.prefix}:{{node:{node_id}}}:stats"
 
     def node_watching(self, node_id: str) -> str:
         """Hash: study_id -> sockets of this node watching the study (same timer and expiry)."""
         return f"{self.prefix}:{{node:{node_id}}}:watching"
+
+    def node_watchers(self, node_id: str) -> str:
+        """Hash: study_id -> those of its sockets that only watch, no heartbeat yet (same timer
+        and expiry)."""
+        return f"{self.prefix}:{{node:{node_id}}}:watchers"
 
     def schedule(self, study_id: str) -> str:
         """The schedule shard (sorted set: study_id -> next due ms) that holds this study."""

@@ -119,7 +119,9 @@ class RedisNodes:
                 released += len(batch)
             # Its report for /stats would expire by itself; a dead node's goes with it at once.
             await self._redis.delete(
-                self._keys.node_stats(node_id), self._keys.node_watching(node_id)
+                self._keys.node_stats(node_id),
+                self._keys.node_watching(node_id),
+                self._keys.node_watchers(node_id),
             )
             await self._redis.zrem(self._keys.dead_nodes, node_id)
         return released

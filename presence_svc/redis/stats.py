@@ -2,15 +2,17 @@
 
 What each call costs in Redis (S = schedule shards, 16; N = live nodes):
 - `write_node` (each node, every PRESENCE_STATS_INTERVAL): one pipeline on the node's own hash
-  tag: HSET of its 5 fields and PEXPIRE of its report, HSET/HDEL of the watch counts that changed
-  and PEXPIRE; every FULL_WRITE_EVERY writes, an HKEYS of the watch counts and all of them.
+  tag: HSET of its 6 fields and PEXPIRE of its report, and for each of its two hashes per study
+  (sockets, watchers) HSET/HDEL of the counts that changed and PEXPIRE; every FULL_WRITE_EVERY
+  writes, first one round trip of an HKEYS of each, then all of their counts.
 - `overview` (GET /stats): two round trips. ZRANGEBYSCORE of the live nodes (at most
   MAX_NODES), ZCARD and ZRANGE 0..STUDIES_PER_SHARD-1 of each shard; then HGETALL of each
-  node's report (5 fields) and, per sampled study, ZCARD and two ZCOUNTs of its index
+  node's report (6 fields) and, per sampled study, ZCARD and two ZCOUNTs of its index
   (O(log n) each). At most S x STUDIES_PER_SHARD studies are counted: with more, the top list
   and the status counts are those of that sample (`exact` is false).
 - `study` (GET /presence/{study_id}/stats): two round trips. The live nodes, ZCARD, two ZCOUNTs
-  and an HGET of the study; then one HGET per live node of its watch count for the study.
+  and an HGET of the study; then two HGETs per live node: its sockets and its watchers of the
+  study.
 
 Statuses are read from the index's heartbeat times against the thresholds (what the sweep
 applies, within a sweep interval), never from the sessions themselves.
@@ -34,7 +36,15 @@ from presence_svc.models import Thresholds
 from presence_svc.redis.batch import TIMEOUT
 from presence_svc.redis.calls import reachable, text
 from presence_svc.redis.keys import Keys
-from presence_svc.stats import NodeReport, NodeStats, Overview, StatusCounts, StudyCount, StudyStats
+from presence_svc.stats import (
+    CountChanges,
+    NodeReport,
+    NodeStats,
+    Overview,
+    StatusCounts,
+    StudyCount,
+    StudyStats,
+)
 from presence_svc.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -111,20 +121,31 @@ class RedisStats:
         node_id: str,
         report: NodeReport,
         events_per_second: float,
-        changed: Mapping[str, int],
-        dropped: Sequence[str],
+        watching: CountChanges,
+        watchers: CountChanges,
         *,
         whole: bool,
         ttl_ms: int,
     ) -> None:
         """Store the node's report (see StatsStore.write_node)."""
-        watching = self._keys.node_watching(node_id)
+        hashes = {
+            self._keys.node_watching(node_id): watching,
+            self._keys.node_watchers(node_id): watchers,
+        }
         if whole:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in hashes:
+                    pipe.hkeys(key)
+                held = await pipe.execute()
             # Stale fields go after the new values are in: a reader never sees a count missing.
-            dropped = [s for s in map(text, await self._redis.hkeys(watching)) if s not in changed]
+            hashes = {
+                key: CountChanges(c.changed, [s for s in map(text, h) if s not in c.changed])
+                for (key, c), h in zip(hashes.items(), held, strict=True)
+            }
         stats = self._keys.node_stats(node_id)
         fields = {
             "sockets": report.sockets,
+            "watchers": sum(report.watchers.values()),
             "studies": report.studies,
             "leases": report.leases,
             "events": report.events_published,
@@ -133,11 +154,12 @@ class RedisStats:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(stats, mapping=fields)
             pipe.pexpire(stats, ttl_ms)
-            if changed:
-                pipe.hset(watching, mapping=dict(changed))
-            if dropped:
-                pipe.hdel(watching, *dropped)
-            pipe.pexpire(watching, ttl_ms)
+            for key, changes in hashes.items():
+                if changes.changed:
+                    pipe.hset(key, mapping=dict(changes.changed))
+                if changes.dropped:
+                    pipe.hdel(key, *changes.dropped)
+                pipe.pexpire(key, ttl_ms)
             await pipe.execute()
 
     @reachable
@@ -146,6 +168,7 @@ class RedisStats:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.delete(self._keys.node_stats(node_id))
             pipe.delete(self._keys.node_watching(node_id))
+            pipe.delete(self._keys.node_watchers(node_id))
             await pipe.execute()
 
     @refusals_unavailable
@@ -185,20 +208,23 @@ class RedisStats:
     @refusals_unavailable
     @reachable
     async def study(self, study_id: str, now_ms: int, lease_ttl_ms: int) -> StudyStats:
-        """One study's users by status, its seq, and the sockets of live nodes watching it."""
+        """One study's users by status, its seq, and the sockets and watchers of live nodes
+        watching it."""
         async with self._redis.pipeline(transaction=False) as pipe:
             self._live_nodes(pipe, now_ms, lease_ttl_ms)
             self._count_users(pipe, study_id, now_ms)
             pipe.hget(self._keys.study(study_id).meta, "seq")
             live, card, active, idle, seq = await pipe.execute()
-        watching = 0
+        watching = watchers = 0
         if live:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for node_id, _ in live:
                     pipe.hget(self._keys.node_watching(text(node_id)), study_id)
-                watching = sum(_int(n) or 0 for n in await pipe.execute())
+                    pipe.hget(self._keys.node_watchers(text(node_id)), study_id)
+                counts = [_int(n) or 0 for n in await pipe.execute()]
+            watching, watchers = sum(counts[0::2]), sum(counts[1::2])
         users = _status_counts([card, active, idle])
-        return StudyStats(study_id, users, watching, _int(seq) or 0)
+        return StudyStats(study_id, users, watching, watchers, _int(seq) or 0)
 
     def _live_nodes(self, pipe: Any, now_ms: int, lease_ttl_ms: int) -> None:
         pipe.zrangebyscore(
@@ -225,6 +251,7 @@ def _node_stats(node_id: str, seen_ms_ago: int, report: Mapping[bytes, bytes]) -
         node_id,
         max(0, seen_ms_ago),
         sockets=_int(fields.get("sockets")),
+        watchers=_int(fields.get("watchers")),
         studies=_int(fields.get("studies")),
         leases=_int(fields.get("leases")),
         events_per_second=_float(fields.get("events_per_second")),

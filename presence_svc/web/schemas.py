@@ -110,6 +110,7 @@ class NodeStatsOut(_ResponseShape):
     node_id: Hex32
     seen_ms_ago: Count = Field(description="since the node last renewed its liveness")
     sockets: Count | None
+    watchers: Count | None = Field(description="of its sockets, those with no heartbeat yet")
     studies: Count | None = Field(description="study channels the node is subscribed to")
     leases: Count | None
     events_per_second: Rate | None = Field(description="events its scripts published")
@@ -126,6 +127,9 @@ class StatsOut(_ResponseShape):
     node_id: Hex32 = Field(description="the node that answered")
     nodes: list[NodeStatsOut]
     sockets: Count = Field(description="open WebSockets, summed over the nodes' reports")
+    watchers: Count = Field(
+        description="of those, the ones that only watch (no heartbeat yet), summed likewise"
+    )
     events_per_second: Rate = Field(description="events published, summed over the nodes")
     studies: Count = Field(description="studies with sessions")
     sampled: Count = Field(description="studies counted (a bounded sample when there are more)")
@@ -140,4 +144,5 @@ class StudyStatsOut(_ResponseShape):
     study_id: Identifier
     users: StatusCountsOut
     watching: Count = Field(description="WebSockets of every live node subscribed to the study")
+    watchers: Count = Field(description="of those, the ones that only watch (no heartbeat yet)")
     seq: Count = Field(description="the seq of the study's last event")

@@ -258,6 +258,7 @@ async def _read(
                 cursor = message.cursor()
             if beats is None:
                 beats = Heartbeats(node, conn, connection_id, principal.user_id, study_id)
+                conn.watcher = False
             # Not awaited, so the next frame is read meanwhile: the store applies a socket's
             # heartbeats in the order they were sent (batch.py), and a few may be in flight.
             full = beats.start(cursor)

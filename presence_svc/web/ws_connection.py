@@ -64,6 +64,7 @@ class Connection:
         "_stalled",
         "_started",
         "_writer",
+        "watcher",
     )
 
     def __init__(
@@ -86,6 +87,9 @@ class Connection:
         self._shut = False  # a close frame went out, or the client is gone: no frame follows
         self._writer: asyncio.Task[None] | None = None  # while there is a backlog
         self._closer: asyncio.Task[None] | None = None  # a close that had to wait
+        # Until its first heartbeat a socket only watches: the stats count it apart (ws.py
+        # clears it; the fan-out reads it for the node's report).
+        self.watcher = True
 
     @property
     def overflowed(self) -> bool:

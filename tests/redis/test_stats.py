@@ -14,7 +14,13 @@ import pytest
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.stats import RedisStats
 from presence_svc.redis.store import RedisStore
-from presence_svc.stats import FULL_WRITE_EVERY, NodeReport, StatsWriter, StatusCounts
+from presence_svc.stats import (
+    FULL_WRITE_EVERY,
+    CountChanges,
+    NodeReport,
+    StatsWriter,
+    StatusCounts,
+)
 from presence_svc.store import StoreUnavailable
 from tests.support.app import unreachable_redis
 from tests.support.clock import ManualTimer
@@ -29,16 +35,31 @@ async def stats(any_redis: Any, keys: Keys) -> AsyncIterator[RedisStats]:
     yield RedisStats(any_redis, keys, THRESHOLDS)
 
 
-def report(sockets: int = 0, events: int = 0, **watching: int) -> NodeReport:
-    return NodeReport(sockets, len(watching), sockets, events, watching)
+def report(
+    sockets: int = 0, events: int = 0, watchers: dict[str, int] | None = None, **watching: int
+) -> NodeReport:
+    return NodeReport(sockets, len(watching), sockets, events, watching, watchers or {})
 
 
 async def write(stats: RedisStats, node_id: str, rep: NodeReport, *, rate: float = 0.0) -> None:
-    await stats.write_node(node_id, rep, rate, rep.watching, [], whole=True, ttl_ms=60_000)
+    await stats.write_node(
+        node_id,
+        rep,
+        rate,
+        CountChanges(rep.watching),
+        CountChanges(rep.watchers),
+        whole=True,
+        ttl_ms=60_000,
+    )
 
 
 async def watching(client: Any, keys: Keys, node_id: str) -> dict[str, int]:
     raw = await client.hgetall(keys.node_watching(node_id))
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def watchers(client: Any, keys: Keys, node_id: str) -> dict[str, int]:
+    raw = await client.hgetall(keys.node_watchers(node_id))
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
@@ -51,21 +72,24 @@ async def test_the_overview_lists_live_nodes_with_their_reports_and_the_top_stud
     await store.renew_node(A, t0)
     await store.renew_node(B, t0 - TTL_MS - 1)  # silent a whole TTL: not alive
     await store.renew_node(C, t0 - 100)  # alive, but has not reported yet
-    await write(stats, A, report(sockets=4, events=9, big=3), rate=2.5)
-    await write(stats, B, report(sockets=7))
+    await write(stats, A, report(sockets=4, events=9, watchers={"big": 2}, big=3), rate=2.5)
+    await write(stats, B, report(sockets=7, watchers={"s": 7}))
 
     found = await stats.overview(t0 + 100, TTL_MS)
 
     assert {n.node_id: n.seen_ms_ago for n in found.nodes} == {A: 100, C: 200}
     by_id = {n.node_id: n for n in found.nodes}
     assert (by_id[A].sockets, by_id[A].studies, by_id[A].leases) == (4, 1, 4)
+    assert by_id[A].watchers == 2
     assert by_id[A].events_per_second == 2.5
     assert by_id[C].sockets is None and by_id[C].events_per_second is None
+    assert by_id[C].watchers is None
     assert [(s.study_id, s.users.total) for s in found.top] == [("big", 3), ("mid", 2), ("one", 1)]
     assert (found.studies, found.sampled) == (3, 3)
     assert found.sessions == StatusCounts(active=6)
     assert found.events_per_second == 2.5
     assert found.to_json()["sockets"] == 4 and found.to_json()["exact"] is True
+    assert found.to_json()["watchers"] == 2  # B's are not: it is not alive
 
 
 async def test_statuses_come_from_heartbeat_age_at_the_sweep_boundaries(
@@ -121,16 +145,20 @@ async def test_a_study_sums_the_watchers_of_live_nodes_only(
     await store.renew_node(A, t0)
     await store.renew_node(B, t0)
     await store.renew_node(C, t0 - TTL_MS - 1)
-    await write(stats, A, report(s=2, other=5))
-    await write(stats, B, report(s=1))
-    await write(stats, C, report(s=10))  # dead: its report may linger until it expires
+    await write(stats, A, report(watchers={"s": 1, "other": 4}, s=2, other=5))
+    await write(stats, B, report(watchers={"s": 1}, s=1))
+    # dead: its report may linger until it expires
+    await write(stats, C, report(watchers={"s": 10}, s=10))
 
-    assert (await stats.study("s", t0, TTL_MS)).watching == 3
-    assert (await stats.study("other", t0, TTL_MS)).watching == 5
+    found = await stats.study("s", t0, TTL_MS)
+    assert (found.watching, found.watchers) == (3, 2)  # a watcher on each live node
+    other = await stats.study("other", t0, TTL_MS)
+    assert (other.watching, other.watchers) == (5, 4)
     assert (await stats.study("nobody", t0, TTL_MS)).to_json() == {
         "study_id": "nobody",
         "users": {"active": 0, "idle": 0, "away": 0, "total": 0},
         "watching": 0,
+        "watchers": 0,
         "seq": 0,
     }
 
@@ -138,19 +166,41 @@ async def test_a_study_sums_the_watchers_of_live_nodes_only(
 async def test_writes_change_what_changed_and_a_whole_write_drops_the_rest(
     any_redis: Any, stats: RedisStats, keys: Keys
 ) -> None:
-    await write(stats, A, report(s1=1, s2=2, s3=3))
-    rep = report(s1=5, s2=2)
-    await stats.write_node(A, rep, 0.0, {"s1": 5}, ["s3"], whole=False, ttl_ms=60_000)
+    await write(stats, A, report(watchers={"s1": 1, "s3": 3}, s1=1, s2=2, s3=3))
+    rep = report(watchers={"s1": 1}, s1=5, s2=2)
+    changes = CountChanges({"s1": 5}, ["s3"]), CountChanges({}, ["s3"])
+    await stats.write_node(A, rep, 0.0, *changes, whole=False, ttl_ms=60_000)
     assert await watching(any_redis, keys, A) == {"s1": 5, "s2": 2}
+    assert await watchers(any_redis, keys, A) == {"s1": 1}
+    assert await any_redis.hget(keys.node_stats(A), "watchers") == b"1"
 
-    await any_redis.hset(keys.node_watching(A), "stale", 1)  # left by an earlier run
-    await stats.write_node(A, report(s2=4), 0.0, {"s2": 4}, [], whole=True, ttl_ms=60_000)
+    # Left by an earlier run: a whole write drops them from both hashes.
+    await any_redis.hset(keys.node_watching(A), "stale", 1)
+    await any_redis.hset(keys.node_watchers(A), "stale", 1)
+    rep = report(watchers={"s2": 3}, s2=4)
+    changes = CountChanges({"s2": 4}), CountChanges({"s2": 3})
+    await stats.write_node(A, rep, 0.0, *changes, whole=True, ttl_ms=60_000)
     assert await watching(any_redis, keys, A) == {"s2": 4}
-    for key in (keys.node_stats(A), keys.node_watching(A)):
+    assert await watchers(any_redis, keys, A) == {"s2": 3}
+    for key in (keys.node_stats(A), keys.node_watching(A), keys.node_watchers(A)):
         assert 0 < await any_redis.pttl(key) <= 60_000
 
     await stats.forget_node(A)
-    assert not await any_redis.exists(keys.node_stats(A), keys.node_watching(A))
+    assert not await any_redis.exists(
+        keys.node_stats(A), keys.node_watching(A), keys.node_watchers(A)
+    )
+
+
+async def test_a_reaped_node_loses_its_whole_report(
+    any_redis: Any, store: RedisStore, stats: RedisStats, keys: Keys, t0: int
+) -> None:
+    await store.renew_node(A, t0 - TTL_MS - 1)
+    await store.renew_node(B, t0)
+    await write(stats, A, report(sockets=1, watchers={"s": 1}, s=1))
+    await store.reap_dead_nodes(B, TTL_MS, 1_000, t0)
+    assert not await any_redis.exists(
+        keys.node_stats(A), keys.node_watching(A), keys.node_watchers(A)
+    )
 
 
 async def test_unreachable_redis_is_store_unavailable(keys: Keys) -> None:
@@ -236,7 +286,13 @@ async def test_the_writer_writes_changes_then_everything_now_and_then(
     node.report = report(s1=2, s2=0)  # s2's last socket left: dropped, not written as 0
     await writer.write()
     assert await watching(any_redis, keys, A) == {"s1": 2}
-    for _ in range(FULL_WRITE_EVERY):
+    node.report = report(watchers={"s1": 1}, s1=2)
+    await writer.write()
+    assert await watchers(any_redis, keys, A) == {"s1": 1}
+    node.report = report(watchers={"s1": 0}, s1=2)  # it heartbeated: no longer a watcher
+    await writer.write()
+    assert await watchers(any_redis, keys, A) == {}
+    for _ in range(FULL_WRITE_EVERY - 2):
         await writer.write()
     assert failing.calls == [True, False, *[False] * (FULL_WRITE_EVERY - 1), True]
 
@@ -277,7 +333,9 @@ async def test_the_writer_forgets_the_node_at_close(
     await writer.write()
     assert await any_redis.exists(keys.node_stats(A))
     await writer.close()
-    assert not await any_redis.exists(keys.node_stats(A), keys.node_watching(A))
+    assert not await any_redis.exists(
+        keys.node_stats(A), keys.node_watching(A), keys.node_watchers(A)
+    )
 
 
 async def test_the_writer_loop_writes_every_interval_and_outlives_a_failure(
