@@ -42,11 +42,14 @@ async def publish(
     redis_url: str,
     prefix: str,
     targets: list[list[Any]],
+    channel: str = "",
 ) -> dict[str, Any]:
     """Publish `rate` events/s round-robin over `studies` for `duration` s, paced by the clock.
 
     mode "node": through Redis with the service's publisher (nodes relay it unchanged);
-    mode "baseline": the same JSON text over a socket to each bare broadcast server.
+    mode "baseline": the same JSON text over a socket to each bare broadcast server;
+    mode "socketio": an emit of the same `data` to the study's room through a write-only
+    AsyncRedisManager on `channel` (the python-socketio peer, peer.py).
     The study index `bs`, per-study counter `bn` and send time `bt` (ns) come first in `data`
     so that clients find them without parsing the whole message.
     """
@@ -54,7 +57,15 @@ async def publish(
 
     redis_client = aioredis.Redis.from_url(redis_url) if mode == "node" else None
     pubs = [await open_ws(h, p, "/publish", _ignore, 10, skip=0) for h, p in targets]
-    send = _via_redis(redis_client, prefix) if redis_client is not None else _to_servers(pubs)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    if redis_client is not None:
+        send = _via_redis(redis_client, prefix)
+        closers.append(redis_client.aclose)
+    elif mode == "socketio":
+        send, close = _via_socketio(redis_url, channel)
+        closers.append(close)
+    else:
+        send = _to_servers(pubs)
     total = max(1, round(rate * duration))
     counts = [0] * len(studies)
     started = time.perf_counter()
@@ -63,8 +74,8 @@ async def publish(
     finally:
         for pub in pubs:
             pub.close()
-        if redis_client is not None:
-            await redis_client.aclose()
+        for close in closers:
+            await close()
     return {
         "published": total,
         "per_study": counts,
@@ -102,6 +113,25 @@ def _via_redis(client: Any, prefix: str) -> Send:
         await publisher.publish(study, EVENT_TYPE, data)
 
     return send
+
+
+def _via_socketio(redis_url: str, channel: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """How python-socketio's documentation has a process outside the servers emit: a
+    write-only AsyncRedisManager on the servers' channel, `emit(event, data, room=...)`. The
+    manager publishes one JSON message per emit; each server decodes it and sends the room
+    `42["bench.cursor_moved",{data}]`, the same `data` the nodes send."""
+    import socketio
+
+    manager = socketio.AsyncRedisManager(redis_url, channel=channel, write_only=True)
+
+    async def send(study: str, data: dict[str, Any]) -> None:
+        await manager.emit(EVENT_TYPE, data, room=study)
+
+    async def close() -> None:
+        if manager.redis is not None:  # connected on its first emit
+            await manager.redis.aclose()
+
+    return send, close
 
 
 def _to_servers(pubs: list[WsClient]) -> Send:

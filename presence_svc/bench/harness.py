@@ -25,6 +25,7 @@ from presence_svc.bench.runner import (
     environment,
     start_baseline,
     start_node,
+    start_peer,
     start_redis,
 )
 
@@ -54,6 +55,8 @@ class Context:
     pool: WorkerPool
     secret: str
     lines: list[str] = field(default_factory=list)
+    # The python-socketio peer's AsyncRedisManager channel: its own, whoever else uses Redis.
+    peer_channel: str = field(default_factory=lambda: f"bench-socketio-{secrets.token_hex(6)}")
 
     @property
     def profile(self) -> Profile:
@@ -127,6 +130,20 @@ class Context:
             for i in range(count):
                 name = f"baseline-{time.monotonic_ns()}-{i}"
                 child, endpoint = start_baseline(name, self.folder / "logs")
+                stack.callback(child.stop)
+                started.append(endpoint)
+            yield started
+
+    @contextlib.contextmanager
+    def peers(self, count: int) -> Iterator[list[Endpoint]]:
+        """`count` python-socketio servers (peer.py), always local, on this run's Redis."""
+        with contextlib.ExitStack() as stack:
+            started = []
+            for i in range(count):
+                name = f"socketio-{time.monotonic_ns()}-{i}"
+                child, endpoint = start_peer(
+                    name, self.folder / "logs", self.redis_url, self.peer_channel
+                )
                 stack.callback(child.stop)
                 started.append(endpoint)
             yield started

@@ -10,7 +10,7 @@ class FanoutProfile:
     studies: int
     viewers: int  # per study, spread over the nodes
     loads: tuple[int, ...]  # offered deliveries/s (events/s x viewers)
-    seconds: float  # per load, per target (nodes, then the bare baseline)
+    seconds: float  # per load, per target (nodes, then the bare baseline, then the peer)
     nodes: int = 2
     # The receive-cost point (fanout_receive.py): `receive_studies` studies with one socket per
     # node each, events/s offered in turn, seconds per rate and target; first the servers'
@@ -19,6 +19,9 @@ class FanoutProfile:
     receive_events: tuple[int, ...] = ()
     receive_seconds: float = 0.0
     receive_idle_seconds: float = 0.0
+    # The python-socketio peer (fanout_peer.py) as a third column at every load, on as many
+    # processes as nodes; measured only where the package is installed.
+    peer: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,8 @@ PROFILES: dict[str, Profile] = {
             receive_events=(50,),
             receive_seconds=0.5,
             receive_idle_seconds=0.2,
+            # tests/bench/test_bench_smoke.py turns it on in a fan-out run of its own.
+            peer=False,
         ),
         heartbeats=HeartbeatProfile(
             ws_sockets=8,

@@ -1,4 +1,5 @@
-"""Process orchestration for the benchmarks: Redis, nodes, baseline servers, client workers.
+"""Process orchestration for the benchmarks: Redis, nodes, baseline and peer servers, client
+workers.
 
 CPU time comes from /proc/<pid>/stat (utime + stime) read before and after a measured window,
 RSS from /proc/<pid>/status (VmRSS). Every child is started with PR_SET_PDEATHSIG so that it
@@ -214,6 +215,18 @@ def start_baseline(name: str, log_dir: Path) -> tuple[Child, Endpoint]:
     """The bare Starlette broadcast server (presence_svc.bench.baseline) on a free port."""
     port = free_port()
     argv = [sys.executable, "-m", "presence_svc.bench.baseline", "--port", str(port)]
+    child = Child(name, argv, log_dir, {})
+    url = f"http://127.0.0.1:{port}/healthz"
+    _wait_until(lambda: _http_ok(url), name, 30, child.proc)
+    return child, Endpoint(name, "127.0.0.1", port, child.pid)
+
+
+def start_peer(name: str, log_dir: Path, redis_url: str, channel: str) -> tuple[Child, Endpoint]:
+    """The python-socketio peer (presence_svc.bench.peer) on a free port, its AsyncRedisManager
+    on `redis_url` and `channel`; returns once it is subscribed and answers /healthz."""
+    port = free_port()
+    argv = [sys.executable, "-m", "presence_svc.bench.peer", "--port", str(port)]
+    argv += ["--redis-url", redis_url, "--channel", channel]
     child = Child(name, argv, log_dir, {})
     url = f"http://127.0.0.1:{port}/healthz"
     _wait_until(lambda: _http_ok(url), name, 30, child.proc)

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from presence_svc.auth import issue_token
-from presence_svc.bench import drivers
+from presence_svc.bench import drivers, sioclient
 from presence_svc.bench.wsclient import (
     OP_TEXT,
     HttpLoop,
@@ -105,7 +105,8 @@ async def _open(
     concurrency: int,
     connect_timeout: float,
 ) -> dict[str, Any]:
-    """specs: [host, port, study_index, study_id, user_id] per socket."""
+    """specs: [host, port, study_index, study_id, user_id] per socket; kind "node",
+    "baseline" or "socketio" (the python-socketio peer, which the user id means nothing to)."""
     handler = state.record if group.startswith("fanout") else _ignore
     gate = asyncio.Semaphore(concurrency)
     started = time.perf_counter()
@@ -118,7 +119,10 @@ async def _open(
         else:
             path = f"/viewer?study_id={study_id}"
         async with gate:
-            client = await open_ws(host, port, path, handler, connect_timeout)
+            if kind == "socketio":  # the peer: a Socket.IO session in the study's room
+                client = await sioclient.open_viewer(host, port, study_id, handler, connect_timeout)
+            else:
+                client = await open_ws(host, port, path, handler, connect_timeout)
         client.tag = _Viewer(study_index)
         return client
 

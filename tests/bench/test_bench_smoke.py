@@ -8,6 +8,7 @@ JSON and that the fan-out loses and duplicates nothing.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from presence_svc.bench.capacity.inputs import read_results
 from presence_svc.bench.harness import BenchOptions, run
 from presence_svc.bench.profiles import PROFILES
 from presence_svc.bench.scenarios import NAMES, catalogue
+from presence_svc.bench.scenarios.fanout_peer import TARGET as PEER_TARGET
 
 pytestmark = [pytest.mark.redis, pytest.mark.multinode, pytest.mark.timeout(90)]
 
@@ -99,3 +101,42 @@ def test_smoke_profile_writes_results(real_redis_url: str, tmp_path: Path) -> No
     assert all(r["events"] == r["due"] for r in due)
     empty = next(r for r in sweep["rows"] if r["kind"] == "nothing due")
     assert empty["tick_ms"]["p50"] is not None
+
+
+def test_smoke_peer_column(real_redis_url: str, tmp_path: Path) -> None:
+    """python-socketio as the fan-out's third column: every event reaches its rooms once
+    through its AsyncRedisManager, its CPU is measured, and the nodes-vs-peer ratio is a
+    target row (met or not is the run's figure, never this test's)."""
+    pytest.importorskip(
+        "socketio", reason="python-socketio is not installed (pip install -e '.[test]')"
+    )
+    smoke = PROFILES["smoke"]
+    profile = replace(smoke, fanout=replace(smoke.fanout, peer=True, receive_events=()))
+    options = BenchOptions(
+        profile=profile,
+        scenarios=("fanout",),
+        out_root=tmp_path,
+        redis_url=real_redis_url,
+        quiet=True,
+    )
+    summary = run(options, catalogue())
+    folder = tmp_path / summary["run_id"]
+
+    rows = _load(folder, "fanout")["rows"]
+    assert [r["target"] for r in rows] == ["node", "baseline", "socketio"]
+    node, peer = rows[0], rows[2]
+    assert peer["expected"] == node["expected"] > 0
+    assert peer["received"] == peer["expected"], peer
+    assert peer["lost"] == 0 and peer["duplicated"] == 0 and peer["misrouted"] == 0, peer
+    assert peer["closed_sockets"] == 0 and peer["reordered"] == 0, peer
+    assert peer["latency_ms"]["p50"] is not None
+    assert peer["server_cpu_us_per_delivery"] is not None
+    assert peer["cpu_vs_baseline"] is not None
+
+    target = next(t for t in _load(folder, "summary")["targets"] if t["name"] == PEER_TARGET)
+    assert target["goal"] == ">= 3x cheaper" and isinstance(target["met"], bool)
+    ratio = peer["server_cpu_us_per_delivery"] / node["server_cpu_us_per_delivery"]
+    assert target["measured"] == round(ratio, 2)
+    report = (folder / "report.txt").read_text()
+    assert "2 nodes, 2 bare baseline servers, 2 python-socketio servers" in report
+    assert "Fan-out CPU per delivery, three ways" in report

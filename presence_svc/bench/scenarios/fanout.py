@@ -5,6 +5,7 @@ index `bs`, a per-study counter `bn` and the send time `bt` in ns) through Redis
 service's publisher; nodes relay them unchanged. Client processes count every delivery per
 socket (lost, duplicated, reordered) and its latency. The same JSON text then goes to the
 same number of sockets on the bare Starlette broadcast server (baseline.py): the ceiling.
+Third, the same events to the same rooms on python-socketio (fanout_peer.py): the peer.
 Last, on the same processes, the receive-cost point (fanout_receive.py): one socket per node and
 event, in rows of their own (`point` "receive"); the targets are judged on the loads alone.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from presence_svc.bench import report
 from presence_svc.bench.harness import Context
-from presence_svc.bench.scenarios import fanout_receive
+from presence_svc.bench.scenarios import fanout_peer, fanout_receive
 from presence_svc.bench.scenarios.fanout_measure import TARGET_LOAD, measure, specs, vs_baseline
 from presence_svc.bench.scenarios.sockets import close_groups, open_all
 
@@ -27,18 +28,28 @@ def run(ctx: Context) -> dict[str, Any]:
     p = ctx.profile.fanout
     studies = [f"bench-f{i}" for i in range(p.studies)]
     rows: list[dict[str, Any]] = []
-    with ctx.nodes(p.nodes, ctx.prefix("fanout")) as nodes, ctx.baselines(len(nodes)) as bases:
+    with (
+        ctx.nodes(p.nodes, ctx.prefix("fanout")) as nodes,
+        ctx.baselines(len(nodes)) as bases,
+        fanout_peer.servers(ctx, len(nodes)) as peers,
+    ):
         ctx.emit(
             f"{p.studies} studies x {p.viewers} viewers = {p.studies * p.viewers} sockets "
-            f"on each of: {len(nodes)} nodes, {len(bases)} bare baseline servers; "
-            f"{ctx.clients} client processes + 1 publisher; {p.seconds:g} s per point"
+            f"on each of: {len(nodes)} nodes, {len(bases)} bare baseline servers"
+            + (f", {len(peers)} python-socketio servers" if peers else "")
+            + f"; {ctx.clients} client processes + 1 publisher; {p.seconds:g} s per point"
         )
         open_all(ctx, "fanout-node", "node", specs(ctx, nodes, studies, p.viewers, "bench-fv"))
         open_all(
             ctx, "fanout-baseline", "baseline", specs(ctx, bases, studies, p.viewers, "bench-fb")
         )
+        columns = [("node", nodes), ("baseline", bases)]
+        if peers:
+            kind = fanout_peer.KIND
+            open_all(ctx, f"fanout-{kind}", kind, specs(ctx, peers, studies, p.viewers, "bench-fs"))
+            columns.append((kind, peers))
         for load in p.loads:
-            for kind, servers in (("node", nodes), ("baseline", bases)):
+            for kind, servers in columns:
                 rows.append(
                     measure(
                         ctx,
@@ -51,7 +62,9 @@ def run(ctx: Context) -> dict[str, Any]:
                         seconds=p.seconds,
                     )
                 )
-        close_groups(ctx, "fanout-node", "fanout-baseline")
+                if kind == fanout_peer.KIND:
+                    rows[-1]["drain_s"] = fanout_peer.drain(servers)
+        close_groups(ctx, *(f"fanout-{kind}" for kind, _ in columns))
         # The receive-cost point, on the same processes: one socket per node and event.
         received = fanout_receive.run_point(ctx, nodes, bases)
     result = _summarize(ctx, rows, len(nodes))
@@ -62,14 +75,19 @@ def run(ctx: Context) -> dict[str, Any]:
 def _summarize(ctx: Context, rows: list[dict[str, Any]], node_count: int) -> dict[str, Any]:
     vs_baseline(rows, "offered_deliveries_per_s", "server_cpu_us_per_delivery", "cpu_vs_baseline")
     ctx.emit(_table(rows))
+    three_way = fanout_peer.cpu_table(rows)
+    if three_way:
+        ctx.emit("\n" + three_way)
     loads = sorted({r["offered_deliveries_per_s"] for r in rows})
     judged = min(loads, key=lambda x: abs(x - TARGET_LOAD))
     by = {(r["target"], r["offered_deliveries_per_s"]): r for r in rows}
     node, base = by.get(("node", judged)), by.get(("baseline", judged))
-    targets = _targets(rows, node, f"at {judged:,} deliveries/s offered, {node_count} node(s)")
+    at = f"at {judged:,} deliveries/s offered, {node_count} node(s)"
+    targets = _targets(rows, node, at) + fanout_peer.targets(ctx, rows, judged, at)
     plots = []
     if node and base:
-        plots.append(_latency_cdf(ctx, node, base, judged, node_count))
+        peer = by.get((fanout_peer.KIND, judged))
+        plots.append(_latency_cdf(ctx, node, base, peer, judged, node_count))
     if len(loads) > 1:
         plots.append(_throughput(ctx, rows))
     for r in rows:
@@ -176,15 +194,23 @@ def _targets(
 
 
 def _latency_cdf(
-    ctx: Context, node: dict[str, Any], base: dict[str, Any], judged: int, node_count: int
+    ctx: Context,
+    node: dict[str, Any],
+    base: dict[str, Any],
+    peer: dict[str, Any] | None,
+    judged: int,
+    node_count: int,
 ) -> Path | None:
+    series = {
+        f"{node_count} nodes (via Redis)": node["_latencies"],
+        f"bare Starlette x{node_count}": base["_latencies"],
+    }
+    if peer is not None:
+        series[f"python-socketio x{node_count} (via Redis)"] = peer["_latencies"]
     return report.plot_cdf(
         ctx.folder / "fanout-latency-cdf.png",
         f"Fan-out latency, {judged:,} deliveries/s offered",
-        {
-            f"{node_count} nodes (via Redis)": node["_latencies"],
-            f"bare Starlette x{node_count}": base["_latencies"],
-        },
+        series,
     )
 
 
@@ -192,7 +218,9 @@ def _throughput(ctx: Context, rows: list[dict[str, Any]]) -> Path | None:
     def points(kind: str, y: Callable[[dict[str, Any]], float]) -> list[tuple[float, float]]:
         return [(r["offered_deliveries_per_s"], y(r)) for r in rows if r["target"] == kind]
 
-    kinds = ("node", "baseline")
+    kinds = [
+        k for k in ("node", "baseline", fanout_peer.KIND) if any(r["target"] == k for r in rows)
+    ]
     return report.plot_lines(
         ctx.folder / "fanout-throughput.png",
         "Fan-out: delivered vs offered load",

@@ -104,6 +104,7 @@ def _publish(
         redis_url=ctx.redis_url,
         prefix=ctx.prefix("fanout"),
         targets=[[s.host, s.port] for s in servers] if kind == "baseline" else [],
+        channel=ctx.peer_channel,
     )
     return published
 
