@@ -123,6 +123,11 @@ def link_tuning(settings: Settings) -> LinkTuning:
 def _register_readings(node: Node, store: RedisStore) -> None:
     gauges: list[tuple[str, str, Callable[[], float]]] = [
         ("presence_websocket_connections", "Open WebSockets.", lambda: node.open_sockets),
+        (
+            "presence_websocket_watchers",
+            "Open WebSockets that only watch (no heartbeat yet).",
+            lambda: sum(node.fanout.watchers().values()),
+        ),
         ("presence_subscribed_studies", "Study channels subscribed.", lambda: node.fanout.studies),
         ("presence_leases_held", "Sessions this node's sockets hold.", lambda: node.leases.held),
         ("presence_pubsub_connected", "1 while pub/sub is up.", lambda: node.fanout.connected),

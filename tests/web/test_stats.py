@@ -10,6 +10,7 @@ from typing import Any
 import fakeredis
 import jwt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from presence_svc.auth import ADMIN_SCOPE, ALL_STUDIES, Principal, TokenVerifier, issue_token
@@ -140,29 +141,38 @@ def check_counts(client: TestClient) -> None:
     assert overview["events_per_second"] > 0  # the two joins, within the rate window
 
 
-def watchers_everywhere(client: TestClient) -> tuple[int, int, int]:
-    """s1's watchers, the overview's, and this node's in it."""
+def metric(client: TestClient, name: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"{name} is not served")
+
+
+def watchers_everywhere(client: TestClient) -> tuple[int, int, int, float]:
+    """s1's watchers, the overview's, this node's in it, and this node's gauge."""
     overview = stats(client)
     (me,) = overview["nodes"]
-    return study_stats(client, "s1")["watchers"], overview["watchers"], me["watchers"]
+    gauge = metric(client, "presence_websocket_watchers")
+    return study_stats(client, "s1")["watchers"], overview["watchers"], me["watchers"], gauge
 
 
 def test_a_socket_is_a_watcher_until_its_first_heartbeat(client: TestClient) -> None:
     fanout = node_of(client).fanout
     with watching(client, "s1", "carol") as carol, watching(client, "s1", "dave") as dave:
-        eventually(lambda: watchers_everywhere(client) == (2, 2, 2), what="two watchers")
+        eventually(lambda: watchers_everywhere(client) == (2, 2, 2, 2), what="two watchers")
         assert study_stats(client, "s1")["watching"] == 2
         carol.send_json({"type": "heartbeat"})
         assert carol.receive_json()["type"] == "presence.user_joined"
         assert dave.receive_json()["type"] == "presence.user_joined"
-        eventually(lambda: watchers_everywhere(client) == (1, 1, 1), what="carol is present")
+        eventually(lambda: watchers_everywhere(client) == (1, 1, 1, 1), what="carol is present")
         dave.send_json({"type": "ping"})  # any other message leaves a watcher one
         assert dave.receive_json()["type"] == "pong"
         assert client.portal.call(fanout.watchers) == {"s1": 1}
         counted = study_stats(client, "s1")
         assert (counted["watching"], counted["watchers"]) == (2, 1)
         assert stats(client)["sockets"] == 2
-    eventually(lambda: watchers_everywhere(client) == (0, 0, 0), what="both sockets closed")
+    eventually(lambda: watchers_everywhere(client) == (0, 0, 0, 0), what="both sockets closed")
     assert study_stats(client, "s1")["watching"] == 0
 
 
