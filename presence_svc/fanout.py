@@ -11,18 +11,29 @@ them.
 
 Add and remove are serialised per study, not globally: a subscription that waits on Redis
 delays nobody else.
+
+A study with more local subscribers than the batch threshold is delivered in ticks of the batch
+window instead (part 2 of the big-rooms protocol): its messages are collected from the first of
+a tick on, and one presence.batch (batching.py) goes to every subscriber when the tick ends, on
+the node's clock. Below the threshold each message goes out as it comes, which costs the small
+studies one check. A tick pending when a resync begins, when the study drops back to
+immediate delivery, or at close is flushed at once, so nothing overtakes a snapshot, nothing
+pending is lost and order is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from presence_svc.batching import build_batch
+from presence_svc.clock import Clock, SystemClock, Timer
 from presence_svc.codec import EnvelopeError, Outgoing, decode_envelope
 
 log = logging.getLogger(__name__)
@@ -100,6 +111,10 @@ class _Channel:
     resyncs_started: int = 0
     snapshot: Outgoing | None = None
     snapshot_of: int = 0  # which resync (in start order) `snapshot` came from
+    # While the study is delivered in ticks: the messages of the tick under way (None: each
+    # message goes out as it comes), and the timer that ends the tick once one has come.
+    pending: list[Outgoing] | None = None
+    tick: Timer | None = None
 
 
 class _KeyedLocks:
@@ -129,18 +144,29 @@ class Fanout:
         channel_of: ChannelOf,
         resync: Resync,
         observe: Observer | None = None,
+        *,
+        clock: Clock | None = None,
+        batch_threshold: int = 50,
+        batch_window: float = 0.0,
     ) -> None:
         """`connect(self)` makes the subscriptions, which hand what they read to this fan-out;
         `channel_of` names a study's channel; `resync` reads a study's snapshot (a read that
-        starts after it is called); `observe` hears of each event delivered."""
+        starts after it is called); `observe` hears of each event delivered. A study with more
+        than `batch_threshold` subscribers gets one presence.batch per `batch_window` seconds
+        of `clock` (0, the default: never)."""
         self._channel_of = channel_of
         self._resync = resync
         self._observe = observe
+        self._clock: Clock = clock or SystemClock()
+        self._batch_threshold = batch_threshold
+        self._batch_window = batch_window
         self._channels: dict[str, _Channel] = {}
         self._locks = _KeyedLocks()
         self._tasks: set[asyncio.Future[None]] = set()
         self._pubsub = connect(self)
         self.dropped_messages = 0
+        self.batches_sent = 0  # presence.batch frames built (one per study and tick)
+        self.superseded_messages = 0  # left out of them: a later one of the tick had their key
 
     @property
     def studies(self) -> int:
@@ -188,8 +214,10 @@ class Fanout:
             entry = self._channels.get(channel)
             if entry is not None:  # confirmed: the lock was held until it was
                 entry.subscribers.add(subscriber)
+                self._pace(entry)
                 return
             entry = self._channels[channel] = _Channel(study_id, {subscriber})
+            self._pace(entry)
             try:
                 await self._pubsub.subscribe(channel)
             except BaseException:
@@ -205,7 +233,12 @@ class Fanout:
                 return
             entry.subscribers.discard(subscriber)
             if entry.subscribers:
+                self._pace(entry)
                 return
+            # Nobody is left to hand a pending tick to.
+            if entry.tick is not None:
+                entry.tick.cancel()
+            entry.pending = entry.tick = None
             del self._channels[channel]
             await self._pubsub.unsubscribe(channel)
 
@@ -236,6 +269,9 @@ class Fanout:
         if entry.held is not None:
             entry.held.append(event)
             return
+        if entry.pending is not None:
+            self._collect(entry, event)
+            return
         self._to_subscribers(entry, event)
 
     def on_resubscribed(self, channel: str) -> None:
@@ -244,17 +280,62 @@ class Fanout:
         if entry is None:
             return
         if entry.held is None:
+            # The pending tick was read before the loss: it goes out now, ahead of the snapshot
+            # (as it would have without batching); what comes next is held.
+            self._flush(entry)
             entry.held = []
         entry.resyncing += 1
         entry.resyncs_started += 1
         self._spawn(self._send_snapshot(entry, entry.resyncs_started))
 
-    def _to_subscribers(self, entry: _Channel, event: Outgoing) -> None:
+    def _to_subscribers(
+        self, entry: _Channel, event: Outgoing, carried: Sequence[Outgoing] | None = None
+    ) -> None:
         subscribers = tuple(entry.subscribers)
         for subscriber in subscribers:
             subscriber.deliver(event)
-        if self._observe is not None and event.floor is None:
-            self._observe(event, len(subscribers))
+        observe = self._observe
+        if observe is not None and event.floor is None:
+            if carried is None:
+                observe(event, len(subscribers))
+            else:  # a batch: the events it carries count, each with its own publication time
+                for each in carried:
+                    observe(each, len(subscribers))
+
+    def _pace(self, entry: _Channel) -> None:
+        """Deliver the study in ticks, or each message as it comes, as its subscribers say."""
+        batched = self._batch_window > 0 and len(entry.subscribers) > self._batch_threshold
+        if batched and entry.pending is None:
+            entry.pending = []
+        elif not batched and entry.pending is not None:
+            self._flush(entry)  # what the tick has so far goes out before what follows
+            entry.pending = None
+
+    def _collect(self, entry: _Channel, event: Outgoing) -> None:
+        assert entry.pending is not None
+        entry.pending.append(event)
+        if entry.tick is None:
+            clock = self._clock
+            end = clock.time() + self._batch_window
+            entry.tick = clock.call_at(end, functools.partial(self._end_tick, entry))
+
+    def _end_tick(self, entry: _Channel) -> None:
+        entry.tick = None
+        self._flush(entry)
+
+    def _flush(self, entry: _Channel) -> None:
+        """Deliver the tick under way as one presence.batch, and start the next one."""
+        if entry.tick is not None:
+            entry.tick.cancel()
+            entry.tick = None
+        messages = entry.pending
+        if not messages:
+            return
+        entry.pending = []
+        batch = build_batch(messages)
+        self.batches_sent += 1
+        self.superseded_messages += batch.superseded
+        self._to_subscribers(entry, batch.message, batch.carried)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -283,11 +364,22 @@ class Fanout:
             if not entry.resyncing:
                 newest, entry.snapshot, entry.snapshot_of = entry.snapshot, None, 0
                 held, entry.held = entry.held or [], None
-                for event in [newest, *held] if newest is not None else held:
-                    self._to_subscribers(entry, event)
+                if newest is not None:
+                    self._to_subscribers(entry, newest)
+                # After the snapshot, held events take the usual way: in a big study they start
+                # the next tick (nothing was pending: the resync began with a flush).
+                for event in held:
+                    if entry.pending is not None:
+                        self._collect(entry, event)
+                    else:
+                        self._to_subscribers(entry, event)
 
     async def close(self) -> None:
-        """Stop the resyncs under way and close the pub/sub links (at shutdown)."""
+        """Deliver the pending ticks, stop the resyncs under way and close the pub/sub links
+        (at shutdown); from now on every message goes out as it comes."""
+        self._batch_window = 0.0
+        for entry in tuple(self._channels.values()):
+            self._pace(entry)
         for task in tuple(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

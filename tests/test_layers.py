@@ -1,7 +1,7 @@
 """The layering rules of docs/architecture.md, checked on the imports of the package's modules.
 
-- The domain (service, store, fanout, leases, sweeper, models, codec, coalesce) imports neither
-  Starlette nor redis-py nor presence_svc.redis: it is written against the Protocols of
+- The domain (service, store, fanout, batching, leases, sweeper, models, codec, coalesce) imports
+  neither Starlette nor redis-py nor presence_svc.redis: it is written against the Protocols of
   store.py and fanout.py, and app.build_node hands it the Redis side.
 - presence_svc/redis/ knows nothing of HTTP or WebSockets: no Starlette, nothing of
   presence_svc.web.
@@ -21,7 +21,17 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "presence_svc"
-DOMAIN = ("service", "store", "fanout", "leases", "sweeper", "models", "codec", "coalesce")
+DOMAIN = (
+    "service",
+    "store",
+    "fanout",
+    "batching",
+    "leases",
+    "sweeper",
+    "models",
+    "codec",
+    "coalesce",
+)
 # web/ modules allowed to import redis-py, and why. None may import presence_svc.redis.
 WEB_USES_REDIS_PY = {
     # `make demo`'s launcher, not a part of the served node: it only pings the local Redis
