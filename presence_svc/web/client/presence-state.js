@@ -1,6 +1,7 @@
 // presence-svc browser client __PRESENCE_VERSION__: the pure parts (no socket, no timers, no DOM).
-// Roster state from a snapshot plus events, strict seq ordering, reconnect backoff, what to do
-// on each close code, token expiry. tests/web/client/*.test.mjs import this module directly.
+// Roster state from a snapshot plus events (with a big room's counts), strict seq ordering and
+// batches, reconnect backoff, what to do on each close code, token expiry, signals and the
+// typing users. tests/web/client/*.test.mjs import this module directly.
 
 /** Events that change one user's status (the "status" event of the client). */
 const STATUS_EVENTS = {
@@ -9,29 +10,57 @@ const STATUS_EVENTS = {
   "presence.user_away": "away",
 };
 
-function entryOf(data, previous) {
+const USER_JOINED = "presence.user_joined";
+const USER_LEFT = "presence.user_left";
+const CURSOR_MOVED = "presence.cursor_moved";
+export const STATUSES = ["active", "idle", "away"];
+
+function entryOf(data, previous, joined) {
   const entry = { ...(previous || {}), ...data };
   delete entry.seq;
   delete entry.timestamp;
+  // A property of the event (what the status changed from), not of the user.
+  delete entry.previous_status;
   // Events carry the time of the change; a listing carries last_heartbeat and joined_at.
   if (data.timestamp !== undefined) {
-    if (data.status === "active" || !previous) entry.last_heartbeat = data.timestamp;
-    if (!previous) entry.joined_at = entry.joined_at || data.timestamp;
+    if (data.status === "active" || (joined && !previous)) entry.last_heartbeat = data.timestamp;
+    // An unlisted user's first event (a partial list) says nothing of when they joined.
+    if (joined && !previous) entry.joined_at = entry.joined_at || data.timestamp;
   }
   return entry;
+}
+
+function countsOf(users) {
+  const counts = Object.fromEntries(STATUSES.map((status) => [status, 0]));
+  for (const user of users) counts[user.status] = (counts[user.status] || 0) + 1;
+  return counts;
 }
 
 /**
  * Who is present, keyed by user id: built from a snapshot, then changed by each event.
  * apply() returns what the event meant ({kind, user, previous}) so the client can emit it.
+ *
+ * In a big room the snapshot lists only some users (`complete` false) while `counts` covers
+ * every session: apply() keeps the counts exact from each event (its previous_status), and
+ * an event of an unlisted user other than a join or leave lists them from then on.
  */
 export class Roster {
   constructor() {
     this.byUser = new Map();
+    this.counts = countsOf([]);
+    this.complete = true;
   }
 
-  reset(users) {
+  /** From a snapshot's users and, from a server that sends them, its counts and complete. */
+  reset(users, { counts, complete } = {}) {
     this.byUser = new Map(users.map((user) => [user.user_id, { ...user }]));
+    this.complete = complete !== false;
+    this.counts = counts ? { ...countsOf([]), ...counts } : countsOf(users);
+  }
+
+  /** Sessions in the study, listed or not. */
+  total() {
+    return Object.values(this.counts).reduce((sum, count) => sum + count, 0);
   }
 
   /** One entry per present user, the earliest joined first. */
@@ -45,18 +74,44 @@ export class Roster {
 
   apply(type, data) {
     const previous = this.byUser.get(data.user_id);
-    if (type === "presence.user_left") {
+    if (type === USER_LEFT) {
       this.byUser.delete(data.user_id);
+      if (previous) this._add(previous.status, -1);
+      else if (!this.complete) this._add(data.status, -1);
       // A leave of someone not here (a snapshot that already had it) changes nothing.
-      return { kind: previous ? "leave" : "none", user: entryOf(data, previous), previous };
+      return { kind: previous ? "leave" : "none", user: entryOf(data, previous, false), previous };
     }
-    const user = entryOf(data, previous);
+    const user = entryOf(data, previous, type === USER_JOINED);
+    this._count(type, previous, user.status, data.previous_status);
     this.byUser.set(data.user_id, user);
-    // A join already in the snapshot (a burst of joins while it was read) is not a second join.
-    if (!previous) return { kind: "join", user, previous };
-    if (type === "presence.cursor_moved") return { kind: "cursor", user, previous };
+    if (!previous && type === USER_JOINED) return { kind: "join", user, previous };
+    // A join already in the snapshot (a burst of joins while it was read) is not a second join,
+    // and the first event of someone a partial list did not show lists them, without a join.
+    if (type === CURSOR_MOVED) return { kind: "cursor", user, previous };
     if (STATUS_EVENTS[type]) return { kind: "status", user, previous };
     return { kind: "update", user, previous };
+  }
+
+  // The protocol's rule (joined: active + 1; left: its status - 1; a status change:
+  // previous_status - 1, status + 1), except where a listed user shows that the snapshot
+  // already counted the event (it may reflect a few events above its seq).
+  _count(type, previous, status, previousStatus) {
+    if (previous) {
+      if (previous.status !== status) {
+        this._add(previous.status, -1);
+        this._add(status, 1);
+      }
+    } else if (type === USER_JOINED || this.complete) {
+      this._add(status, 1); // everyone was listed, so an unlisted user was not counted either
+    } else if (STATUS_EVENTS[type] && previousStatus) {
+      this._add(previousStatus, -1);
+      this._add(status, 1);
+    }
+  }
+
+  _add(status, delta) {
+    if (typeof status !== "string") return;
+    this.counts[status] = Math.max(0, (this.counts[status] || 0) + delta);
   }
 }
 
@@ -68,7 +123,12 @@ export class Roster {
  * at or below the last seq is a duplicate (dropped), the next seq is applied, and anything
  * further is a gap: the caller must re-sync (a fresh snapshot) instead of guessing.
  *
- * push() and snapshot() return {apply: [events in order], gap: null | {expected, got}}.
+ * A batch (pushBatch) follows the protocol's rule instead: with everything up to first_seq - 1
+ * applied, its events are applied in order, skipping those at or below the last seq applied,
+ * and the stream continues from last_seq (seqs inside a batch are not contiguous). Its messages
+ * without a seq (signals, other backends' events) are always returned, in their place.
+ *
+ * push(), pushBatch() and snapshot() return {apply: [events in order], gap: null | {expected, got}}.
  */
 export class SeqOrderer {
   constructor() {
@@ -84,7 +144,8 @@ export class SeqOrderer {
 
   snapshot(seq) {
     this.seq = seq;
-    const held = this.held.sort((a, b) => a.seq - b.seq);
+    const start = (unit) => (unit.batch ? unit.first : unit.seq);
+    const held = this.held.sort((a, b) => start(a) - start(b));
     this.held = [];
     return this._run(held);
   }
@@ -97,16 +158,61 @@ export class SeqOrderer {
     return this._run([event]);
   }
 
-  _run(events) {
+  /** One presence.batch: `events` in order, those of presence with their seq (see batchUnits). */
+  pushBatch(first, last, events) {
+    const others = events.filter((event) => event.seq === undefined);
+    if (this.seq === null) {
+      // Signals do not wait for the snapshot: no presence state depends on them.
+      const ordered = events.filter((event) => event.seq !== undefined);
+      if (first !== null) this.held.push({ batch: true, first, last, events: ordered });
+      return { apply: others, gap: null };
+    }
+    const result = this._runBatch({ batch: true, first, last, events });
+    return result.gap ? { apply: others, gap: result.gap } : result;
+  }
+
+  _run(units) {
     const apply = [];
-    for (const event of events) {
-      if (event.seq <= this.seq) continue;
-      if (event.seq !== this.seq + 1) return { apply, gap: { expected: this.seq + 1, got: event.seq } };
-      this.seq = event.seq;
-      apply.push(event);
+    for (const unit of units) {
+      if (unit.batch) {
+        const result = this._runBatch(unit);
+        if (result.gap) return { apply, gap: result.gap };
+        apply.push(...result.apply);
+        continue;
+      }
+      if (unit.seq <= this.seq) continue;
+      if (unit.seq !== this.seq + 1) return { apply, gap: { expected: this.seq + 1, got: unit.seq } };
+      this.seq = unit.seq;
+      apply.push(unit);
     }
     return { apply, gap: null };
   }
+
+  _runBatch({ first, last, events }) {
+    if (first !== null && first > this.seq + 1) return { apply: [], gap: { expected: this.seq + 1, got: first } };
+    const apply = [];
+    for (const event of events) {
+      if (event.seq === undefined) apply.push(event);
+      else if (event.seq > this.seq) {
+        this.seq = event.seq;
+        apply.push(event);
+      }
+    }
+    if (last !== null) this.seq = Math.max(this.seq, last);
+    return { apply, gap: null };
+  }
+}
+
+/**
+ * The messages of a presence.batch as the orderer takes them: presence events as
+ * {type, data, seq}, anything else (signals, other backends' events) as {message}.
+ */
+export function batchUnits(events) {
+  return (Array.isArray(events) ? events : []).map((message) =>
+    typeof message?.type === "string" && message.type.startsWith("presence.") && message.data?.seq !== undefined
+      ? { type: message.type, data: message.data, seq: message.data.seq }
+      : { message },
+  );
 }
 
 /**
@@ -218,7 +324,7 @@ export function httpBase(url) {
  * joins, leaves, status changes and cursor moves it implies, so a re-sync is reported like the
  * events it stands for.
  */
-export function diffRosters(before, after) {
+export function diffRosters(before, after, { leaves = true } = {}) {
   const changes = [];
   for (const [userId, user] of after) {
     const previous = before.get(userId);
@@ -227,8 +333,83 @@ export function diffRosters(before, after) {
     else if (previous.chapter_id !== user.chapter_id || previous.move_path !== user.move_path)
       changes.push({ kind: "cursor", user, previous });
   }
+  // A partial list (a big room's snapshot) says nothing of whoever it leaves out: no leave.
   for (const [userId, previous] of before) {
-    if (!after.has(userId)) changes.push({ kind: "leave", user: previous, previous });
+    if (leaves && !after.has(userId)) changes.push({ kind: "leave", user: previous, previous });
   }
   return changes;
+}
+
+// --- signals ---------------------------------------------------------------------------------
+
+export const SIGNAL_NAME = /^[a-z][a-z0-9_]{0,31}$/;
+export const SQUARE = /^[a-h][1-8]$/;
+export const TYPING_SEND_EVERY = 2000; // ms: a typing user sends at most this often
+export const TYPING_EXPIRES_AFTER = 5000; // ms after their last typing signal
+
+/**
+ * The text of a signal message, checked as the server checks it: TypeError for a name outside
+ * the grammar or data that is not a plain object, RangeError for data over `maxBytes` bytes of
+ * compact JSON (UTF-8: what the node measures against PRESENCE_SIGNAL_MAX_BYTES).
+ */
+export function signalMessage(name, data, maxBytes) {
+  if (typeof name !== "string" || !SIGNAL_NAME.test(name))
+    throw new TypeError(`signal name must match ${SIGNAL_NAME}: ${JSON.stringify(name)}`);
+  const payload = data === undefined ? {} : data;
+  if (payload === null || typeof payload !== "object" || Array.isArray(payload))
+    throw new TypeError("signal data must be a plain object");
+  const json = JSON.stringify(payload);
+  const size = new TextEncoder().encode(json).length;
+  if (size > maxBytes) throw new RangeError(`signal data is ${size} bytes of JSON; at most ${maxBytes} are allowed`);
+  return `{"type":"signal","name":${JSON.stringify(name)},"data":${json}}`;
+}
+
+/**
+ * Who is typing (README, "Signals": a typing signal means "for the next few seconds"): each
+ * user's entry lasts `expiresAfter` ms after their last typing signal, and `{"active": false}`
+ * ends it at once. Every method takes the time, so the client owns the one timer.
+ */
+export class TypingTracker {
+  constructor(expiresAfter = TYPING_EXPIRES_AFTER) {
+    this.expiresAfter = expiresAfter;
+    this.byUser = new Map();
+  }
+
+  /** A typing signal's data (with its user_id) at `now`; true if the typing users changed. */
+  signal(data, now) {
+    const userId = data?.user_id;
+    if (typeof userId !== "string") return false;
+    if (data.active === false) return this.byUser.delete(userId);
+    const before = this.byUser.get(userId);
+    const chapterId = data.chapter_id ?? null;
+    this.byUser.set(userId, { user_id: userId, chapter_id: chapterId, until: now + this.expiresAfter });
+    return !before || before.chapter_id !== chapterId;
+  }
+
+  /** Forget those whose time is up at `now`; true if anyone was. */
+  expire(now) {
+    let changed = false;
+    for (const [userId, entry] of this.byUser) {
+      if (entry.until <= now) changed = this.byUser.delete(userId) || changed;
+    }
+    return changed;
+  }
+
+  remove(userId) {
+    return this.byUser.delete(userId);
+  }
+
+  /** When the next entry runs out (ms), or null when nobody is typing. */
+  nextExpiry() {
+    let next = null;
+    for (const { until } of this.byUser.values()) if (next === null || until < next) next = until;
+    return next;
+  }
+
+  /** [{user_id, chapter_id}] by user id. */
+  users() {
+    return [...this.byUser.values()]
+      .map(({ user_id, chapter_id }) => ({ user_id, chapter_id }))
+      .sort((a, b) => a.user_id.localeCompare(b.user_id));
+  }
 }

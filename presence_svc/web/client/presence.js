@@ -1,20 +1,36 @@
 // presence-svc browser client __PRESENCE_VERSION__: an ES module, no build step, no dependencies.
 // import { PresenceClient } from "https://presence.example/client/presence.js";
-// Protocol: README.md, "WebSocket" and "Event reference"; usage: "Use it from your frontend".
+// Protocol: README.md, "WebSocket", "Event reference" and "Big rooms"; usage: "Use it from your
+// frontend".
 import {
   Backoff,
   RESTART_JITTER_MS,
   Roster,
+  SQUARE,
   SeqOrderer,
+  TYPING_SEND_EVERY,
+  TypingTracker,
+  batchUnits,
   closeAction,
   diffRosters,
   httpBase,
   refreshDelay,
+  signalMessage,
   socketBase,
   tokenExpiry,
 } from "./presence-state.js";
 
-export { Backoff, Roster, SeqOrderer, closeAction, diffRosters, refreshDelay, tokenExpiry };
+export {
+  Backoff,
+  Roster,
+  SeqOrderer,
+  TypingTracker,
+  closeAction,
+  diffRosters,
+  refreshDelay,
+  signalMessage,
+  tokenExpiry,
+};
 
 export const VERSION = "__PRESENCE_VERSION__";
 
@@ -26,6 +42,8 @@ const DEFAULTS = {
   backoffBase: 500,
   backoffCap: 20000,
   join: false, // true: join at connect, without waiting for setCursor() or join()
+  signalMaxBytes: 1024, // the node's PRESENCE_SIGNAL_MAX_BYTES: larger signal data is refused here
+  signalRate: 10, // the node's PRESENCE_SIGNAL_RATE (a second): pointTo() sends at most this often
 };
 const ACTIVITY_EVENTS = ["pointerdown", "pointermove", "keydown", "wheel", "touchstart", "focus"];
 const OPEN = 1;
@@ -81,10 +99,17 @@ export class PresenceClient {
     this._lastHeartbeat = 0;
     this._lastCursorSent = 0;
     this._domListeners = [];
+    this._typing = new TypingTracker();
+    this._pointers = new Map();
+    this._lastTypingSent = -Infinity;
+    this._pointer = null; // the latest pointTo() not yet sent
+    this._lastPointerSent = -Infinity;
   }
 
   /** Subscribe to "change", "join", "leave", "status", "cursor", "state", "error", "resync",
-   * or "event" (messages other backends publish); returns the unsubscribe function. */
+   * "event" (messages other backends publish), "signal" (name, data, message), "signal.<name>"
+   * (data, message), "typing" (typingUsers()) or "pointers" (pointers()); returns the
+   * unsubscribe function. */
   on(type, listener) {
     if (!this._listeners.has(type)) this._listeners.set(type, new Set());
     this._listeners.get(type).add(listener);
@@ -95,9 +120,36 @@ export class PresenceClient {
     this._listeners.get(type)?.delete(listener);
   }
 
-  /** One entry per present user: {user_id, status, chapter_id, move_path, ...}. */
+  /** One entry per listed user: {user_id, status, chapter_id, move_path, ...}; everyone unless
+   * complete() is false (a big room), where a later event of another user lists them too. */
   users() {
     return this._roster.users();
+  }
+
+  /** Sessions by status, listed or not: {active, idle, away}, kept exact from the events. */
+  counts() {
+    return { ...this._roster.counts };
+  }
+
+  /** The number of sessions in the study (listed or not). */
+  total() {
+    return this._roster.total();
+  }
+
+  /** Whether users() lists everyone (false in a study larger than the node's snapshot). */
+  complete() {
+    return this._roster.complete;
+  }
+
+  /** Other users typing now: [{user_id, chapter_id}], each until 5 s after their last signal. */
+  typingUsers() {
+    return this._typing.users();
+  }
+
+  /** The latest pointer of each other user on the board: [{user_id, chapter_id, square,
+   * move_path}]; a pointer that left the board (square null) or whose user left is gone. */
+  pointers() {
+    return [...this._pointers.values()].sort((a, b) => a.user_id.localeCompare(b.user_id));
   }
 
   /** Open the socket; resolves once the first snapshot is applied (rejects if stopped). */
@@ -134,6 +186,45 @@ export class PresenceClient {
     this._joined = true;
     this._lastActivity = Date.now();
     this._heartbeat(true);
+  }
+
+  /**
+   * Send a signal to the study's other sockets; false when not connected (signals are never
+   * queued, a reconnect does not send them). TypeError or RangeError for a name, data or size
+   * the node would refuse. It is not a heartbeat.
+   */
+  sendSignal(name, data = {}) {
+    const text = signalMessage(name, data, this.options.signalMaxBytes);
+    if (!this._ws || this._ws.readyState !== OPEN) return false;
+    this._ws.send(text);
+    return true;
+  }
+
+  /** Call on each keystroke: sends "typing" at most every 2 s (with the cursor's chapter). */
+  typing() {
+    if (Date.now() - this._lastTypingSent < TYPING_SEND_EVERY) return false;
+    const data = this._cursor.chapter_id ? { chapter_id: this._cursor.chapter_id } : {};
+    const sent = this.sendSignal("typing", data);
+    if (sent) this._lastTypingSent = Date.now();
+    return sent;
+  }
+
+  /** The user stopped typing (sent a message, left the field): others stop showing it now. */
+  stopTyping() {
+    if (!Number.isFinite(this._lastTypingSent)) return false;
+    this._lastTypingSent = -Infinity;
+    return this.sendSignal("typing", { active: false });
+  }
+
+  /** Where this user's pointer is on the board: {chapter_id, square ("e4", or null: off the
+   * board), move_path?}; throttled to the signal rate, the latest wins. */
+  pointTo({ chapter_id = null, square = null, move_path } = {}) {
+    if (square !== null && !SQUARE.test(square)) throw new TypeError(`square must be a1..h8 or null: ${square}`);
+    this._pointer = move_path === undefined ? { chapter_id, square } : { chapter_id, square, move_path };
+    const wait = this._lastPointerSent + 1000 / this.options.signalRate - Date.now();
+    if (this._timers.has("pointer")) return;
+    if (wait <= 0) this._sendPointer();
+    else this._after("pointer", wait, () => this._sendPointer());
   }
 
   /** End this user's session in the study at once (REST DELETE); the socket keeps watching. */
@@ -203,11 +294,31 @@ export class PresenceClient {
     const { type, data } = message;
     if (type === "connected") this._onConnected(data);
     else if (type === "presence.snapshot") this._onSnapshot(data);
+    else if (type === "presence.batch") this._onBatch(data || {});
     else if (typeof type === "string" && type.startsWith("presence.") && data?.seq !== undefined)
       this._onEvent(message);
     else if (type === "refreshed") this._scheduleRefresh();
     else if (type === "error") this._emit("error", new PresenceError(data?.code, data?.message));
-    else if (type !== "pong") this._emit("event", message);
+    else if (type !== "pong") this._onOther(message);
+  }
+
+  /** A message without a seq: a signal, or an event another backend published. */
+  _onOther(message) {
+    const { type } = message;
+    if (typeof type !== "string" || !type.startsWith("signal.") || type.length === 7) {
+      this._emit("event", message);
+      return;
+    }
+    const name = type.slice(7);
+    const data = message.data || {};
+    this._emit("signal", name, data, message);
+    this._emit(type, data, message);
+    // The built-in semantics are about other users (another tab of this user is not news).
+    if (data.user_id === this.userId) return;
+    if (name === "typing") {
+      if (this._typing.signal(data, Date.now())) this._typingChanged();
+      else this._armTyping(); // the same user again: their entry lasts longer
+    } else if (name === "pointer") this._onPointer(data);
   }
 
   _onConnected(data) {
@@ -222,9 +333,10 @@ export class PresenceClient {
 
   _onSnapshot(data) {
     const before = this._roster.byUser;
-    this._roster.reset(data.users || []);
+    this._roster.reset(data.users || [], data);
     const { apply, gap } = this._orderer.snapshot(data.seq ?? 0);
-    for (const change of diffRosters(before, this._roster.byUser)) this._report(change);
+    const leaves = this._roster.complete;
+    for (const change of diffRosters(before, this._roster.byUser, { leaves })) this._report(change);
     this._emit("change", this.users());
     for (const event of apply) this._apply(event);
     if (this._ready && !this._ready.settled) {
@@ -243,13 +355,78 @@ export class PresenceClient {
     if (gap) this._resync(gap);
   }
 
+  /** A batch: its messages reported as if they had come one by one; "change" once for it. */
+  _onBatch(data) {
+    const units = batchUnits(data.events);
+    const { apply, gap } = this._orderer.pushBatch(data.first_seq ?? null, data.last_seq ?? null, units);
+    let changed = false;
+    for (const unit of apply) {
+      if (unit.message) this._onOther(unit.message);
+      else {
+        this._applyOne(unit);
+        changed = true;
+      }
+    }
+    if (changed) this._emit("change", this.users());
+    if (gap) this._resync(gap);
+  }
+
   _apply(event) {
-    this._report(this._roster.apply(event.type, event.data));
+    this._applyOne(event);
     this._emit("change", this.users());
   }
 
+  _applyOne(event) {
+    this._report(this._roster.apply(event.type, event.data));
+    // A leave of a user a partial list did not show is no "leave", but it ends their signals.
+    if (event.type === "presence.user_left") this._forget(event.data.user_id);
+  }
+
   _report({ kind, user }) {
+    if (kind === "leave") this._forget(user.user_id);
     if (["join", "leave", "status", "cursor"].includes(kind)) this._emit(kind, user);
+  }
+
+  // --- typing and pointers of others ------------------------------------------------------
+
+  _forget(userId) {
+    if (this._typing.remove(userId)) this._typingChanged();
+    if (this._pointers.delete(userId)) this._emit("pointers", this.pointers());
+  }
+
+  _typingChanged() {
+    this._armTyping();
+    this._emit("typing", this.typingUsers());
+  }
+
+  _armTyping() {
+    const next = this._typing.nextExpiry();
+    if (next === null) this._clear("typing");
+    else
+      this._after("typing", Math.max(0, next - Date.now()), () => {
+        if (this._typing.expire(Date.now())) this._typingChanged();
+        else this._armTyping();
+      });
+  }
+
+  _onPointer(data) {
+    if (typeof data.user_id !== "string") return;
+    const before = this._pointers.get(data.user_id);
+    if (data.square === null || data.square === undefined) {
+      if (before) this._pointers.delete(data.user_id);
+    } else {
+      const { user_id, chapter_id = null, square, move_path = null } = data;
+      this._pointers.set(user_id, { user_id, chapter_id, square, move_path });
+    }
+    if (before || this._pointers.has(data.user_id)) this._emit("pointers", this.pointers());
+  }
+
+  _sendPointer() {
+    this._clear("pointer");
+    const pointer = this._pointer;
+    this._pointer = null;
+    // Not connected: dropped, as every signal is (the next pointTo() says where it is then).
+    if (pointer && this.sendSignal("pointer", pointer)) this._lastPointerSent = Date.now();
   }
 
   /** A missed event: a fresh socket on the same node brings a fresh snapshot and what follows. */
@@ -406,10 +583,10 @@ export class PresenceClient {
     this._emit("state", state);
   }
 
-  _emit(type, detail) {
+  _emit(type, ...details) {
     for (const listener of this._listeners.get(type) || []) {
       try {
-        listener(detail);
+        listener(...details);
       } catch (error) {
         // A failing listener must not break the client; report it where pages look.
         queueMicrotask(() => {

@@ -1,4 +1,5 @@
-// The pure parts of the browser client: roster, seq ordering, backoff, close codes, tokens.
+// The pure parts of the browser client: roster (and a big room's counts), seq ordering and
+// batches, backoff, close codes, tokens, signals and typing.
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
@@ -6,10 +7,13 @@ import {
   Backoff,
   Roster,
   SeqOrderer,
+  TypingTracker,
+  batchUnits,
   closeAction,
   diffRosters,
   httpBase,
   refreshDelay,
+  signalMessage,
   socketBase,
   tokenExpiry,
 } from "../../../presence_svc/web/client/presence-state.js";
@@ -137,4 +141,127 @@ test("a fresh snapshot is reported as the joins, leaves and moves it implies", (
   ]);
   const kinds = diffRosters(before, after).map(({ kind, user }) => `${kind}:${user.user_id}`);
   assert.deepEqual(kinds, ["cursor:alice", "join:carol", "leave:bob"]);
+});
+
+// --- big rooms (issue 13) ----------------------------------------------------------------------
+
+const statusEvent = (seq, user, status, previous) =>
+  event("", seq, { user_id: user, session_id: `s-${user}`, status, previous_status: previous }).data;
+
+test("a batch applies its events in order, skips what was applied and continues from last_seq", () => {
+  const orderer = new SeqOrderer();
+  orderer.snapshot(119);
+  const signal = { message: { type: "signal.typing", data: { user_id: "bob" } } };
+  const { apply, gap } = orderer.pushBatch(120, 161, [{ seq: 125 }, signal, { seq: 140 }, { seq: 161 }]);
+  assert.equal(gap, null);
+  assert.deepEqual(apply.map((unit) => unit.seq ?? unit.message.type), [125, "signal.typing", 140, 161]);
+  assert.deepEqual(orderer.push({ seq: 162 }).apply.map((each) => each.seq), [162]); // no gap
+  // Events already applied are skipped; the signals of a stale batch are still delivered.
+  const again = orderer.pushBatch(150, 163, [{ seq: 150 }, signal, { seq: 163 }]);
+  assert.deepEqual(again.apply.map((unit) => unit.seq ?? "signal"), ["signal", 163]);
+  assert.equal(orderer.seq, 163);
+  // A first_seq beyond the next one is a gap; its signals still come out.
+  assert.deepEqual(orderer.pushBatch(165, 170, [{ seq: 166 }, signal]), {
+    apply: [signal],
+    gap: { expected: 164, got: 165 },
+  });
+  // A batch of signals only (no seqs) moves nothing.
+  orderer.snapshot(200);
+  assert.deepEqual(orderer.pushBatch(null, null, [signal]), { apply: [signal], gap: null });
+  assert.equal(orderer.seq, 200);
+});
+
+test("a batch before the snapshot waits for it, its signals do not", () => {
+  const orderer = new SeqOrderer();
+  const signal = { message: { type: "signal.pointer" } };
+  assert.deepEqual(orderer.pushBatch(5, 9, [{ seq: 6 }, signal, { seq: 9 }]), { apply: [signal], gap: null });
+  orderer.push({ seq: 10 });
+  const { apply, gap } = orderer.snapshot(4);
+  assert.equal(gap, null);
+  assert.deepEqual(apply.map((each) => each.seq), [6, 9, 10]);
+  // A held batch that does not follow the snapshot is a gap.
+  orderer.restart();
+  orderer.pushBatch(8, 9, [{ seq: 9 }]);
+  assert.deepEqual(orderer.snapshot(6).gap, { expected: 7, got: 8 });
+});
+
+test("batch messages: presence events by their seq, anything else as it is", () => {
+  const joined = { type: "presence.user_joined", data: { user_id: "a", seq: 3 } };
+  const signal = { type: "signal.typing", data: { user_id: "a" } };
+  assert.deepEqual(batchUnits([joined, signal]), [
+    { type: joined.type, data: joined.data, seq: 3 },
+    { message: signal },
+  ]);
+  assert.deepEqual(batchUnits(undefined), []);
+});
+
+test("crowd counts come from the snapshot and follow each event's previous_status", () => {
+  const roster = new Roster();
+  roster.reset([alice], { counts: { active: 10, idle: 2, away: 1 }, complete: false, total: 13 });
+  assert.equal(roster.total(), 13);
+  roster.apply("presence.user_joined", event("", 21, { user_id: "bob", session_id: "s-b" }).data);
+  roster.apply("presence.user_idle", statusEvent(22, "zed", "idle", "active"));
+  roster.apply("presence.user_away", statusEvent(23, "yan", "away", "idle"));
+  roster.apply("presence.user_left", statusEvent(24, "xia", "away", null));
+  roster.apply("presence.user_idle", { ...aliceEvent, ...statusEvent(25, "alice", "idle", "active") });
+  assert.deepEqual(roster.counts, { active: 9, idle: 3, away: 1 });
+  assert.equal(roster.total(), 13);
+  // previous_status belongs to the event, not to the user.
+  assert.equal("previous_status" in roster.byUser.get("alice"), false);
+  assert.equal("previous_status" in roster.byUser.get("zed"), false);
+});
+
+test("an unlisted user's cursor or status event lists them, without a join", () => {
+  const roster = new Roster();
+  roster.reset([alice], { counts: { active: 3, idle: 1, away: 0 }, complete: false });
+  const moved = roster.apply("presence.cursor_moved", event("", 21, { user_id: "zed", session_id: "s-z", move_path: "main.5" }).data);
+  assert.equal(moved.kind, "cursor");
+  assert.equal(moved.previous, undefined);
+  assert.equal(moved.user.joined_at, undefined); // unknown: not the event's time
+  assert.equal(roster.apply("presence.user_idle", statusEvent(22, "yan", "idle", "active")).kind, "status");
+  assert.deepEqual(roster.users().map((user) => user.user_id), ["alice", "yan", "zed"]);
+  assert.deepEqual(roster.counts, { active: 2, idle: 2, away: 0 });
+});
+
+test("counts neither count twice what a complete snapshot reflects nor need counts from old servers", () => {
+  const roster = new Roster();
+  roster.reset([alice, { ...alice, user_id: "bob", status: "away" }]);
+  assert.deepEqual(roster.counts, { active: 1, idle: 0, away: 1 });
+  assert.equal(roster.complete, true);
+  roster.apply("presence.user_joined", { ...aliceEvent, seq: 3, timestamp: "t" }); // in the snapshot
+  roster.apply("presence.user_left", { user_id: "gone", status: "idle", seq: 4 }); // already gone
+  assert.deepEqual(roster.counts, { active: 1, idle: 0, away: 1 });
+});
+
+test("a partial snapshot reports no leave for the users it does not list", () => {
+  const before = new Map([["alice", alice], ["bob", { ...alice, user_id: "bob" }]]);
+  const after = new Map([["alice", alice]]);
+  assert.deepEqual(diffRosters(before, after, { leaves: false }), []);
+  assert.deepEqual(diffRosters(before, after).map(({ kind }) => kind), ["leave"]);
+});
+
+test("a signal message is checked as the node checks it", () => {
+  assert.equal(signalMessage("pointer", { square: "e4" }, 1024), '{"type":"signal","name":"pointer","data":{"square":"e4"}}');
+  assert.deepEqual(JSON.parse(signalMessage("typing", undefined, 1024)).data, {});
+  for (const name of ["", "Typing", "9lives", "a-b", "x".repeat(33), 7])
+    assert.throws(() => signalMessage(name, {}, 1024), TypeError, String(name));
+  for (const data of [null, [1], "text"]) assert.throws(() => signalMessage("t", data, 1024), TypeError);
+  // {"t":"…"} is 8 bytes around the text; "é" is 2 bytes of UTF-8.
+  assert.ok(signalMessage("t", { t: "éééé" }, 16));
+  assert.throws(() => signalMessage("t", { t: "éééééx" }, 16), RangeError);
+});
+
+test("typing lasts 5 s after the last signal, and active false ends it at once", () => {
+  const typing = new TypingTracker();
+  assert.equal(typing.signal({ user_id: "bob", chapter_id: "ch1" }, 1000), true);
+  assert.equal(typing.signal({ user_id: "bob", chapter_id: "ch1" }, 3000), false); // longer, same list
+  assert.equal(typing.signal({ user_id: "carol" }, 3500), true);
+  assert.deepEqual(typing.users(), [{ user_id: "bob", chapter_id: "ch1" }, { user_id: "carol", chapter_id: null }]);
+  assert.equal(typing.nextExpiry(), 8000);
+  assert.equal(typing.expire(7999), false);
+  assert.equal(typing.expire(8000), true);
+  assert.deepEqual(typing.users().map((each) => each.user_id), ["carol"]);
+  assert.equal(typing.signal({ user_id: "carol", active: false }, 8100), true);
+  assert.equal(typing.nextExpiry(), null);
+  assert.equal(typing.signal({ active: true }, 9000), false); // no user_id: ignored
 });
