@@ -1,14 +1,17 @@
 """The dashboard in headless Chromium against two real nodes on one real Redis: a heartbeat of a
-new study shows within a second, a study's users and events arrive live, and the operator's
-token never travels in a page's URL. Screenshots go to SHOTS for a person to look at."""
+new study shows within a second, a study's users and events arrive live, watchers (sockets with
+no heartbeat yet) are counted across the nodes, and the operator's token never travels in a
+page's URL. Screenshots go to SHOTS for a person to look at."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from tests.browser.conftest import SECRET, NodeFactory, study, token
 from tests.support import auth as support_auth
@@ -79,6 +82,7 @@ def test_a_new_study_shows_within_a_second_then_its_users_and_events(
     assert "main.13.var1.2" in text_of(page, '#users tr[data-user="alice"]')
     # The page's own socket watches the study (counted from the node's report); it never joins.
     expect(page.locator("#s-watching")).to_have_text("1")
+    expect(page.locator("#s-watchers")).to_have_text("1")  # it only watches
     expect(page.locator("#s-active")).to_have_text("2")
     assert page.locator("#users tbody tr").count() == 2
     # Nobody heartbeats any more: both turn idle (IDLE is 2 s), live, in colour and in the log.
@@ -90,6 +94,42 @@ def test_a_new_study_shows_within_a_second_then_its_users_and_events(
     # Only the WebSocket carries the token in its URL (browsers cannot set its headers).
     carrying = [url for url in urls if ADMIN in url]
     assert carrying and all(url.startswith("ws://") for url in carrying), carrying
+
+
+def test_watchers_are_counted_across_the_nodes_until_their_first_heartbeat(
+    context: Any, nodes: NodeFactory
+) -> None:
+    a, b = dashboard_nodes(nodes)
+    b_id = b.health()["node_id"]
+    sid = study()
+    page = context.new_page()
+    url = f"{b.ws_url}/ws/presence?study_id={sid}&token={token('carol')}"
+    with connect(url, open_timeout=10) as carol:  # on the other node, and no heartbeat yet
+        assert json.loads(carol.recv(10))["type"] == "connected"
+        assert json.loads(carol.recv(10))["type"] == "presence.snapshot"
+        page.goto(f"{a.base_url}/dashboard#token={ADMIN}")
+        expect(page.locator("#c-nodes")).to_have_text("2", timeout=5000)
+        expect(page.locator("#c-watchers")).to_have_text("1", timeout=3000)
+        b_watchers = page.locator(f'#nodes tr:has(td[title="{b_id}"]) td:nth-child(3)')
+        expect(b_watchers).to_have_text("1")
+
+        page.fill("#open-study-id", sid)
+        page.click("#open-study button")
+        # The page's own socket on this node, carol's on the other: both only watch.
+        expect(page.locator("#s-watching")).to_have_text("2", timeout=5000)
+        expect(page.locator("#s-watchers")).to_have_text("2")
+
+        carol.send(json.dumps({"type": "heartbeat"}))
+        assert json.loads(carol.recv(10))["type"] == "presence.user_joined"
+        expect(page.locator("#s-watchers")).to_have_text("1", timeout=3000)
+        expect(page.locator("#s-watching")).to_have_text("2")
+        expect(page.locator("#s-active")).to_have_text("1")
+    # Carol's socket closed: it no longer watches.
+    expect(page.locator("#s-watching")).to_have_text("1", timeout=3000)
+    expect(page.locator("#s-watchers")).to_have_text("1")
+    page.locator("#home").click()  # the overview: the page's study socket closes too
+    expect(page.locator("#c-watchers")).to_have_text("0", timeout=3000)
+    expect(b_watchers).to_have_text("0")
 
 
 def test_the_paste_field_takes_a_token_and_refuses_a_non_operator(

@@ -75,3 +75,16 @@ def test_the_page_reads_the_token_from_the_fragment_and_the_stats_endpoints(
     assert "innerHTML" not in script  # data is only ever set as text
     assert '"/stats"' in script and "/stats`" in script
     assert client.get("/client/presence.js").status_code == 200  # the client it imports
+
+
+def test_the_page_shows_watchers_next_to_the_sockets(client: TestClient) -> None:
+    page = client.get("/dashboard/index.html").text
+    script = client.get("/dashboard/dashboard.js").text
+    # Each card right after the sockets it is a part of: in total, and in a study.
+    assert (
+        page.index('id="c-sockets"') < page.index('id="c-watchers"') < page.index('id="c-studies"')
+    )
+    assert page.index('id="s-watching"') < page.index('id="s-watchers"') < page.index('id="s-seq"')
+    assert '$("c-watchers").textContent = stats.watchers' in script
+    assert '$("s-watchers").textContent = stats.watchers' in script
+    assert "cell(n.sockets), cell(n.watchers)" in script  # and per node

@@ -155,6 +155,7 @@ function showOverview(generation) {
 function renderOverview(stats) {
   $("c-nodes").textContent = stats.nodes.length;
   $("c-sockets").textContent = stats.sockets;
+  $("c-watchers").textContent = stats.watchers;
   $("c-studies").textContent = stats.studies;
   $("c-sampled").textContent = stats.exact ? "" : `top of ${stats.sampled} sampled`;
   $("c-sessions").textContent = stats.sessions.total;
@@ -234,7 +235,8 @@ function renderNodes(nodes, answering) {
     el("tr", {},
       el("td", { title: n.node_id }, el("code", {}, n.node_id.slice(0, 12)),
         n.node_id === answering ? el("span", { class: "tag" }, "this page's node") : ""),
-      cell(n.sockets), cell(n.studies), cell(n.leases), cell(n.events_per_second, 1),
+      cell(n.sockets), cell(n.watchers), cell(n.studies), cell(n.leases),
+      cell(n.events_per_second, 1),
       el("td", { class: "num" }, ago(n.seen_ms_ago))),
   );
   $("nodes").tBodies[0].replaceChildren(...rows);
@@ -280,6 +282,7 @@ function showStudy(study, generation) {
 function renderStudyStats(stats) {
   for (const status of STATUSES) $(`s-${status}`).textContent = stats.users[status];
   $("s-watching").textContent = stats.watching;
+  $("s-watchers").textContent = stats.watchers;
   $("s-seq").textContent = stats.seq;
 }
 
