@@ -314,3 +314,43 @@ def test_going_offline_drops_the_socket_and_online_reconnects_and_resyncs(
     assert "leave" not in after and "join" not in after, after
     states = [e["detail"] for e in alice.evaluate("window.presence.events") if e["kind"] == "state"]
     assert states[-2:] == ["reconnecting", "open"], states
+
+
+def test_a_user_typing_a_note_shows_on_the_other_page_until_they_stop(
+    demo_nodes: tuple[NodeProcess, NodeProcess], open_page: Opener
+) -> None:
+    # Signals cross nodes (alice on a, bob on b): the typing line is the demo's, end to end.
+    a, b = demo_nodes
+    study_id = study()
+    alice = open_page(a, "alice", study_id, [a, b])
+    bob = open_page(b, "bob", study_id, [b, a])
+    wait_for_user(alice, "bob")
+    wait_for_user(bob, "alice")
+
+    bob.evaluate(
+        "() => { window.typingSignals = [];"
+        " window.presence.client.on('signal.typing', (data) => window.typingSignals.push(data)); }"
+    )
+    alice.click("#note")
+    started = time.monotonic()
+    alice.keyboard.type("Nf3 is stronger")
+    took = time.monotonic() - started
+    bob.wait_for_function(
+        "() => document.getElementById('typing').textContent === 'alice is typing…'",
+        timeout=WAIT_MS,
+    )
+    assert bob.evaluate("window.presence.client.typingUsers()") == [
+        {"user_id": "alice", "chapter_id": "ch1"}
+    ]
+    # Her own page shows nobody: the node does not echo a signal to its sender.
+    assert alice.text_content("#typing") == ""
+
+    alice.keyboard.press("Enter")  # the note is done: typing ends at once, not 5 s later
+    bob.wait_for_function(
+        "() => document.getElementById('typing').textContent === ''", timeout=WAIT_MS
+    )
+    assert bob.evaluate("window.presence.client.typingUsers()") == []
+    signals = bob.evaluate("window.typingSignals")
+    assert signals[-1] == {"active": False, "user_id": "alice"}, signals
+    # 15 keys, one typing signal: at most one every 2 s, however fast she types.
+    assert len(signals) == 2 or took >= 2, (took, signals)

@@ -117,6 +117,30 @@ function log(kind, detail) {
   while (list.children.length > 50) list.lastChild.remove();
 }
 
+// "alice is typing…": the client keeps who is typing (each until 5 s after their last signal).
+function renderTyping(typing) {
+  const names = typing.map((each) => each.user_id);
+  const line = document.getElementById("typing");
+  line.dataset.users = names.join(",");
+  if (names.length === 0) line.textContent = "";
+  else if (names.length === 1) line.textContent = `${names[0]} is typing…`;
+  else line.textContent = `${names.slice(0, -1).join(", ")} and ${names.at(-1)} are typing…`;
+}
+
+function listenToNote() {
+  const note = document.getElementById("note");
+  note.addEventListener("input", () => {
+    if (note.value) client.typing(); // at most one signal every 2 s, however fast the keys
+    else client.stopTyping();
+  });
+  note.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || !note.value) return;
+    log("note", { user_id: client.userId, text: note.value });
+    note.value = "";
+    client.stopTyping();
+  });
+}
+
 function step(delta) {
   const chapter = CHAPTERS.find((each) => each.id === (mine?.chapterId || "ch1"));
   const ply = Number((mine?.path || "main.0").split(".")[1]) + delta;
@@ -124,7 +148,9 @@ function step(delta) {
 }
 
 renderChapters();
+listenToNote();
 client.on("change", render);
+client.on("typing", renderTyping);
 for (const kind of ["join", "leave", "status", "cursor", "resync", "error"])
   client.on(kind, (detail) => log(kind, detail));
 client.on("state", (state) => {
@@ -134,6 +160,7 @@ client.on("state", (state) => {
   log("state", state);
 });
 document.addEventListener("keydown", (event) => {
+  if (event.target instanceof HTMLInputElement) return; // arrows move the caret in the note
   if (event.key === "ArrowRight") step(1);
   if (event.key === "ArrowLeft") step(-1);
 });
