@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from presence_svc.bench.capacity.inputs import read_results
 from presence_svc.bench.harness import BenchOptions, run
 from presence_svc.bench.profiles import PROFILES
-from presence_svc.bench.scenarios import NAMES, catalogue
+from presence_svc.bench.scenarios import NAMES, catalogue, fanout_peer
 from presence_svc.bench.scenarios.fanout_peer import TARGET as PEER_TARGET
 
 pytestmark = [pytest.mark.redis, pytest.mark.multinode, pytest.mark.timeout(90)]
@@ -140,3 +141,17 @@ def test_smoke_peer_column(real_redis_url: str, tmp_path: Path) -> None:
     report = (folder / "report.txt").read_text()
     assert "2 nodes, 2 bare baseline servers, 2 python-socketio servers" in report
     assert "Fan-out CPU per delivery, three ways" in report
+
+
+def test_peer_target_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without python-socketio the column is left out and its target reads n/a, saying why."""
+    monkeypatch.setattr(fanout_peer, "available", lambda: False)
+    ctx: Any = SimpleNamespace(profile=PROFILES["quick"])
+    node = {"target": "node", "offered_deliveries_per_s": 10_000, "server_cpu_us_per_delivery": 40}
+    (target,) = fanout_peer.targets(ctx, [node], 10_000, "at 10,000 deliveries/s")
+    assert target.name == PEER_TARGET and target.measured is None and target.met is None
+    assert "python-socketio is not installed" in target.note
+    assert fanout_peer.cpu_table([node]) is None
+    # A profile without the column has no such target at all.
+    ctx = SimpleNamespace(profile=PROFILES["smoke"])
+    assert fanout_peer.targets(ctx, [node], 10_000, "") == []
