@@ -140,8 +140,8 @@ def test_the_version_has_one_source() -> None:
     dynamic = project["tool"]["setuptools"]["dynamic"]["version"]
     assert dynamic == {"attr": "presence_svc.__version__"}
     assert openapi.build()["info"]["version"] == __version__
-    # The CHANGELOG's first release heading is the version being released.
-    releases = re.findall(r"^## (\S+)$", (ROOT / "CHANGELOG.md").read_text(), re.MULTILINE)
+    # The CHANGELOG's first release heading (after "Unreleased") is the version being released.
+    releases = re.findall(r"^## (?!Unreleased$)(\S+)$", (ROOT / "CHANGELOG.md").read_text(), re.M)
     assert releases[0] == __version__
     assert len(releases) == len(set(releases))
 
