@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 
-# Every this many writes (and after a failed one) a node rewrites its watch counts whole
-# instead of the changes only, so a hash lost with a Redis restart is soon whole again.
+# Every this many writes (and after a failed one) a node rewrites its counts per study (sockets
+# and watchers) whole instead of the changes only, so a hash lost with a Redis restart is soon
+# whole again.
 FULL_WRITE_EVERY = 30
 # Seconds the event rate is averaged over (at least one interval): a single heartbeat's burst
 # is not a spike that the next write forgets.

@@ -202,8 +202,9 @@ def _paths() -> dict[str, Any]:
                 "operationId": "get_study_stats",
                 "summary": "A study's users by status and the sockets watching it",
                 "description": (
-                    "Counts from the study's index by heartbeat age (no session is read) and "
-                    "one watch count per live node."
+                    "Counts from the study's index by heartbeat age (no session is read), and "
+                    "per live node its sockets watching the study and the watchers among them "
+                    "(no heartbeat yet)."
                 ),
                 "security": _bearer(),
                 "responses": _responses(
