@@ -24,7 +24,7 @@ from presence_svc.bench.runner import (
     WorkerPool,
     environment,
     start_baseline,
-    start_node,
+    start_nodes,
     start_peer,
     start_redis,
 )
@@ -95,8 +95,12 @@ class Context:
         return dict(self.pool.pids)
 
     @contextlib.contextmanager
-    def nodes(self, count: int, prefix: str) -> Iterator[list[Endpoint]]:
-        """`count` nodes: the external ones given on the command line, or fresh local ones."""
+    def nodes(
+        self, count: int, prefix: str, settings: Mapping[str, str] | None = None
+    ) -> Iterator[list[Endpoint]]:
+        """`count` nodes: the external ones given on the command line, or fresh local ones
+        (with `settings`, PRESENCE_* variables, on top of the harness's; external nodes keep
+        their own)."""
         if self.options.nodes:
             yield [Endpoint.from_url(f"node-{i}", u) for i, u in enumerate(self.options.nodes)]
             return
@@ -110,11 +114,12 @@ class Context:
             "PRESENCE_REST_HEARTBEAT_RATE": "1000000",
             "PRESENCE_REST_HEARTBEAT_BURST": "1000000",
             "PRESENCE_MAX_SOCKETS_PER_USER": "100000",
+            **(settings or {}),
         }
         with contextlib.ExitStack() as stack:
             started = []
-            for i in range(count):
-                child, endpoint = start_node(f"{prefix}-node-{i}", self.folder / "logs", env)
+            names = [f"{prefix}-node-{i}" for i in range(count)]
+            for child, endpoint in start_nodes(names, self.folder / "logs", env):
                 stack.callback(child.stop)
                 started.append(endpoint)
             yield started

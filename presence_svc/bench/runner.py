@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import multiprocessing
 import os
 import platform
@@ -202,13 +203,35 @@ def start_redis(log_dir: Path) -> tuple[Child, str]:
 
 def start_node(name: str, log_dir: Path, env: Mapping[str, str]) -> tuple[Child, Endpoint]:
     """`presence-svc serve` on a free loopback port; returns once /readyz answers 200."""
-    port = free_port()
-    argv = [sys.executable, "-m", "presence_svc.cli", "serve", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--log-level", "warning"]
-    child = Child(name, argv, log_dir, env)
-    url = f"http://127.0.0.1:{port}/readyz"
-    _wait_until(lambda: _http_ok(url), name, 30, child.proc)
-    return child, Endpoint(name, "127.0.0.1", port, child.pid)
+    return start_nodes([name], log_dir, env)[0]
+
+
+def start_nodes(
+    names: Sequence[str], log_dir: Path, env: Mapping[str, str]
+) -> list[tuple[Child, Endpoint]]:
+    """One node per name, started side by side (a node's start-up is mostly imports, seconds
+    on a busy machine); returns once every /readyz answers 200, or stops them all and raises."""
+    with contextlib.ExitStack() as held:
+        # Held together until all are known, so that no two nodes are handed the same port.
+        sockets = [held.enter_context(socket.socket()) for _ in names]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        ports: list[int] = [sock.getsockname()[1] for sock in sockets]
+    children: list[tuple[Child, Endpoint]] = []
+    try:
+        for name, port in zip(names, ports, strict=True):
+            argv = [sys.executable, "-m", "presence_svc.cli", "serve", "--host", "127.0.0.1"]
+            argv += ["--port", str(port), "--log-level", "warning"]
+            child = Child(name, argv, log_dir, env)
+            children.append((child, Endpoint(name, "127.0.0.1", port, child.pid)))
+        for child, endpoint in children:
+            ready = functools.partial(_http_ok, f"http://127.0.0.1:{endpoint.port}/readyz")
+            _wait_until(ready, child.name, 30, child.proc)
+    except BaseException:
+        for child, _ in children:
+            child.stop()
+        raise
+    return children
 
 
 def start_baseline(name: str, log_dir: Path) -> tuple[Child, Endpoint]:
