@@ -56,12 +56,28 @@ class SweepProfile:
 
 
 @dataclass(frozen=True, slots=True)
+class BigroomProfile:
+    # Batching starts above 50 sockets of a study on a node: (watchers + members) / nodes must
+    # exceed it for the batched run to batch.
+    watchers: int  # sockets that never heartbeat, spread over the nodes
+    members: int  # sockets that move their cursor `rate` times a second each
+    rate: float
+    churn: float  # members leaving, and as many new ones joining, per second
+    seconds: float  # the moving window of each run (batching on, then off)
+    sampled: int  # watchers whose cursors' staleness is logged
+    connect_members: tuple[int, ...]  # study sizes whose first frames are measured
+    settle: float  # bound on each wait for the sockets to catch up (snapshots, final cursors)
+    nodes: int = 2
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
     name: str
     fanout: FanoutProfile
     heartbeats: HeartbeatProfile
     idle: IdleProfile
     sweep: SweepProfile
+    bigroom: BigroomProfile
     client_workers: int = 2
     # Hard bound on every worker process, whatever happens to the harness.
     lifetime: float = 900.0
@@ -92,6 +108,16 @@ PROFILES: dict[str, Profile] = {
         sweep=SweepProfile(
             sessions=(100_000,), due=(1_000, 10_000), sessions_per_study=10, empty_ticks=200
         ),
+        bigroom=BigroomProfile(
+            watchers=400,
+            members=40,
+            rate=5,
+            churn=2,
+            seconds=6,
+            sampled=40,
+            connect_members=(50, 5_000),
+            settle=10,
+        ),
         lifetime=600.0,
     ),
     "full": Profile(
@@ -120,6 +146,16 @@ PROFILES: dict[str, Profile] = {
             due=(1_000, 10_000),
             sessions_per_study=10,
             empty_ticks=500,
+        ),
+        bigroom=BigroomProfile(
+            watchers=2_000,
+            members=100,
+            rate=5,
+            churn=3,
+            seconds=20,
+            sampled=100,
+            connect_members=(50, 5_000),
+            settle=20,
         ),
         lifetime=1800.0,
     ),
@@ -150,6 +186,17 @@ PROFILES: dict[str, Profile] = {
         idle=IdleProfile(sockets=(20, 40), viewers_per_study=5, settle=0.2),
         sweep=SweepProfile(
             sessions=(2_000,), due=(100, 200), sessions_per_study=10, empty_ticks=20
+        ),
+        # 65 sockets per node: above the batching threshold.
+        bigroom=BigroomProfile(
+            watchers=120,
+            members=10,
+            rate=5,
+            churn=1,
+            seconds=2,
+            sampled=20,
+            connect_members=(10, 200),
+            settle=5,
         ),
         lifetime=120.0,
     ),

@@ -1,7 +1,8 @@
 """Client worker processes: each runs one event loop (uvloop if present) with many sockets.
 
 The harness sends commands over a pipe (`open`, `fanout_reset`, `fanout_collect`,
-`ws_heartbeats`, `rest_heartbeats`, `redis_floor`, `publish`, `close`, `quit`) and gets back
+`ws_heartbeats`, `rest_heartbeats`, `redis_floor`, `publish`, `close`, `quit`, and `bigroom`,
+whose steps scenarios/bigroom_clients.py holds) and gets back
 `("ok", result)` or `("error", traceback)`. Commands run one at a time; sockets keep being
 served by the loop in between. A worker exits by itself after `lifetime` seconds or when the
 harness goes away (the pipe closes).
@@ -23,6 +24,7 @@ from typing import Any
 
 from presence_svc.auth import issue_token
 from presence_svc.bench import drivers, sioclient
+from presence_svc.bench.scenarios import bigroom_clients
 from presence_svc.bench.wsclient import (
     OP_TEXT,
     HttpLoop,
@@ -276,6 +278,7 @@ async def _serve(conn: Connection, lifetime: float) -> None:
         "redis_floor": lambda **a: drivers.redis_floor(**a),
         "publish": lambda **a: drivers.publish(**a),
         "close": lambda **a: _close(state, **a),
+        "bigroom": lambda **a: bigroom_clients.command(**a),
     }
     while True:
         message = await inbox.get()

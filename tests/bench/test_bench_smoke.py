@@ -31,6 +31,8 @@ def _load(folder: Path, name: str) -> dict[str, Any]:
     return data
 
 
+# Every scenario in turn, bigroom's four node starts included: longer than the module's bound.
+@pytest.mark.timeout(180)
 def test_smoke_profile_writes_results(real_redis_url: str, tmp_path: Path) -> None:
     summary = run(
         BenchOptions(
@@ -102,6 +104,41 @@ def test_smoke_profile_writes_results(real_redis_url: str, tmp_path: Path) -> No
     assert all(r["events"] == r["due"] for r in due)
     empty = next(r for r in sweep["rows"] if r["kind"] == "nothing due")
     assert empty["tick_ms"]["p50"] is not None
+
+    _check_bigroom(_load(folder, "bigroom"))
+
+
+def _check_bigroom(bigroom: dict[str, Any]) -> None:
+    """Both runs moved every member, every socket applied every frame without a gap, and every
+    watcher ended holding every present member's last move and none of those who left."""
+    p = PROFILES["smoke"].bigroom
+    assert [r["mode"] for r in bigroom["rows"]] == ["on", "off"]
+    assert bigroom["rows"][0]["env"]["PRESENCE_BATCH_WINDOW"] == "0.05"
+    assert bigroom["rows"][1]["env"]["PRESENCE_BATCH_WINDOW"] == "0"
+    for row in bigroom["rows"]:
+        assert row["heartbeats"] > 0 and row["frames_per_watcher_per_s"] > 0, row
+        assert row["gaps"] == 0 and row["events_before_snapshot"] == 0, row
+        assert row["disordered_batches"] == 0, row
+        assert row["churn"]["left"] >= 1 and row["churn"]["joined"] >= 1, row
+        assert row["churn"]["delete_statuses"] == {"200": row["churn"]["left"]}, row
+        # The members present at the end: as many as at the start, churn or not.
+        assert row["final_pairs_expected"] == p.watchers * p.members, row
+        assert row["final_pairs_reached"] == row["final_pairs_expected"], row
+        assert row["left_still_held"] == 0 and row["watchers_open"] == p.watchers, row
+        assert row["staleness_samples"] > 0 and row["staleness_ms"]["p99"] is not None, row
+        assert all(c is not None for c in row["node_cores"]), row
+    names = [t["name"] for t in bigroom["targets"]]
+    assert names == [
+        "big room node CPU",
+        "big room p99 cursor staleness",
+        "big room seq gaps",
+        "big room final cursors at every watcher",
+    ]
+    connect = {r["members"]: r for r in bigroom["connect"]}
+    assert set(connect) == set(p.connect_members)
+    for members, row in connect.items():
+        assert row["total"] == members and row["connected_bytes"] > 0, row
+        assert row["first_frames_bytes"] == row["connected_bytes"] + row["snapshot_bytes"]
 
 
 def test_smoke_peer_column(real_redis_url: str, tmp_path: Path) -> None:
