@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis
+from websockets.asyncio.client import connect
 
 from presence_svc.client import PresenceClient, PresenceError
 from presence_svc.redis.keys import Keys
@@ -28,6 +30,7 @@ from tests.client.conftest import (
 )
 from tests.client.journal import Journal
 from tests.support.processes import RedisServer
+from tests.support.tasks import stop
 from tests.support.waiting import eventually_async
 
 Opened = Callable[..., contextlib.AbstractAsyncContextManager[tuple[PresenceClient, Journal]]]
@@ -236,3 +239,110 @@ async def test_a_forbidden_study_stops_with_an_error(nodes: NodeFactory) -> None
         async with static:
             pass
     assert unauthorized.value.code == 4401
+
+
+# -- big rooms (issue 13): signals, batched delivery, crowd snapshots ------------------------
+
+
+def signals_of(log: Journal) -> list[tuple[str | None, dict[str, object] | None]]:
+    return [(e.signal, e.data) for e in log.of("signal")]
+
+
+async def test_signals_reach_every_other_socket_of_the_study_but_not_their_sender(
+    nodes: NodeFactory, opened: Opened
+) -> None:
+    a, b = nodes(), nodes()
+    sid = study()
+    async with (
+        opened(a.base_url, sid, token=token("alice")) as (alice, alice_log),
+        opened(a.base_url, sid, token=token("alice")) as (_, tab_log),
+        opened(b.base_url, sid, token=token("bob")) as (bob, bob_log),
+    ):
+        heard: list[tuple[str, dict[str, object]]] = []
+        bob.on_signal(lambda name, data: heard.append((name, data)), "typing")
+        assert await alice.send_signal("typing", {"chapter_id": "ch1"})
+        typing = ("typing", {"chapter_id": "ch1", "user_id": "alice"})
+        await bob_log.wait("signal")  # across nodes
+        await tab_log.wait("signal")  # the same user's other socket
+        assert signals_of(bob_log) == signals_of(tab_log) == [typing]
+        assert heard == [typing]
+        # Bob's answer reaches alice after anything her node handed her before it.
+        assert await bob.send_signal("pointer", {"chapter_id": "ch1", "square": "e4"})
+        await alice_log.wait("signal")
+        assert signals_of(alice_log) == [
+            ("pointer", {"chapter_id": "ch1", "square": "e4", "user_id": "bob"})
+        ]
+        # Not a heartbeat: signalling joined nobody.
+        assert alice.users() == [] and bob.users() == []
+        with pytest.raises(ValueError):
+            await alice.send_signal("typing", {"text": "x" * 2000})
+
+
+async def test_batched_delivery_is_applied_like_single_events(
+    nodes: NodeFactory, opened: Opened
+) -> None:
+    a = nodes(batch_threshold="1")  # two sockets of the study on the node: batched
+    sid = study()
+    async with (
+        opened(a.base_url, sid, token=token("watcher")) as (watcher, log),
+        opened(a.base_url, sid, token=token("mover"), cursor_throttle=0) as (mover, _),
+        connect(
+            f"{a.ws_url}/ws/presence?study_id={sid}",
+            additional_headers={"Authorization": f"Bearer {token('raw')}"},
+        ) as raw,
+    ):
+        frames: list[str] = []
+
+        async def read() -> None:
+            async for frame in raw:
+                frames.append(json.loads(frame)["type"])
+
+        reader = asyncio.create_task(read())
+        try:
+            # Its snapshot first: events at or below the snapshot's seq are never sent to it.
+            await eventually_async(lambda: "presence.snapshot" in frames, within=10)
+            await watcher.set_cursor(chapter_id="ch1")
+            for ply in range(1, 31):
+                await mover.set_cursor(chapter_id="ch1", move_path=f"main.{ply}")
+                await mover.send_signal("pointer", {"chapter_id": "ch1", "square": "e4"})
+            await eventually_async(
+                lambda: present(watcher).get("mover") == ("active", "main.30"), within=10
+            )
+            await eventually_async(lambda: watcher.seq == mover.seq, within=5)
+            await eventually_async(lambda: "presence.batch" in frames, within=5)
+        finally:
+            await stop(reader)
+        assert set(frames) <= {"connected", "presence.snapshot", "presence.batch"}, frames
+        assert len(log.of("snapshot")) == 1, "a batch was taken for a gap"
+        assert log.states() == ["connecting", "open"]
+        assert log.of("join", "mover") and log.of("cursor", "mover")
+        assert log.of("signal"), "no signal came out of the batches"
+        assert watcher.counts() == {"active": 2, "idle": 0, "away": 0} and watcher.complete
+
+
+async def test_a_big_room_snapshot_lists_some_users_and_counts_everyone(
+    nodes: NodeFactory, opened: Opened
+) -> None:
+    a = nodes(snapshot_max_users="2")
+    sid = study()
+    async with contextlib.AsyncExitStack() as stack:
+        members = []
+        for name in ("u1", "u2", "u3", "u4"):
+            member, _ = await stack.enter_async_context(opened(a.base_url, sid, token=token(name)))
+            await member.set_cursor(chapter_id="ch1")
+            members.append(member)
+        await eventually_async(lambda: members[0].total == 4, within=10)
+        watcher, log = await stack.enter_async_context(
+            opened(a.base_url, sid, token=token("watcher"))
+        )
+        assert (watcher.total, watcher.complete, len(watcher.users())) == (4, False, 2)
+        assert watcher.counts() == {"active": 4, "idle": 0, "away": 0}
+        members[3].set_active(False)  # listed or not, the watcher's counts follow
+        await eventually_async(
+            lambda: watcher.counts() == {"active": 3, "idle": 1, "away": 0},
+            within=IDLE + 2 * HEARTBEAT + SLACK,
+        )
+        await members[0].leave()
+        await eventually_async(lambda: watcher.total == 3, within=10)
+        assert watcher.counts() == {"active": 2, "idle": 1, "away": 0}
+        assert "u1" not in present(watcher) and log.of("join") == log.of("join")[:2]
