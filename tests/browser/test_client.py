@@ -354,3 +354,30 @@ def test_a_user_typing_a_note_shows_on_the_other_page_until_they_stop(
     assert signals[-1] == {"active": False, "user_id": "alice"}, signals
     # 15 keys, one typing signal: at most one every 2 s, however fast she types.
     assert len(signals) == 2 or took >= 2, (took, signals)
+
+
+def test_batched_delivery_moves_the_cursors_without_a_resync(
+    nodes: NodeFactory, open_page: Opener
+) -> None:
+    # More than one socket of the study on the node: it delivers in presence.batch frames.
+    a = nodes(demo="true", batch_threshold="1")
+    study_id = study()
+    alice = open_page(a, "alice", study_id, [a])
+    bob = open_page(a, "bob", study_id, [a])
+    wait_for_user(bob, "alice")
+    bob.evaluate(
+        "() => { window.frameTypes = [];"
+        " window.presence.client._ws.addEventListener('message',"
+        " (m) => window.frameTypes.push(JSON.parse(m.data).type)); }"
+    )
+    for path in ("main.2", "main.3", "main.6.var1.1", "main.7"):
+        alice.click(f'.move[data-chapter="ch1"][data-path="{path}"]')
+    bob.wait_for_selector('.move[data-path="main.7"] .badge[data-user="alice"]', timeout=WAIT_MS)
+    wait_for_user(bob, "alice", "u.move_path === 'main.7'")
+    assert "presence.batch" in bob.evaluate("window.frameTypes")
+    state = bob.evaluate(
+        "() => [window.presence.client.resyncs, window.presence.client.connects,"
+        " window.presence.client.total(), window.presence.client.complete()]"
+    )
+    assert state == [0, 1, 2, True], state
+    assert events_of(bob, "alice").count("join") == 1
