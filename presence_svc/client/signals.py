@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from presence_svc.client.feed import PresenceEvent
-from presence_svc.models import SIGNAL_NAME_PATTERN
 
 SIGNAL_PREFIX = "signal."
+# The protocol's grammar of a name (issue 13), as the node checks it.
+SIGNAL_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 DEFAULT_MAX_BYTES = 1024  # the server's PRESENCE_SIGNAL_MAX_BYTES by default
 
 _NAME = re.compile(SIGNAL_NAME_PATTERN)
