@@ -12,6 +12,7 @@ event, in rows of their own (`point` "receive"); the targets are judged on the l
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -31,8 +32,9 @@ def run(ctx: Context) -> dict[str, Any]:
     with (
         ctx.nodes(p.nodes, ctx.prefix("fanout")) as nodes,
         ctx.baselines(len(nodes)) as bases,
-        fanout_peer.servers(ctx, len(nodes)) as peers,
+        contextlib.ExitStack() as peer_stack,
     ):
+        peers = peer_stack.enter_context(fanout_peer.servers(ctx, len(nodes)))
         ctx.emit(
             f"{p.studies} studies x {p.viewers} viewers = {p.studies * p.viewers} sockets "
             f"on each of: {len(nodes)} nodes, {len(bases)} bare baseline servers"
@@ -63,8 +65,13 @@ def run(ctx: Context) -> dict[str, Any]:
                     )
                 )
                 if kind == fanout_peer.KIND:
-                    rows[-1]["drain_s"] = fanout_peer.drain(servers)
+                    # After the last load the peer stops instead (below).
+                    last = load == p.loads[-1]
+                    rows[-1]["drain_s"] = None if last else fanout_peer.drain(servers)
         close_groups(ctx, *(f"fanout-{kind}" for kind, _ in columns))
+        # Past its capacity the peer still has packets queued: stopped, it sends none while the
+        # receive point below measures the other servers.
+        peer_stack.close()
         # The receive-cost point, on the same processes: one socket per node and event.
         received = fanout_receive.run_point(ctx, nodes, bases)
     result = _summarize(ctx, rows, len(nodes))

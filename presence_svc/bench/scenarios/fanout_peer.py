@@ -113,7 +113,8 @@ def cpu_table(rows: list[dict[str, Any]]) -> str | None:
     ]
     return report.table(
         "Fan-out CPU per delivery, three ways (us of server CPU per delivery; socketio/node: "
-        "how many times cheaper the nodes are; drain s: the peer catching up after the window)",
+        "how many times cheaper the nodes are; drain s: the peer catching up after the window, "
+        "none after the last load, where it stops)",
         columns,
         table_rows,
     )
