@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from presence_svc.bench import report
 from presence_svc.bench.harness import Context
 from presence_svc.bench.runner import CpuWindow, Endpoint
+from presence_svc.bench.scenarios.bigroom_feed import move_number
 from presence_svc.models import CursorUpdate, Thresholds
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.store import RedisStore
@@ -71,7 +72,7 @@ def run(ctx: Context) -> dict[str, Any]:
         study = f"bench-bigroom-{secrets.token_hex(4)}"
         with ctx.nodes(p.nodes, prefix, env) as nodes:
             try:
-                rows.append(_room(ctx, nodes, study, mode, env))
+                rows.append(_room(ctx, nodes, prefix, study, mode, env))
             finally:
                 _all(ctx, "close", {}, {})
             if not connect:
@@ -115,7 +116,12 @@ def _opened(replies: list[dict[str, Any]], what: str) -> None:
 
 
 def _room(
-    ctx: Context, nodes: list[Endpoint], study: str, mode: str, env: dict[str, str]
+    ctx: Context,
+    nodes: list[Endpoint],
+    prefix: str,
+    study: str,
+    mode: str,
+    env: dict[str, str],
 ) -> dict[str, Any]:
     """One run: open everyone, join, move for the window, then what every socket ended with."""
     p = ctx.profile.bigroom
@@ -172,9 +178,19 @@ def _room(
     window.stop()
     marked = _all(ctx, "mark", {"group": "watchers"}, {"group": "members"})
     finished = _members(ctx, "finish", wait=p.settle)
+    # What every watcher must end with: the sessions as Redis holds them after the last pong
+    # (a heartbeat answered with an error stored nothing), less the members the node closed.
+    unknown = {user for user, _ in finished["unknown"]}
+    stored = asyncio.run(_stored_cursors(ctx.redis_url, prefix, study, list(finished["sent"])))
+    expected = {u: n for u, n in stored.items() if n is not None and u not in unknown}
+    gone = [u for u, n in stored.items() if n is None and u not in unknown]
+    finished["stored_behind"] = sum(
+        1 for u, n in expected.items() if n != finished["final"].get(u, n)
+    )
+    finished["expected"] = expected
     collect = {
-        "expected": finished["final"],
-        "left": finished["left"],
+        "expected": expected,
+        "left": gone,
         "sent": finished["sent"],
         "since_ns": moved["started_ns"],
         "wait": p.settle,
@@ -241,7 +257,7 @@ def _row(
         closes.update(r["close_codes"])
     node_cores = [report.cores(window.cpu.get(f"node-{i}"), window.wall) for i in range(len(nodes))]
     clients_cpu = sum(v for k, v in window.cpu.items() if k.startswith("client-"))
-    expected_pairs = p.watchers * len(finished["final"])
+    expected_pairs = p.watchers * len(finished["expected"])
     return {
         "mode": mode,
         "env": env,
@@ -285,7 +301,10 @@ def _row(
             "delete_statuses": finished["delete_statuses"],
             "pending": finished["pending_churn"],
         },
-        "heartbeat_errors": finished["heartbeat_errors"],
+        "heartbeat_errors": sum(finished["heartbeat_errors"].values()),
+        "heartbeat_error_codes": finished["heartbeat_errors"],
+        # Present members whose stored cursor is not the last one sent (its heartbeat failed).
+        "stored_behind_sent": finished["stored_behind"],
         "mover_worst_lag_ms": round(finished["worst_lag_ms"], 1),
         "frames_parsed": total("parsed"),
         "setup": setup,
@@ -333,6 +352,25 @@ def _connect_cost(ctx: Context, nodes: list[Endpoint], prefix: str, members: int
     )
     reply["first_frames_bytes"] = reply["connected_bytes"] + reply["snapshot_bytes"]
     return {"members": members, **reply}
+
+
+async def _stored_cursors(
+    url: str, prefix: str, study: str, users: list[str]
+) -> dict[str, int | None]:
+    """Each user's stored cursor n in `study` (None: no session)."""
+    client = aioredis.Redis.from_url(url)
+    keys = Keys(prefix).study(study)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for user in users:
+            pipe.hget(keys.session(user), "move_path")
+        paths = await pipe.execute()
+    finally:
+        await client.aclose()
+    return {
+        user: None if path is None else move_number(path.decode())
+        for user, path in zip(users, paths, strict=True)
+    }
 
 
 async def _delete_prefix(url: str, prefix: str) -> None:

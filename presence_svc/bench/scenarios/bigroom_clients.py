@@ -70,7 +70,7 @@ class _State:
     left: list[str] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     lag_ns: int = 0  # how late the worst heartbeat went out
-    errors: int = 0  # error replies to members' heartbeats
+    errors: Counter[str] = field(default_factory=Counter)  # members' error replies, by code
 
 
 _S = _State()
@@ -95,7 +95,12 @@ def _member_handler(member: _Member) -> MessageHandler:
             if member.pong is not None and not member.pong.done():
                 member.pong.set_result(None)
         elif payload.startswith(_ERROR):
-            _S.errors += 1  # a heartbeat the node could not apply (e.g. `unavailable`)
+            # A heartbeat the node could not apply (e.g. `unavailable`): counted by its code.
+            try:
+                code = str(json.loads(payload)["data"]["code"])
+            except (ValueError, KeyError, TypeError):
+                code = "?"
+            _S.errors[code] += 1
         else:
             watch(client, payload, now_ns)
 
@@ -415,7 +420,7 @@ async def _finish(wait: float) -> dict[str, Any]:
         "left_count": movers.left,
         "join_failures": movers.join_failures,
         "delete_statuses": dict(movers.statuses),
-        "heartbeat_errors": _S.errors,
+        "heartbeat_errors": dict(_S.errors),
         "worst_lag_ms": _S.lag_ns / 1e6,
         "pending_churn": len(_S.tasks),
     }
