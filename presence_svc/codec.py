@@ -54,6 +54,28 @@ def encode_envelope(event_type: str, data: dict[str, Any], ts_ms: int | None = N
     return packed
 
 
+def encode_signal(
+    name: str,
+    user_id: str,
+    data: Mapping[str, Any],
+    ts_ms: int | None = None,
+    sender: str | None = None,
+) -> bytes:
+    """msgpack bytes of a `signal.<name>` envelope from `user_id`, who overrides any `user_id`
+    in `data`; `sender` is the connection it came from (`from`), None for a backend's."""
+    if ts_ms is None:
+        ts_ms = int(time.time() * 1000)
+    envelope: dict[str, Any] = {
+        "type": SIGNAL_PREFIX + name,
+        "data": {**data, "user_id": user_id},
+        "ts": ts_ms,
+    }
+    if sender is not None:
+        envelope["from"] = sender
+    packed: bytes = msgpack.packb(envelope)
+    return packed
+
+
 def decode_envelope(raw: bytes) -> Outgoing:
     """Turn a channel message into the text sockets receive, or raise EnvelopeError."""
     try:

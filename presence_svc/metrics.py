@@ -2,7 +2,7 @@
 
 Counts the node already keeps (sockets, studies, leases, reconnects, ...) are read when
 Prometheus scrapes, so the hot paths pay nothing for them; only heartbeats, deliveries, the
-delivery latency and the sweep are recorded as they happen.
+delivery latency, the sweep and signals are recorded as they happen.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from presence_svc.codec import Outgoing
+from presence_svc.signals import Outcome
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -75,6 +76,16 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.signals = Counter(
+            "presence_signals",
+            "Signals received from WebSockets, by outcome (sent, held, superseded, dropped, "
+            "too_large, invalid).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in Outcome:
+            # Every outcome from the start, so a rate over it is 0 rather than no data.
+            self.signals.labels(outcome.value)
 
     def gauge(self, name: str, documentation: str, read: Reading) -> None:
         self._readings.gauges.append((name, documentation, read))
