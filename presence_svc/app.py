@@ -92,6 +92,9 @@ def build_node(settings: Settings, clients: RedisClients) -> Node:
             keys.channel,
             snapshots,
             metrics.delivered,
+            clock=clock,
+            batch_threshold=settings.batch_threshold,
+            batch_window=settings.batch_window,
         ),
         sweeper=Sweeper(service, settings.sweep_interval, swept),
         leases=LeaseKeeper(service, settings.lease_ttl, clock=clock),
@@ -140,6 +143,12 @@ def _register_readings(node: Node, store: RedisStore) -> None:
         ("presence_pubsub_reconnects", "Pub/sub reconnects.", lambda: node.fanout.reconnects),
         ("presence_slow_consumers_dropped", "Sockets closed 1013.", lambda: node.slow_consumers),
         ("presence_envelopes_dropped", "Invalid envelopes.", lambda: node.fanout.dropped_messages),
+        ("presence_batches_sent", "presence.batch frames built.", lambda: node.fanout.batches_sent),
+        (
+            "presence_batch_superseded",
+            "Messages left out of batches: a later one of the tick superseded them.",
+            lambda: node.fanout.superseded_messages,
+        ),
         ("presence_dead_node_leases_released", "Reaped leases.", lambda: node.leases.released_dead),
         (
             "presence_stale_leases_released",

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     pubsub_backoff_cap: float = Field(5.0, gt=0, le=300)
     # Events a socket may have queued before it counts as a slow consumer and is closed.
     socket_queue_size: int = Field(1024, ge=16, le=1_000_000)
+    # A study with more local sockets than the threshold gets its messages in one
+    # presence.batch frame per window (seconds) instead of one frame each; 0 turns it off.
+    batch_threshold: int = Field(50, ge=1)
+    batch_window: float = Field(0.05, ge=0, le=1.0)
     # `text` for a terminal; `json` (one object per line, with request/connection ids) for log
     # shippers, which the container image sets.
     log_format: Literal["text", "json"] = "text"

@@ -2,14 +2,15 @@
 
 On in-memory subscriptions (the fan-out is handed its messages as the pub/sub links would),
 real `Connection`s as the sockets (their `personal` and snapshot-floor rules apply) and a
-MovableClock for the batch window: moving it ends a tick, nothing sleeps.
+MovableClock for the batch window: moving it ends a tick, nothing sleeps. The last test runs
+the rule through a node's app; tests/multinode/test_batching.py on real nodes and Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +18,14 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import Fanout, Inbox
 from presence_svc.web.ws_connection import Connection
+from tests.support.app import app_client, node_of
+from tests.support.auth import auth, token
 from tests.support.clock import MovableClock
 from tests.support.waiting import eventually_async
 
@@ -571,3 +576,49 @@ def test_a_client_applying_batches_by_the_rule_sees_no_gap_and_ends_on_every_cur
     steps: list[tuple[str, Any, Any]],
 ) -> None:
     asyncio.run(run_traffic(steps))
+
+
+# Through a node: the settings reach the fan-out, the frames reach real sockets, the metrics
+# count them.
+
+
+@pytest.fixture
+def batching_client() -> Iterator[TestClient]:
+    with app_client(batch_threshold=1, batch_window=0.02) as client:
+        yield client
+
+
+def metric(client: TestClient, name: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"{name} is not served")
+
+
+def test_a_node_batches_a_study_above_its_threshold(batching_client: TestClient) -> None:
+    client = batching_client
+    url = "/ws/presence?study_id={study}&token=" + token("viewer")
+    with (
+        client.websocket_connect(url.format(study="s1")) as first,
+        client.websocket_connect(url.format(study="s1")) as second,
+        client.websocket_connect(url.format(study="s2")) as alone,
+    ):
+        for ws in (first, second, alone):
+            ws.receive_json()
+            ws.receive_json()
+        for path in ("main.1", "main.2"):
+            body = {"study_id": "s1", "chapter_id": "ch1", "move_path": path}
+            client.post("/presence/heartbeat", json=body, headers=auth("alice"))
+        client.post("/presence/heartbeat", json={"study_id": "s2"}, headers=auth("bob"))
+        assert alone.receive_json()["type"] == "presence.user_joined"  # one socket: at once
+        for ws in (first, second):
+            seen: list[dict[str, Any]] = []
+            while not seen or seen[-1]["data"]["move_path"] != "main.2":
+                message = ws.receive_json()
+                assert message["type"] == "presence.batch", message
+                seen.extend(message["data"]["events"])
+    fanout = node_of(client).fanout
+    assert fanout.batches_sent >= 1
+    assert metric(client, "presence_batches_sent_total") == fanout.batches_sent
+    assert metric(client, "presence_batch_superseded_total") == fanout.superseded_messages

@@ -447,3 +447,35 @@ def test_the_url_says_how_to_talk_to_the_primary_not_where_it_is() -> None:
     assert data_node_options("redis://:pw@presence/0")["connection_class"] is PrimaryConnection
     # Pub/sub connections are redis-py's own: a write never reconnects them behind the links.
     assert pubsub_options(None)["connection_class"] is SentinelManagedConnection
+
+
+# --- batched delivery ------------------------------------------------------------------------
+
+
+def test_batching_defaults_and_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert (settings.batch_threshold, settings.batch_window) == (50, 0.05)
+    monkeypatch.setenv("PRESENCE_BATCH_THRESHOLD", "2")
+    monkeypatch.setenv("PRESENCE_BATCH_WINDOW", "0")  # off
+    settings = load_settings()
+    assert (settings.batch_threshold, settings.batch_window) == (2, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PRESENCE_BATCH_THRESHOLD", "0"),
+        ("PRESENCE_BATCH_THRESHOLD", "-5"),
+        ("PRESENCE_BATCH_THRESHOLD", "2.5"),
+        ("PRESENCE_BATCH_WINDOW", "-0.01"),
+        ("PRESENCE_BATCH_WINDOW", "1.01"),
+        ("PRESENCE_BATCH_WINDOW", "soon"),
+    ],
+)
+def test_invalid_batching_setting_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert variable in str(caught.value)
