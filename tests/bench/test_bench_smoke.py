@@ -127,6 +127,9 @@ def _check_bigroom(bigroom: dict[str, Any]) -> None:
         assert row["left_still_held"] == 0 and row["watchers_open"] == p.watchers, row
         assert row["staleness_samples"] > 0 and row["staleness_ms"]["p99"] is not None, row
         assert all(c is not None for c in row["node_cores"]), row
+    # 65 sockets per node, above the threshold: batched in the first run only.
+    on, off = bigroom["rows"]
+    assert on["batch_frames_share"] > 0.5 and off["batch_frames_share"] == 0, (on, off)
     names = [t["name"] for t in bigroom["targets"]]
     assert names == [
         "big room node CPU",
