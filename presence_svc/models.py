@@ -6,13 +6,14 @@ The shapes of REST responses, which only the OpenAPI document uses, are in `web/
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 USER_JOINED = "presence.user_joined"
 USER_LEFT = "presence.user_left"
@@ -27,6 +28,8 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 # variations, each a variation number and a ply within it (main.12.var2.3.var1.5 nests one).
 MOVE_PATH_PATTERN = r"^main(\.[0-9]{1,4}(\.var[0-9]{1,4}\.[0-9]{1,4})*)?$"
 MOVE_PATH_MAX_LENGTH = 512
+# A signal's name: `signal.<name>` is the type its receivers get (typing, pointer, ...).
+SIGNAL_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 MovePath = Annotated[
@@ -182,8 +185,40 @@ class RefreshMessage(_ClientShape):
     token: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
 
 
+# Integers msgpack can carry (int64 and uint64): a signal's data travels as msgpack.
+_INT_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _sendable(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` unchanged, if both JSON and msgpack can carry every value in it.
+
+    The JSON parser lets NaN, Infinity and integers of any size through; a signal holding one
+    could be neither published (msgpack) nor relayed (strict JSON), so it is refused here.
+    """
+    stack: list[Any] = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("numbers must be finite (no NaN or Infinity)")
+        elif isinstance(value, int) and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+            raise ValueError("integers must fit in 64 bits")
+    return data
+
+
+class SignalMessage(_ClientShape):
+    """An ephemeral signal to the study's other sockets (typing, pointer): never stored."""
+
+    type: Literal["signal"]
+    name: Annotated[str, StringConstraints(pattern=SIGNAL_NAME_PATTERN)]
+    data: Annotated[dict[str, Any], AfterValidator(_sendable)] = Field(default_factory=dict)
+
+
 ClientMessage = Annotated[
-    PingMessage | HeartbeatMessage | RefreshMessage, Field(discriminator="type")
+    PingMessage | HeartbeatMessage | RefreshMessage | SignalMessage, Field(discriminator="type")
 ]
 
 NO_CURSOR = CursorUpdate()

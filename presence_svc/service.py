@@ -1,4 +1,4 @@
-"""The presence service: what a heartbeat, a leave, a read and a sweep mean.
+"""The presence service: what a heartbeat, a leave, a read, a sweep and a signal mean.
 
 Transports call this; it knows nothing of HTTP or WebSockets, and nothing of Redis beyond the
 storage contracts (store.py).
@@ -7,8 +7,10 @@ storage contracts (store.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
+from presence_svc.codec import encode_signal
 from presence_svc.models import (
     NO_CURSOR,
     CursorUpdate,
@@ -99,3 +101,21 @@ class PresenceService:
     async def sweep(self) -> SweepReport:
         """Apply one batch of the idle/away/expiry transitions due now."""
         return await self._store.sweep(self._now_ms())
+
+    async def signal(
+        self,
+        user_id: str,
+        study_id: str,
+        name: str,
+        data: Mapping[str, Any],
+        connection_id: str | None = None,
+    ) -> int:
+        """Send the study's other sockets `signal.<name>` from the user: ephemeral, not stored.
+
+        Not a heartbeat: it changes no presence state and carries no seq. Its data names the
+        sender (`user_id`, over any in `data`); `connection_id`, the socket it came from, does
+        not get it back. The caller has checked the name and the size. Returns how many nodes
+        received it.
+        """
+        payload = encode_signal(name, user_id, data, self._now_ms(), connection_id)
+        return await self._store.publish_signal(study_id, payload)

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     rest_heartbeat_burst: int = Field(20, ge=1)
     # Largest WebSocket message a client may send; a bigger one closes the socket with 1009.
     ws_max_message_size: int = Field(65_536, ge=1024, le=16 * 1024 * 1024)
+    # Signals (typing, pointer) one socket may send per second (token bucket); beyond it the
+    # newest of each name waits for the rate (latest wins). A signal's data may be at most
+    # signal_max_bytes of compact JSON (signal_too_large beyond).
+    signal_rate: float = Field(10.0, gt=0, le=1000)
+    signal_burst: int = Field(20, ge=1, le=10_000)
+    signal_max_bytes: int = Field(1024, ge=2, le=65_536)
     # Browser origins allowed to open WebSockets (comma-separated); empty allows any. Clients
     # that send no Origin header (other backends) are not affected.
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -202,6 +208,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"PRESENCE_JWT_ALGORITHM={self.jwt_algorithm} needs exactly one of "
                 "PRESENCE_JWT_PUBLIC_KEY and PRESENCE_JWT_JWKS_FILE"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _signals_fit_in_a_message(self) -> Settings:
+        # A larger limit would never be reached: the message carrying it closes with 1009.
+        if self.signal_max_bytes > self.ws_max_message_size:
+            raise ValueError(
+                f"PRESENCE_SIGNAL_MAX_BYTES ({self.signal_max_bytes}) must not exceed "
+                f"PRESENCE_WS_MAX_MESSAGE_SIZE ({self.ws_max_message_size})"
             )
         return self
 

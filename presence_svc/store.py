@@ -57,6 +57,8 @@ class PresenceStore(Protocol):
     - `presence` returns the sessions of a study together with the seq of the last event they
       reflect, read atomically: events with a higher seq happened after the snapshot.
     - seq rises by exactly one per published presence event of a study.
+    - `publish_signal` publishes an envelope on the study's channel as it is given: nothing is
+      stored and no seq is raised, so it reaches only those subscribed at that moment.
     """
 
     async def heartbeat(
@@ -89,6 +91,11 @@ class PresenceStore(Protocol):
 
     async def sweep(self, now_ms: int) -> SweepReport:
         """Apply the status transitions and expiries due at `now_ms` (one bounded batch)."""
+        ...
+
+    async def publish_signal(self, study_id: str, payload: bytes) -> int:
+        """Publish `payload` (a signal's envelope) on the study's channel, never storing it;
+        returns how many subscriptions (nodes) received it."""
         ...
 
 

@@ -372,6 +372,50 @@ def test_invalid_max_clock_skew_names_its_variable(
     assert "PRESENCE_MAX_CLOCK_SKEW" in str(caught.value)
 
 
+# --- signals ----------------------------------------------------------------------------------
+
+
+def test_signal_settings_default_and_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = load_settings()
+    assert (default.signal_rate, default.signal_burst, default.signal_max_bytes) == (10, 20, 1024)
+    monkeypatch.setenv("PRESENCE_SIGNAL_RATE", "2.5")
+    monkeypatch.setenv("PRESENCE_SIGNAL_BURST", "4")
+    monkeypatch.setenv("PRESENCE_SIGNAL_MAX_BYTES", "4096")
+    read = load_settings()
+    assert (read.signal_rate, read.signal_burst, read.signal_max_bytes) == (2.5, 4, 4096)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PRESENCE_SIGNAL_RATE", "0"),
+        ("PRESENCE_SIGNAL_RATE", "-1"),
+        ("PRESENCE_SIGNAL_RATE", "1001"),
+        ("PRESENCE_SIGNAL_RATE", "often"),
+        ("PRESENCE_SIGNAL_BURST", "0"),
+        ("PRESENCE_SIGNAL_BURST", "1.5"),
+        ("PRESENCE_SIGNAL_MAX_BYTES", "1"),
+        ("PRESENCE_SIGNAL_MAX_BYTES", "65537"),
+    ],
+)
+def test_invalid_signal_setting_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert name in str(caught.value)
+
+
+def test_the_signal_size_limit_must_fit_in_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRESENCE_WS_MAX_MESSAGE_SIZE", "2048")
+    monkeypatch.setenv("PRESENCE_SIGNAL_MAX_BYTES", "2048")
+    assert load_settings().signal_max_bytes == 2048
+    monkeypatch.setenv("PRESENCE_SIGNAL_MAX_BYTES", "2049")
+    with pytest.raises(SettingsError, match=r"PRESENCE_SIGNAL_MAX_BYTES \(2049\) must not exceed"):
+        load_settings()
+
+
 # --- Redis Sentinel ---------------------------------------------------------------------------
 
 

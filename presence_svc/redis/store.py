@@ -352,6 +352,14 @@ class RedisStore:
         self.events_published += report.events
         return report
 
+    @reachable
+    async def publish_signal(self, study_id: str, payload: bytes) -> int:
+        """PUBLISH (SPUBLISH on a cluster) a signal's envelope on the study's channel; writes
+        no key and raises no seq. Returns how many subscriptions received it."""
+        channel = self._keys.channel(study_id)
+        [receivers] = await self._batch.run([(self._publish, channel, payload)])
+        return int(receivers)
+
 
 if TYPE_CHECKING:
     # Static proof that RedisStore keeps both contracts of store.py (mypy checks the

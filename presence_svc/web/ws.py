@@ -36,6 +36,7 @@ from presence_svc.models import (
     ClientMessage,
     HeartbeatMessage,
     RefreshMessage,
+    SignalMessage,
     compact_heartbeat,
     iso_from_ms,
 )
@@ -44,6 +45,7 @@ from presence_svc.store import StoreUnavailable
 from presence_svc.web.errors import validation_problems
 from presence_svc.web.ws_connection import Connection, Disconnected, error_message
 from presence_svc.web.ws_heartbeats import Heartbeats
+from presence_svc.web.ws_signals import Signals, count_invalid
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,7 @@ async def _read(
     study_id: str,
 ) -> None:
     beats: Heartbeats | None = None  # made at the first heartbeat: idle sockets hold none
+    signals: Signals | None = None  # made at the first signal
     budget = TokenBucket(node.settings.ws_message_rate, node.settings.ws_message_burst)
     try:
         while True:
@@ -245,12 +248,18 @@ async def _read(
                     message = _MESSAGES.validate_json(text)
                 except ValidationError as exc:
                     problems = validation_problems(exc)
+                    count_invalid(node.metrics, problems)
                     conn.deliver(
                         error_message("invalid_message", "message not understood", problems)
                     )
                     continue
                 if isinstance(message, RefreshMessage):
                     conn.deliver(_refresh(node, expiry, principal, message.token, study_id))
+                    continue
+                if isinstance(message, SignalMessage):
+                    if signals is None:
+                        signals = Signals(node, conn, connection_id, principal.user_id, study_id)
+                    signals.offer(message.name, message.data)
                     continue
                 if not isinstance(message, HeartbeatMessage):
                     conn.deliver(_pong(node.clock))
@@ -265,6 +274,8 @@ async def _read(
             if full is not None:
                 await full
     finally:
+        if signals is not None:
+            await signals.close()
         # A heartbeat landing after the release would hold the session for a closed socket.
         idle = beats.idle() if beats is not None else None
         if idle is not None:
