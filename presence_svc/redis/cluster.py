@@ -69,6 +69,9 @@ def node_client(node: ClusterNode, *, reconnect: bool = True) -> Redis:
         # Maintenance notifications are RESP3 pushes: redis-py refuses them on RESP2.
         kwargs.pop("maint_notifications_config", None)
         kwargs.pop("oss_cluster_maint_notifications_handler", None)
+        # The links ping by themselves; redis-py's health check would read a reply on the
+        # connection that pubsub.py reads raw (hiredis_pubsub.py), racing its reader.
+        kwargs["health_check_interval"] = 0
     pool = ConnectionPool(connection_class=node.connection_class, **kwargs)
     return Redis.from_pool(pool)
 

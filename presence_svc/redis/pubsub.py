@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from presence_svc.fanout import Inbox
+from presence_svc.redis.hiredis_pubsub import PubSubReplies
 from presence_svc.redis.links import Links
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _CONFIRMS = frozenset({"subscribe", "ssubscribe"})
 _MESSAGES = frozenset({"message", "smessage"})
+_RAW_MESSAGES = frozenset({b"message", b"smessage"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +233,9 @@ class PubSubLinks:
                 await link.wakeup.wait()
                 last_heard = time.monotonic()
                 continue
+            raw = PubSubReplies.of(pubsub.connection)
+            if raw is not None:
+                await self._read_raw(link, raw)  # returns only by raising
             message = await pubsub.get_message(timeout=tuning.poll)
             now = time.monotonic()
             if message is not None:
@@ -240,6 +245,49 @@ class PubSubLinks:
             elif now - last_heard > tuning.dead_after:
                 raise ConnectionError(f"no answer on pub/sub for {tuning.dead_after:g}s")
             elif now - last_heard > tuning.ping_after and not pinged:
+                await pubsub.ping()
+                pinged = True
+
+    async def _read_raw(self, link: _Link, raw: PubSubReplies) -> None:
+        """`_read` on a real connection: every reply buffered per wake-up, messages handed on
+        without redis-py's per-message machinery (hiredis_pubsub.py)."""
+        tuning = self._tuning
+        pubsub = link.pubsub
+        routes = self._routes
+        on_message = self._inbox.on_message
+        clock = time.monotonic
+        last_heard = clock()
+        pinged = False
+        while True:
+            # One timer per poll period rather than one per read: when it fires the silence
+            # is judged as in `_read`, then reading goes on.
+            try:
+                async with asyncio.timeout(tuning.poll) as window:
+                    while True:
+                        replies = await raw.read()
+                        last_heard, pinged = clock(), False
+                        link.connected = True
+                        for reply in replies:
+                            if type(reply) is list and reply[0] in _RAW_MESSAGES:
+                                channel = reply[1].decode()
+                                route = routes.get(channel)
+                                if route is not None and route.link is link:
+                                    on_message(channel, reply[2])
+                            elif isinstance(reply, Exception):
+                                raise reply  # as get_message raises an error reply
+                            else:
+                                # Confirmations, unsubscribes, pongs: through redis-py, which
+                                # also forgets what was unsubscribed.
+                                message = await pubsub.handle_message(reply)
+                                if message is not None:
+                                    self._handle(link, message)
+            except TimeoutError:
+                if not window.expired():
+                    raise
+            now = clock()
+            if now - last_heard > tuning.dead_after:
+                raise ConnectionError(f"no answer on pub/sub for {tuning.dead_after:g}s")
+            if now - last_heard > tuning.ping_after and not pinged:
                 await pubsub.ping()
                 pinged = True
 

@@ -22,6 +22,8 @@ from presence_svc.fanout import Fanout
 from presence_svc.models import CursorUpdate
 from presence_svc.publisher import AsyncStudyEventPublisher
 from presence_svc.redis.client import RedisClients
+from presence_svc.redis.cluster import ClusterLinks
+from presence_svc.redis.hiredis_pubsub import why_not_raw
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.store import RedisStore
 from presence_svc.store import StoreUnavailable
@@ -309,6 +311,25 @@ async def test_store_and_fan_out_follow_a_failover_to_the_replica(
         await recorder.wait_for(seen + 1, within=WAIT)
         assert '"user_id":"carol"' in recorder.events[-1].text
         assert "presence.snapshot" in recorder.types()
+
+
+async def test_the_links_are_read_raw_whatever_the_cluster_client_checks(
+    cluster_url: str, key_prefix: str
+) -> None:
+    """The node's cluster client has health checks (redis/client.py); its pub/sub links must
+    not, or they would be read through redis-py's get_message (hiredis_pubsub.py)."""
+    client = RedisCluster.from_url(cluster_url, health_check_interval=15)
+    links = ClusterLinks(client)
+    try:
+        await client.initialize()
+        channel = Keys(key_prefix).channel("s1")
+        pubsub = links.open(links.shard_of(channel))
+        await pubsub.ssubscribe(channel)
+        assert why_not_raw(pubsub.connection) is None
+        await pubsub.aclose()
+    finally:
+        await links.aclose()
+        await client.aclose()
 
 
 def test_a_cluster_that_fails_to_form_leaves_no_server_behind(

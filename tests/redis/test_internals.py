@@ -1,9 +1,9 @@
-"""The redis-py and hiredis internals hiredis_replies.py reads replies through, still there.
+"""The redis-py and hiredis internals hiredis_replies.py and hiredis_pubsub.py read through.
 
-batch.py falls back to `read_response` wherever a connection cannot be read raw, so a
-redis-py release that renamed an internal would not fail a single behaviour test: heartbeats
-would silently cost what they did before the raw reader (docs/performance.md). These tests
-fail instead, naming what changed.
+batch.py falls back to `read_response` wherever a connection cannot be read raw, and
+pubsub.py to `PubSub.get_message`, so a redis-py release that renamed an internal would not
+fail a single behaviour test: heartbeats and received events would silently cost what they did
+before the raw readers (docs/performance.md). These tests fail instead, naming what changed.
 """
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ import hiredis
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from presence_svc.redis import hiredis_replies
+from presence_svc.redis.hiredis_pubsub import PubSubReplies, why_not_raw
 from presence_svc.redis.hiredis_replies import RawReplies, unusable
 
 VERSIONS = f"redis-py {redis.__version__}, hiredis {hiredis.__version__}"
@@ -137,3 +141,116 @@ async def test_fakeredis_is_read_through_read_response() -> None:
 async def test_a_stream_alone_is_not_enough() -> None:
     bare = type("Bare", (), {"_reader": asyncio.StreamReader()})()
     assert unusable(bare) == "connection._parser (NoneType) has no parse_error"
+
+
+# --- hiredis_pubsub.py: the links' raw reads ---------------------------------------------------
+
+RECHECK_PUBSUB = "recheck presence_svc/redis/hiredis_pubsub.py against"
+
+
+def links_client(url: str, **options: Any) -> Any:
+    """Built like redis/client.py's pub/sub client (RESP2, no retries)."""
+    return aioredis.Redis.from_url(
+        url, protocol=2, socket_keepalive=True, retry=Retry(NoBackoff(), 0), **options
+    )
+
+
+async def replies_until(raw: PubSubReplies, count: int) -> list[Any]:
+    replies: list[Any] = []
+    while len(replies) < count:
+        replies += await asyncio.wait_for(raw.read(), 5)
+    return replies
+
+
+async def test_a_links_pubsub_connection_is_read_raw(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    client = links_client(cleanup_real_redis)
+    publisher: Any = aioredis.Redis.from_url(cleanup_real_redis)
+    pubsub = client.pubsub()
+    channel = f"{key_prefix}:ch"
+    try:
+        await pubsub.subscribe(channel)
+        reason = why_not_raw(pubsub.connection)
+        assert reason is None, f"{VERSIONS}: {reason}; links read slowly now: {RECHECK_PUBSUB} it"
+        raw = PubSubReplies.of(pubsub.connection)
+        assert raw is not None
+        assert await replies_until(raw, 1) == [[b"subscribe", channel.encode(), 1]]
+
+        pipe = publisher.pipeline(transaction=False)
+        for n in range(50):
+            pipe.publish(channel, b"\x00payload %d" % n)
+        assert await pipe.execute() == [1] * 50
+        messages = await replies_until(raw, 50)
+        assert messages == [
+            [b"message", channel.encode(), b"\x00payload %d" % n] for n in range(50)
+        ]
+
+        await pubsub.ping()
+        assert await replies_until(raw, 1) == [[b"pong", b""]]
+        await pubsub.execute_command("GET", "x")  # refused while subscribed on RESP2
+        [refused] = await replies_until(raw, 1)
+        assert type(refused) is ResponseError, f"{VERSIONS}: parse_error gave {refused!r}"
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+        await publisher.aclose()
+
+
+async def test_a_pubsub_connection_redis_py_reconnects_ends_its_raw_reader(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    """The links notice redis-py's own reconnects (which resubscribe nothing) as a lost link:
+    the stream they read ends."""
+    client = links_client(cleanup_real_redis)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(f"{key_prefix}:ch")
+        raw = PubSubReplies.of(pubsub.connection)
+        assert raw is not None, f"{VERSIONS}: {why_not_raw(pubsub.connection)}"
+        await replies_until(raw, 1)
+        await pubsub.connection.disconnect()
+        await pubsub.connection.connect()
+        with pytest.raises(RedisConnectionError):
+            await replies_until(raw, 1)
+        assert raw.stream is not pubsub.connection._reader, f"{VERSIONS}: the stream outlived it"
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+async def test_other_pubsub_connections_are_read_through_get_message(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    resp3: Any = aioredis.Redis.from_url(cleanup_real_redis, protocol=3)
+    decoding = links_client(cleanup_real_redis, decode_responses=True)
+    fake: Any = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    try:
+        reasons = []
+        for client in (resp3, decoding, fake):
+            pubsub = client.pubsub()
+            await pubsub.subscribe(f"{key_prefix}:ch")
+            reasons.append(why_not_raw(pubsub.connection))
+            assert PubSubReplies.of(pubsub.connection) is None
+            await pubsub.aclose()
+        assert reasons[0] == "connection.protocol is 3, not 2"
+        assert reasons[1] == "connection.encoder decodes replies"
+        assert reasons[2] is not None
+    finally:
+        for client in (resp3, decoding, fake):
+            await client.aclose()
+
+
+async def test_a_reply_cut_across_reads_waits_for_its_rest() -> None:
+    stream = asyncio.StreamReader()
+    parser = type("Parser", (), {"parse_error": staticmethod(ResponseError)})()
+    raw = PubSubReplies(type("Connection", (), {"_reader": stream, "_parser": parser})())
+    stream.feed_data(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\nab")
+    assert await raw.read() == []
+    stream.feed_data(b"c\r\n*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nd\r\n-ERR no\r\n")
+    first, second, error = await raw.read()
+    assert (first, second) == ([b"message", b"ch", b"abc"], [b"message", b"ch", b"d"])
+    assert type(error) is ResponseError
+    stream.feed_eof()
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await raw.read()

@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 
 from presence_svc.codec import Outgoing, encode_envelope, json_text
 from presence_svc.fanout import Fanout
+from presence_svc.redis.hiredis_pubsub import PubSubReplies
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.links import SingleLinks
 from presence_svc.redis.pubsub import LinkTuning, PubSubLinks
@@ -55,7 +56,8 @@ class Harness:
         self.floor = 100
         # Runs between reading a snapshot and handing it out (to race an event with it).
         self.after_read: Callable[[str], Awaitable[None]] | None = None
-        links = SingleLinks(fanout_client)
+        self.links = KeptLinks(fanout_client)
+        links = self.links
         self.fanout = Fanout(
             lambda inbox: PubSubLinks(links, inbox, tuning), keys.channel, self.resync
         )
@@ -107,28 +109,43 @@ class RealSetup:
     name: str
 
 
-def pubsub_client(url: str, name: str) -> Any:
-    """Built like redis/client.py's pub/sub client: no silent reconnects inside redis-py."""
+def pubsub_client(url: str, name: str, protocol: int = 2) -> Any:
+    """Built like redis/client.py's pub/sub client: no silent reconnects inside redis-py, and
+    RESP2, whose links are read raw (hiredis_pubsub.py); RESP3 ones through get_message."""
     return aioredis.Redis.from_url(
         url,
         client_name=name,
+        protocol=protocol,
         socket_connect_timeout=2,
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
     )
 
 
+# Each real-Redis test runs on both ways a link reads: raw (RESP2, as the node's links) and
+# through redis-py's PubSub.get_message (the fallback, here on RESP3): the `protocol` fixture.
+
+
 OpenReal = Callable[[LinkTuning | None], Awaitable[RealSetup]]
 
 
+@pytest.fixture(params=[2, 3], ids=["raw", "get_message"])
+def protocol(request: pytest.FixtureRequest) -> int:
+    """The links' RESP version: 2 is read raw (hiredis_pubsub.py), 3 through get_message."""
+    value: int = request.param
+    return value
+
+
 @pytest.fixture
-async def open_real(cleanup_real_redis: str, key_prefix: str) -> AsyncIterator[OpenReal]:
+async def open_real(
+    cleanup_real_redis: str, key_prefix: str, protocol: int
+) -> AsyncIterator[OpenReal]:
     """Opens running fan-outs on the real Redis (closed after the test), each tuned as asked."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def open_one(tuning: LinkTuning | None) -> RealSetup:
             name = f"fanout-{uuid.uuid4().hex[:12]}"
-            fanout_client = pubsub_client(cleanup_real_redis, name)
+            fanout_client = pubsub_client(cleanup_real_redis, name, protocol)
             stack.push_async_callback(fanout_client.aclose)
             admin = aioredis.Redis.from_url(cleanup_real_redis)
             stack.push_async_callback(admin.aclose)
@@ -354,7 +371,7 @@ class FreezingProxy:
 
 
 async def test_silent_pubsub_connection_is_replaced_after_unanswered_pings(
-    cleanup_real_redis: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+    cleanup_real_redis: str, key_prefix: str, protocol: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
     admin = aioredis.Redis.from_url(cleanup_real_redis)
@@ -367,6 +384,7 @@ async def test_silent_pubsub_connection_is_replaced_after_unanswered_pings(
     fanout_client = aioredis.Redis(
         host="127.0.0.1",
         port=proxy.port,
+        protocol=protocol,
         socket_connect_timeout=2,
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
@@ -509,12 +527,12 @@ class KeptLinks(SingleLinks):
 
 
 async def test_redis_py_reconnecting_a_link_resubscribes_nothing(
-    cleanup_real_redis: str, key_prefix: str
+    cleanup_real_redis: str, key_prefix: str, protocol: int
 ) -> None:
     """redis-py reconnects a failed pub/sub connection itself; its channels stay unsubscribed
     (the links replace the connection and resubscribe, knowing that events were lost)."""
     name = f"pubsub-{uuid.uuid4().hex[:12]}"
-    client = pubsub_client(cleanup_real_redis, name)
+    client = pubsub_client(cleanup_real_redis, name, protocol)
     admin = aioredis.Redis.from_url(cleanup_real_redis)
     links = KeptLinks(client)
     inbox = Inbox([], [])
@@ -538,3 +556,95 @@ async def test_redis_py_reconnecting_a_link_resubscribes_nothing(
         await pubsub_links.close()
         await client.aclose()
         await admin.aclose()
+
+
+# --- many replies per read ---------------------------------------------------------------------
+
+
+async def test_a_burst_read_at_once_reaches_each_subscriber_once_in_order(
+    real: RealSetup, protocol: int
+) -> None:
+    """Hundreds of events on one connection arrive in few reads (raw: every reply of a read
+    at once): each subscriber gets each of its study's events once, in order."""
+    h = real.harness
+    recorders = {study: Recorder() for study in ("s1", "s2", "s3")}
+    for study, rec in recorders.items():
+        await h.fanout.add(study, rec)
+    [pubsub] = h.links.opened
+    assert (PubSubReplies.of(pubsub.connection) is not None) == (protocol == 2)
+    pipe = real.admin.pipeline(transaction=False)
+    for seq in range(1, 201):
+        for study in recorders:
+            data = {"user_id": "u1", "study_id": study, "status": "active", "seq": seq}
+            pipe.publish(h.keys.channel(study), encode_envelope("presence.cursor_moved", data))
+    assert await pipe.execute() == [1] * 600
+    for rec in recorders.values():
+        await rec.wait_for(200)
+    for rec in recorders.values():
+        assert rec.seqs() == list(range(1, 201))
+    assert h.fanout.dropped_messages == 0
+    assert h.fanout.reconnects == 0
+
+
+async def test_unsubscribed_channels_leave_nothing_in_redis_py(
+    cleanup_real_redis: str, key_prefix: str, protocol: int
+) -> None:
+    """The raw reads hand confirmations to redis-py's handle_message, which forgets what was
+    unsubscribed: a link that has carried many studies keeps none of them."""
+    client = pubsub_client(cleanup_real_redis, f"pubsub-{uuid.uuid4().hex[:12]}", protocol)
+    admin = aioredis.Redis.from_url(cleanup_real_redis)
+    links = KeptLinks(client)
+    inbox = Inbox([], [])
+    pubsub_links = PubSubLinks(links, inbox)
+    reading = asyncio.create_task(pubsub_links.run())
+    keys = Keys(key_prefix)
+    try:
+        for round_ in range(3):
+            channels = [keys.channel(f"s{round_}-{i}") for i in range(20)]
+            for channel in channels:
+                await pubsub_links.subscribe(channel)
+            last = channels[-1]
+            assert await admin.publish(last, b"x") == 1
+            await eventually_async(
+                lambda last=last: (last, b"x") in inbox.messages,
+                WAIT,
+                "the event arrives",
+            )
+            for channel in channels:
+                await pubsub_links.unsubscribe(channel)
+        [pubsub] = links.opened
+
+        def forgotten() -> bool:
+            return not pubsub.channels and not pubsub.pending_unsubscribe_channels
+
+        await eventually_async(forgotten, WAIT, "redis-py forgets the unsubscribed channels")
+        assert pubsub_links.reconnects == 0
+        assert len(inbox.messages) == 3
+    finally:
+        await stop(reading)
+        await pubsub_links.close()
+        await client.aclose()
+        await admin.aclose()
+
+
+async def test_an_error_reply_on_a_raw_link_replaces_it(
+    open_real: OpenReal, protocol: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error reply fails the link as it fails get_message: replaced, resubscribed, resynced."""
+    if protocol != 2:
+        pytest.skip("RESP3 allows any command while subscribed: no error reply to provoke")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    real = await open_real(None)
+    h = real.harness
+    a = Recorder()
+    await h.fanout.add("s1", a)
+    [pubsub] = h.links.opened
+    started = time.time()
+    await pubsub.execute_command("GET", "x")  # refused in subscribed mode on RESP2
+    [snapshot] = await a.wait_for(1)
+    assert snapshot.floor is not None
+    assert lost_at(caplog, started) >= started
+    assert h.fanout.reconnects == 1
+    assert await h.event("s1", 1) == 1
+    await a.wait_for(2)
+    assert a.seqs() == [1]
