@@ -410,7 +410,9 @@ def test_envelopes_round_trip(event_type: str, data: dict[str, Any], ts: int) ->
     out = decode_envelope(encode_envelope(event_type, data, ts))
     assert json.loads(out.text) == {"type": event_type, "data": data}
     seq = data.get("seq")
-    presence = event_type.startswith("presence.") and isinstance(seq, int)
+    # A bool is an int to Python, but true or false is no seq.
+    is_seq = isinstance(seq, int) and not isinstance(seq, bool)
+    presence = event_type.startswith("presence.") and is_seq
     assert out.seq == (seq if presence else None)
     assert out.floor is None
 
