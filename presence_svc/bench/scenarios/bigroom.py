@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
+import os
 import secrets
 import time
 from collections import Counter
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -43,6 +46,7 @@ CORE_LIMIT = 1.0  # cores per node, batching on
 STALENESS_LIMIT_MS = 250.0  # p99, batching on
 THRESHOLDS = Thresholds(30.0, 300.0, 600.0)  # the service's defaults
 TIMEOUT = 180.0  # seconds any one worker command may take
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _all(ctx: Context, op: str, watchers: dict[str, Any], members: dict[str, Any]) -> list[Any]:
@@ -161,6 +165,8 @@ def _room(
 
     # The measured window: counters afresh, the processes' CPU, the members moving.
     forgotten = _all(ctx, "forget", {"group": "watchers"}, {"group": "members"})
+    local = {f"node-{i}": n.pid for i, n in enumerate(nodes) if n.pid is not None}
+    contention = _Contention(local).start()
     window = CpuWindow(_pids(ctx, nodes)).start()
     moved = _members(
         ctx,
@@ -176,6 +182,7 @@ def _room(
         connect_timeout=30.0,
     )
     window.stop()
+    contended = contention.stop()
     marked = _all(ctx, "mark", {"group": "watchers"}, {"group": "members"})
     finished = _members(ctx, "finish", wait=p.settle)
     # What every watcher must end with: the sessions as Redis holds them after the last pong
@@ -211,6 +218,7 @@ def _room(
         replies[: ctx.clients],
         replies[ctx.clients],
         counted_s=(max(ends) - min(starts)) / 1e9,
+        contended=contended,
         setup={
             "open_s": round(open_s, 2),
             "without_snapshot": sum(r["without_snapshot"] for r in snapshots),
@@ -218,6 +226,48 @@ def _room(
             "holding_joins": sum(r["holding"] for r in held[: ctx.clients]),
         },
     )
+
+
+class _Contention:
+    """What else held the machine's cores over a window: every core's busy time (/proc/stat:
+    user, nice, system, irq, softirq), the hypervisor's steal, and how long each node was
+    runnable but waiting for a core (/proc/<pid>/task/*/schedstat, second field). On a machine
+    shared with other work, a slow figure with a long wait is the machine's, not the node's."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._t0 = 0.0
+        self._start: tuple[float, float, dict[str, float]] = (0.0, 0.0, {})
+
+    @staticmethod
+    def _read(pids: dict[str, int]) -> tuple[float, float, dict[str, float]]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+        steal = fields[7] if len(fields) > 7 else 0
+        waits: dict[str, float] = {}
+        for name, pid in pids.items():
+            total = 0
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    with contextlib.suppress(OSError, IndexError, ValueError):
+                        total += int((task / "schedstat").read_text().split()[1])
+            waits[name] = total / 1e9
+        return busy / _CLK_TCK, steal / _CLK_TCK, waits
+
+    def start(self) -> _Contention:
+        self._t0 = time.perf_counter()
+        self._start = self._read(self._pids)
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        busy, steal, waits = self._read(self._pids)
+        wall = time.perf_counter() - self._t0
+        busy0, steal0, waits0 = self._start
+        return {
+            "machine_busy_cores": round((busy - busy0) / wall, 3),
+            "steal_cores": round((steal - steal0) / wall, 3),
+            "node_wait_cores": [round((waits[n] - waits0[n]) / wall, 3) for n in self._pids],
+        }
 
 
 def _pids(ctx: Context, nodes: list[Endpoint]) -> dict[str, int | None]:
@@ -239,6 +289,7 @@ def _row(
     members: dict[str, Any],
     *,
     counted_s: float,
+    contended: dict[str, Any],
     setup: dict[str, Any],
 ) -> dict[str, Any]:
     """What one run measured, in the order of the table's columns."""
@@ -276,6 +327,8 @@ def _row(
         "node_cores": node_cores,
         "redis_cores": report.cores(window.cpu.get("redis"), window.wall),
         "clients_cores": round(clients_cpu / window.wall, 3),
+        # Every process of the machine, ours included; the nodes' time waiting for a core.
+        **contended,
         "staleness_ms": report.percentiles_ms(stale),
         "staleness_samples": len(stale),
         "unheld": total("unheld"),
@@ -443,6 +496,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
         "settle s",
         "redis CPU",
         "clients CPU",
+        "node wait",
+        "machine busy",
     ]
     table_rows = [
         [
@@ -462,6 +517,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
             r["settle_s"],
             r["redis_cores"],
             r["clients_cores"],
+            " / ".join(report.fmt(w) for w in r["node_wait_cores"]) or "-",
+            r["machine_busy_cores"],
         ]
         for r in rows
     ]
@@ -473,7 +530,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
             "never held; resyncs: snapshots after the first (the node lost its pub/sub link); "
             "final cursors: (watcher, member) pairs holding the member's last move; settle: "
             "seconds after the last move until they did; closed: watchers the node closed "
-            "(count x code)",
+            "(count x code); node wait: cores' worth of time each node was ready to run but "
+            "waited for a core; machine busy: cores in use by every process of the machine "
+            "(ours included) over the window",
         ]
     )
 
