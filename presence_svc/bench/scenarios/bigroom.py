@@ -344,7 +344,7 @@ def _row(
         "left_still_held": total("left_still_held"),
         "watchers_open": total("open"),
         "watchers_closed": {str(k): v for k, v in sorted(closes.items(), key=str)},
-        "members_closed": dict(members["close_codes"]),
+        "members_closed": {str(k): v for k, v in members["close_codes"].items()},
         "members_unknown": finished["unknown"],
         "settle_s": round(max(r["settle_s"] for r in watchers), 2),
         "churn": {
@@ -463,9 +463,12 @@ def _cores(row: dict[str, Any]) -> str:
     return " / ".join(report.fmt(c) for c in row["node_cores"])
 
 
+def _codes(codes: dict[str, int]) -> str:
+    return ", ".join(f"{n} x {code}" for code, n in sorted(codes.items())) if codes else "0"
+
+
 def _closed(row: dict[str, Any]) -> str:
-    codes = row["watchers_closed"]
-    return ", ".join(f"{n} x {code}" for code, n in codes.items()) if codes else "0"
+    return _codes(row["watchers_closed"])
 
 
 def _reached(row: dict[str, Any]) -> str:
@@ -576,7 +579,8 @@ def _breaks(on: dict[str, Any], off: dict[str, Any]) -> str:
         f"ms (with batching: {report.fmt(stale_on['p50'])} ms, {report.fmt(stale_on['p99'])} ms)",
         f"{both('unheld')} heartbeats never held by a sampled watcher",
         f"{closed:,} of {off['watchers']:,} watchers closed by the node ({_closed(off)}); "
-        f"{both('resyncs')} resync snapshots",
+        f"members' sockets closed by it: {_codes(off['members_closed'])} (with batching: "
+        f"{_codes(on['members_closed'])}); {both('resyncs')} resync snapshots",
         f"{both('heartbeat_errors')} heartbeats answered with an error; {both('moves_per_s')} "
         "moves/s sent",
         f"final cursors {_reached(off)} (with batching: {_reached(on)}), settled after "
