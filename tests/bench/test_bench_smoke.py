@@ -96,6 +96,7 @@ def test_smoke_profile_writes_results(real_redis_url: str, tmp_path: Path) -> No
 
     idle = _load(folder, "idle")
     assert [r["sockets"] for r in idle["rows"] if r["server"] == "node"] == [20, 40]
+    assert [r["sockets"] for r in idle["rows"] if r["server"] == "raw ASGI"] == [20, 40]
     assert all(r["failed"] == 0 and r["rss_per_socket_kib"] is not None for r in idle["rows"])
 
     sweep = _load(folder, "sweep")

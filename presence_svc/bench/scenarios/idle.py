@@ -3,7 +3,8 @@
 Sockets are opened in steps up to each level (1k, 5k, 10k in the full profile) and kept open;
 after each step and a short settle the node's VmRSS is read. Per socket = (RSS now - RSS before
 the first socket) / sockets. The same ramp on the bare Starlette server shows what uvicorn and
-Starlette alone cost per socket.
+Starlette alone cost per socket, and on a raw ASGI app on uvicorn with the node's protocol
+settings (bench/floor.py) what uvicorn and websockets alone cost: the floor of this server.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from presence_svc.bench import report
+from presence_svc.bench import floor, report
 from presence_svc.bench.harness import Context
 from presence_svc.bench.runner import Endpoint, cpu_seconds, rss_bytes
 from presence_svc.bench.scenarios.sockets import Layout, close_groups, open_group
@@ -106,6 +107,8 @@ def run(ctx: Context) -> dict[str, Any]:
     if p.baseline:
         with ctx.baselines(1) as bases:
             rows += _ramp(ctx, bases[0], "baseline")
+        with floor.running(ctx.folder / "logs") as raw:
+            rows += _ramp(ctx, raw, "raw ASGI")
     ctx.emit(_table(rows))
     node_rows = [r for r in rows if r["server"] == "node"]
     judged = node_rows[-1] if node_rows else None
@@ -123,7 +126,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
 def _target(kib_per_socket: float | None, note: str) -> report.Target:
     return report.check(
-        "RSS per idle WebSocket", "<= 30 KiB at 10k sockets", kib_per_socket, "KiB", 30, False, note
+        "RSS per idle WebSocket", "<= 22 KiB at 10k sockets", kib_per_socket, "KiB", 22, False, note
     )
 
 
@@ -159,7 +162,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def _plot(ctx: Context, rows: list[dict[str, Any]]) -> Path | None:
     series = {
         k: [(r["sockets"], r["rss_per_socket_kib"]) for r in rows if r["server"] == k]
-        for k in ("node", "baseline")
+        for k in ("node", "baseline", "raw ASGI")
     }
     return report.plot_lines(
         ctx.folder / "idle-rss.png",
