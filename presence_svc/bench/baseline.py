@@ -5,6 +5,11 @@ No Redis, no queues, no auth: `/viewer?study_id=S` sockets register under S; eve
 the same uvicorn settings as a node (`presence-svc serve`), so the difference in CPU per
 delivery between the two is what the service adds on top of Starlette and uvicorn.
 
+It also answers `POST /presence/heartbeat` as the REST ceiling: the request body parsed as
+JSON (Starlette's `Request.json`) and a JSON object of a session's size and shape sent back
+(`JSONResponse`), with no token check, validation or Redis, so the same client and request
+bytes measure what a node adds per REST heartbeat.
+
     python -m presence_svc.bench.baseline --port 9000
 """
 
@@ -16,7 +21,7 @@ import sys
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -58,9 +63,27 @@ async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
+async def heartbeat(request: Request) -> Response:
+    body = await request.json()
+    # A node's answer: the session, 8 fields, about 230 bytes.
+    return JSONResponse(
+        {
+            "session_id": "0" * 32,
+            "user_id": "bench-h0",
+            "study_id": body["study_id"],
+            "chapter_id": None,
+            "move_path": None,
+            "status": "active",
+            "last_heartbeat": "2026-01-01T00:00:00.000Z",
+            "joined_at": "2026-01-01T00:00:00.000Z",
+        }
+    )
+
+
 app = Starlette(
     routes=[
         Route("/healthz", healthz),
+        Route("/presence/heartbeat", heartbeat, methods=["POST"]),
         WebSocketRoute("/viewer", viewer),
         WebSocketRoute("/publish", publish),
     ]

@@ -37,6 +37,12 @@ class HeartbeatProfile:
     seconds: float
     floor_seconds: float
     floor_batch: int = 200
+    # REST at a moderate fixed rate (heartbeats_rest.py): the node against the bare baseline's
+    # JSON endpoint, the same client and requests, `moderate_rounds` times each, alternating.
+    moderate_rate: float = 400.0  # requests/s offered, over all client processes
+    moderate_connections: int = 8
+    moderate_seconds: float = 8.0
+    moderate_rounds: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +109,8 @@ PROFILES: dict[str, Profile] = {
             studies=16,
             seconds=5,
             floor_seconds=4,
+            moderate_seconds=4,
+            moderate_rounds=1,
         ),
         idle=IdleProfile(sockets=(1_000, 5_000), viewers_per_study=10, settle=1.0),
         sweep=SweepProfile(
@@ -182,6 +190,10 @@ PROFILES: dict[str, Profile] = {
             seconds=1,
             floor_seconds=0.5,
             floor_batch=20,
+            moderate_rate=100.0,
+            moderate_connections=2,
+            moderate_seconds=0.5,
+            moderate_rounds=1,
         ),
         idle=IdleProfile(sockets=(20, 40), viewers_per_study=5, settle=0.2),
         sweep=SweepProfile(

@@ -1,8 +1,8 @@
 """Client worker processes: each runs one event loop (uvloop if present) with many sockets.
 
 The harness sends commands over a pipe (`open`, `fanout_reset`, `fanout_collect`,
-`ws_heartbeats`, `rest_heartbeats`, `redis_floor`, `publish`, `close`, `quit`, and `bigroom`,
-whose steps scenarios/bigroom_clients.py holds) and gets back
+`ws_heartbeats`, `rest_heartbeats`, `rest_paced`, `redis_floor`, `publish`, `close`, `quit`,
+and `bigroom`, whose steps scenarios/bigroom_clients.py holds) and gets back
 `("ok", result)` or `("error", traceback)`. Commands run one at a time; sockets keep being
 served by the loop in between. A worker exits by itself after `lifetime` seconds or when the
 harness goes away (the pipe closes).
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
+import contextlib
 import functools
 import os
 import re
@@ -28,6 +30,7 @@ from presence_svc.bench.scenarios import bigroom_clients
 from presence_svc.bench.wsclient import (
     OP_TEXT,
     HttpLoop,
+    HttpPaced,
     WsClient,
     frame,
     open_ws,
@@ -241,6 +244,63 @@ async def _rest_heartbeats(
     }
 
 
+async def _rest_paced(
+    host: str, port: int, secret: str, users: list[list[str]], rate: float, duration: float
+) -> dict[str, Any]:
+    """The REST heartbeat request at `rate` requests/s for `duration` s, paced by the clock,
+    each on the next idle one of the keep-alive connections (one per user, one request in
+    flight each). The same bytes whatever the server is (a node, or the bare baseline)."""
+    loop = asyncio.get_running_loop()
+    idle: collections.deque[HttpPaced] = collections.deque()
+    freed: list[asyncio.Future[None]] = []
+
+    def on_idle(conn: HttpPaced) -> None:
+        idle.append(conn)
+        if freed and not freed[0].done():
+            freed[0].set_result(None)
+
+    conns: list[HttpPaced] = []
+    for user_id, study_id in users:
+        body = json_text({"study_id": study_id}).encode()
+        token = issue_token(user_id, secret, 3600, studies="*")
+        request = post_request(host, port, "/presence/heartbeat", token, body)
+        _, proto = await loop.create_connection(
+            functools.partial(HttpPaced, request, on_idle), host, port
+        )
+        conns.append(proto)
+    total, waited = max(1, round(rate * duration)), 0
+    started = time.perf_counter()
+    for i in range(total):
+        lag = time.perf_counter() - (started + i / rate)
+        if lag < 0:
+            await asyncio.sleep(-lag)
+        if not idle:  # every connection awaits an answer: the server is behind the rate
+            waited += 1
+            while not idle:
+                freed[:] = [loop.create_future()]
+                await asyncio.wait_for(freed[0], 10)
+        idle.popleft().send()
+    with contextlib.suppress(TimeoutError):  # the last answers; one that never comes is lost
+        async with asyncio.timeout(10):
+            while len(idle) < len(conns):
+                freed[:] = [loop.create_future()]
+                await freed[0]
+    elapsed = time.perf_counter() - started
+    statuses: dict[int, int] = {}
+    for proto in conns:
+        for status, n in proto.statuses.items():
+            statuses[status] = statuses.get(status, 0) + n
+        proto.close()
+    return {
+        "sent": total,
+        "statuses": statuses,
+        "answered": sum(statuses.values()),
+        "seconds": elapsed,
+        "waited": waited,
+        "latencies_ns": [n for proto in conns for n in proto.latencies_ns],
+    }
+
+
 async def _close(state: _State, group: str) -> dict[str, Any]:
     clients = state.groups.pop(group, [])
     for client in clients:
@@ -275,6 +335,7 @@ async def _serve(conn: Connection, lifetime: float) -> None:
         "fanout_collect": lambda **a: _fanout_collect(state, **a),
         "ws_heartbeats": lambda **a: _ws_heartbeats(state, **a),
         "rest_heartbeats": lambda **a: _rest_heartbeats(state, **a),
+        "rest_paced": lambda **a: _rest_paced(**a),
         "redis_floor": lambda **a: drivers.redis_floor(**a),
         "publish": lambda **a: drivers.publish(**a),
         "close": lambda **a: _close(state, **a),

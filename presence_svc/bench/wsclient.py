@@ -214,14 +214,42 @@ class HttpLoop(asyncio.Protocol):
             status = int(head[9:12])
             self.statuses[status] = self.statuses.get(status, 0) + 1
             del self._buf[: end + 4 + length]
-            if self.running and self._transport is not None:
-                self._transport.write(self._request)
-            elif not self.done.done():
-                self.done.set_result(None)
+            self._answered()
+
+    def _answered(self) -> None:
+        if self.running and self._transport is not None:
+            self._transport.write(self._request)
+        elif not self.done.done():
+            self.done.set_result(None)
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+
+class HttpPaced(HttpLoop):
+    """One keep-alive connection that sends its request only when told to (`send`), one in
+    flight; `on_idle` is called with it each time an answer is in. For a load offered at a set
+    rate rather than as fast as the server answers."""
+
+    def __init__(self, request: bytes, on_idle: Callable[[HttpPaced], None]) -> None:
+        super().__init__(request)
+        self._on_idle = on_idle
+        self.sent_ns = 0
+        self.latencies_ns: list[int] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._on_idle(self)
+
+    def send(self) -> None:
+        assert self._transport is not None
+        self.sent_ns = time.perf_counter_ns()
+        self._transport.write(self._request)
+
+    def _answered(self) -> None:
+        self.latencies_ns.append(time.perf_counter_ns() - self.sent_ns)
+        self._on_idle(self)
 
 
 def post_request(host: str, port: int, path: str, token: str, body: bytes) -> bytes:

@@ -20,6 +20,7 @@ from presence_svc.bench.harness import BenchOptions, run
 from presence_svc.bench.profiles import PROFILES
 from presence_svc.bench.scenarios import NAMES, catalogue, fanout_peer
 from presence_svc.bench.scenarios.fanout_peer import TARGET as PEER_TARGET
+from presence_svc.bench.scenarios.heartbeats_rest import TARGET as REST_RATIO_TARGET
 
 pytestmark = [pytest.mark.redis, pytest.mark.multinode, pytest.mark.timeout(90)]
 
@@ -93,6 +94,15 @@ def test_smoke_profile_writes_results(real_redis_url: str, tmp_path: Path) -> No
     for row in heartbeats["rows"]:
         assert row["heartbeats"] > 0 and row["errors"] == 0 and row["non_200"] == 0, row
         assert "evalsha" in row["redis_commands_per_heartbeat"]
+    # REST at a fixed rate, the node then the bare JSON endpoint: every request answered 200.
+    moderate = heartbeats["rest_moderate"]
+    assert [(r["target"], r["round"]) for r in moderate["rows"]] == [("node", 1), ("bare", 1)]
+    for row in moderate["rows"]:
+        assert row["sent"] == 50 and row["ok"] == row["sent"] and row["non_200"] == 0, row
+        assert row["cpu_us_per_request"] is not None and row["idle_cpu_util"] is not None, row
+    ratio = next(t for t in heartbeats["targets"] if t["name"] == REST_RATIO_TARGET)
+    assert ratio["goal"] == "<= 1.5x" and isinstance(ratio["met"], bool)
+    assert ratio["measured"] == round(moderate["node_us"] / moderate["bare_us"], 3)
 
     idle = _load(folder, "idle")
     assert [r["sockets"] for r in idle["rows"] if r["server"] == "node"] == [20, 40]

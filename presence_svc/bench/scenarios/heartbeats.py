@@ -5,7 +5,8 @@ ping; the node handles a socket's messages in order, so its pong acknowledges th
 client sends the next one (a closed loop, `sockets x window` heartbeats in flight). REST: one
 POST in flight per keep-alive connection. Floor: the same two scripts the store runs per
 heartbeat (heartbeat.lua then schedule.lua, same keys and argument shapes) sent straight to
-Redis from pipelined clients; Redis CPU per heartbeat gives its capacity on one core.
+Redis from pipelined clients; Redis CPU per heartbeat gives its capacity on one core. Then REST
+at a moderate fixed rate against a bare Starlette JSON endpoint (heartbeats_rest.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import redis
 from presence_svc.bench import report
 from presence_svc.bench.harness import Context
 from presence_svc.bench.runner import CpuWindow, Endpoint, command_delta, command_stats
+from presence_svc.bench.scenarios import heartbeats_rest
 from presence_svc.bench.scenarios.sockets import close_groups, open_group
 
 
@@ -85,8 +87,10 @@ def run(ctx: Context) -> dict[str, Any]:
         )
         rows.append(_websocket(ctx, node, users[: p.ws_sockets]))
         rows.append(_rest(ctx, node, users[: p.rest_connections]))
+        with ctx.baselines(1) as bases:
+            moderate = heartbeats_rest.run(ctx, node, bases[0], users)
     rows.append(_floor(ctx, prefix, users))
-    return _summarize(ctx, rows)
+    return _summarize(ctx, rows, moderate)
 
 
 def _local(node: Endpoint) -> Endpoint | None:
@@ -167,7 +171,9 @@ def _busy(row: dict[str, Any]) -> str:
     return f"node busy {report.fmt(row['node_cpu_util'])} of a core"
 
 
-def _summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _summarize(
+    ctx: Context, rows: list[dict[str, Any]], moderate: dict[str, Any]
+) -> dict[str, Any]:
     floor = rows[-1]
     for r in rows:
         r["vs_redis_capacity"] = (
@@ -181,7 +187,17 @@ def _summarize(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
         f"{report.fmt(floor['redis_capacity_per_s'])}/s on one Redis core "
         f"(1 / Redis CPU per heartbeat); reached {report.fmt(floor['heartbeats_per_s'])}/s"
     )
-    return {"config": asdict(ctx.profile.heartbeats), "rows": rows, "targets": _targets(rows)}
+    heartbeats_rest.emit(ctx, moderate)
+    targets = [
+        *_targets(rows),
+        heartbeats_rest.target(moderate, ctx.profile.heartbeats.moderate_rate),
+    ]
+    return {
+        "config": asdict(ctx.profile.heartbeats),
+        "rows": rows,
+        "rest_moderate": moderate,
+        "targets": targets,
+    }
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -232,10 +248,10 @@ def _targets(rows: list[dict[str, Any]]) -> list[report.Target]:
         ),
         report.check(
             "REST heartbeats per node process",
-            ">= 4,000/s",
+            ">= 12,000/s",
             rest["heartbeats_per_s"],
             "/s",
-            4_000,
+            12_000,
             True,
             _busy(rest),
         ),
