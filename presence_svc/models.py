@@ -82,20 +82,69 @@ class Session:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusCounts:
+    """Sessions by status (by heartbeat age against the thresholds, as the sweep applies it)."""
+
+    active: int = 0
+    idle: int = 0
+    away: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.active + self.idle + self.away
+
+    def __add__(self, other: StatusCounts) -> StatusCounts:
+        return StatusCounts(
+            self.active + other.active, self.idle + other.idle, self.away + other.away
+        )
+
+    def by_status(self) -> dict[str, int]:
+        """The counts as a snapshot's `counts` carries them (no total: that is its own field)."""
+        return {"active": self.active, "idle": self.idle, "away": self.away}
+
+    def to_json(self) -> dict[str, int]:
+        return {**self.by_status(), "total": self.total}
+
+
+@dataclass(frozen=True, slots=True)
 class StudyPresence:
-    """Everyone present in a study, and the seq of the last event this view includes."""
+    """A study's presence as one atomic read: some or all of its sessions, the counts of all
+    of them, and the seq of the last event this view includes.
+
+    `counts` covers every session of the study, listed or not (total = counts.total);
+    `complete` says whether `sessions` lists them all. The defaults describe an empty study.
+    """
 
     study_id: str
     sessions: tuple[Session, ...]
     seq: int
+    counts: StatusCounts = StatusCounts()
+    complete: bool = True
+
+    @property
+    def total(self) -> int:
+        return self.counts.total
 
     def to_json(self) -> dict[str, Any]:
         return {
             "study_id": self.study_id,
             "users": [s.to_json() for s in self.sessions],
-            "total": len(self.sessions),
+            "total": self.total,
+            "counts": self.counts.by_status(),
             "seq": self.seq,
+            "complete": self.complete,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class StudyPage(StudyPresence):
+    """One page of a study's sessions in user_id order, read atomically with its seq and
+    counts; `next` is the user_id after which the next page starts (None: the last page)."""
+
+    next: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**StudyPresence.to_json(self), "next": self.next}
 
 
 @dataclass(frozen=True, slots=True)

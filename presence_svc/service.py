@@ -17,6 +17,7 @@ from presence_svc.models import (
     Holder,
     Lease,
     Session,
+    StudyPage,
     StudyPresence,
     SweepReport,
 )
@@ -94,9 +95,17 @@ class PresenceService:
         """End the user's session in the study (publishing user_left); idempotent."""
         return await self._store.leave(user_id, study_id, self._now_ms())
 
-    async def presence(self, study_id: str) -> StudyPresence:
-        """Everyone present in the study, with the seq of the last event the view includes."""
-        return await self._store.presence(study_id)
+    async def presence(self, study_id: str, max_users: int | None = None) -> StudyPresence:
+        """The study's snapshot: its sessions by status and the seq of the last event the view
+        includes, read atomically with its sessions: every one (None), or the `max_users` with
+        the most recent heartbeats (a crowd's snapshot); `complete` says whether it lists all."""
+        return await self._store.presence(study_id, max_users)
+
+    async def page(self, study_id: str, limit: int, after: str | None = None) -> StudyPage:
+        """At most `limit` of the study's sessions in user_id order, after the user id `after`
+        (exclusive; None: from the first), read atomically with the study's counts and seq.
+        `next` is what to pass as `after` for the next page (None: this is the last)."""
+        return await self._store.page(study_id, limit, after)
 
     async def sweep(self) -> SweepReport:
         """Apply one batch of the idle/away/expiry transitions due now."""

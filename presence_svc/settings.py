@@ -111,8 +111,11 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     # Bytes the node may hold unsent for one WebSocket, checked whenever it reads from it; past
     # it the socket is closed with 1013 (a client sending pings and never reading the pongs).
-    # Must exceed the largest message the node sends: a snapshot of the largest study.
+    # Must exceed the largest message the node sends: a snapshot (snapshot_max_users sessions).
     ws_max_outgoing_buffer: int = Field(4 * 1024 * 1024, ge=256 * 1024, le=1024 * 1024 * 1024)
+    # Sessions a WebSocket's presence.snapshot lists at most: those with the most recent
+    # heartbeats (its total and counts still cover everyone; `complete` says whether it is all).
+    snapshot_max_users: int = Field(100, ge=1, le=10_000)
     # Redis Sentinel (docs/topologies.md): the sentinels (`host:port,...`) and the name of the
     # primary they watch; the node connects to whichever server they name. PRESENCE_REDIS_URL
     # is then optional and only says how to talk to that server (credentials, db, rediss://,

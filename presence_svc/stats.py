@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# Snapshots carry these counts too: a domain value, re-exported for the stats' importers.
+from presence_svc.models import StatusCounts as StatusCounts
 from presence_svc.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -38,27 +40,6 @@ RATE_WINDOW = 5.0
 # each failure in a row doubles the wait, so a refusal that lasts (an ACL, a bug) is not
 # retried and logged every interval, and a report lost meanwhile is rewritten within this.
 BACKOFF_CAP = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class StatusCounts:
-    """Sessions by status (by heartbeat age against the thresholds, as the sweep applies it)."""
-
-    active: int = 0
-    idle: int = 0
-    away: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.active + self.idle + self.away
-
-    def __add__(self, other: StatusCounts) -> StatusCounts:
-        return StatusCounts(
-            self.active + other.active, self.idle + other.idle, self.away + other.away
-        )
-
-    def to_json(self) -> dict[str, int]:
-        return {"active": self.active, "idle": self.idle, "away": self.away, "total": self.total}
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from presence_svc.models import CursorUpdate, Holder, Lease, Session, StudyPresence, SweepReport
+from presence_svc.models import (
+    CursorUpdate,
+    Holder,
+    Lease,
+    Session,
+    StudyPage,
+    StudyPresence,
+    SweepReport,
+)
 
 
 class StoreUnavailable(Exception):
@@ -54,8 +62,15 @@ class PresenceStore(Protocol):
       `user_left`) to the studies due for a sweep, each transition published exactly once even
       when several nodes sweep at the same moment. Its cost follows the number of due studies
       and sessions.
-    - `presence` returns the sessions of a study together with the seq of the last event they
-      reflect, read atomically: events with a higher seq happened after the snapshot.
+    - `presence` returns the sessions of a study (every one, or the `max_users` with the most
+      recent heartbeats) together with the seq of the last event they reflect and the study's
+      sessions by status, read atomically: events with a higher seq happened after the
+      snapshot. `page` returns one page of them in user_id order (the first `limit` after a
+      user id), read atomically with its seq and counts the same way; walking the pages by
+      their `next` lists every session present throughout the walk exactly once, whoever
+      joins or leaves meanwhile. Counts: a session whose last heartbeat is at or below the
+      sweep's away watermark is away, else at or below its idle watermark idle, else active
+      (which is what the sweep has stored: it applies every transition up to its watermarks).
     - seq rises by exactly one per published presence event of a study.
     - `publish_signal` publishes an envelope on the study's channel as it is given: nothing is
       stored and no seq is raised, so it reaches only those subscribed at that moment.
@@ -85,8 +100,14 @@ class PresenceStore(Protocol):
         """End the session now; True if there was one."""
         ...
 
-    async def presence(self, study_id: str) -> StudyPresence:
-        """Everyone present in the study, with the seq this view reflects."""
+    async def presence(self, study_id: str, max_users: int | None = None) -> StudyPresence:
+        """The study's sessions (all of them, or at most `max_users`: those with the most
+        recent heartbeats), its counts by status and the seq this view reflects."""
+        ...
+
+    async def page(self, study_id: str, limit: int, after: str | None = None) -> StudyPage:
+        """At most `limit` sessions in user_id order after `after` (exclusive; None: from the
+        first), the study's counts and the seq, and the user id the next page starts after."""
         ...
 
     async def sweep(self, now_ms: int) -> SweepReport:

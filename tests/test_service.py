@@ -59,8 +59,8 @@ class RecordingStore:
         self.calls.append(("leave", user_id, study_id, now_ms))
         return True
 
-    async def presence(self, study_id: str) -> StudyPresence:
-        self.calls.append(("presence", study_id))
+    async def presence(self, study_id: str, max_users: int | None = None) -> StudyPresence:
+        self.calls.append(("presence", study_id, max_users))
         return StudyPresence(study_id, (), 42)
 
     async def sweep(self, now_ms: int) -> SweepReport:
@@ -104,7 +104,7 @@ async def test_service_passes_the_clock_in_whole_milliseconds() -> None:
         ("heartbeat", "alice", "s1", cursor, 1_800_000_000_123),
         ("heartbeat", "alice", "s1", CursorUpdate(), 1_800_000_000_123),
         ("leave", "alice", "s1", 1_800_000_002_623),
-        ("presence", "s1"),
+        ("presence", "s1", None),
         ("sweep", 1_800_000_002_623),
     ]
 
@@ -179,3 +179,16 @@ async def test_leave_and_presence(service: PresenceService, clock: FakeClock) ->
     assert [s.user_id for s in presence.sessions] == ["bob"]
     assert presence.seq == 3
     assert await service.presence("elsewhere") == StudyPresence("elsewhere", (), 0)
+
+
+async def test_a_capped_presence_and_a_page(service: PresenceService, clock: FakeClock) -> None:
+    for user in ("carol", "alice", "bob"):
+        await service.heartbeat(user, "s1")
+        clock.advance(1)
+    capped = await service.presence("s1", 2)
+    assert [s.user_id for s in capped.sessions] == ["alice", "bob"]  # the two most recent
+    assert (capped.total, capped.complete, capped.seq) == (3, False, 3)
+    first = await service.page("s1", 2)
+    assert [s.user_id for s in first.sessions] == ["alice", "bob"] and first.next == "bob"
+    last = await service.page("s1", 2, first.next)
+    assert [s.user_id for s in last.sessions] == ["carol"] and last.next is None

@@ -44,6 +44,7 @@ class Scripts:
     heartbeat: AsyncScript
     leave: AsyncScript
     snapshot: AsyncScript
+    page: AsyncScript
     sweep_scan: AsyncScript
     sweep_apply: AsyncScript
     schedule: AsyncScript

@@ -16,6 +16,7 @@ from presence_svc.models import (
     Lease,
     Session,
     Status,
+    StudyPage,
     StudyPresence,
     SweepReport,
     Thresholds,
@@ -33,45 +34,19 @@ from presence_svc.redis.cluster import ClusterBatcher, is_cluster
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.nodes import RedisNodes
 from presence_svc.redis.scripts import Scripts
+from presence_svc.redis.snapshots import RedisSnapshots
 from presence_svc.redis.sweep import EMPTY_STUDY_TTL_MS, RedisSweep
 from presence_svc.store import NodeRenewal
 
 if TYPE_CHECKING:
     from presence_svc.store import NodeRegistry, PresenceStore
 
-SNAPSHOT_ATTEMPTS = 5
 # How long a released connection id stays known to its session (past the leave time its release
 # gave), and at most how many per session: a heartbeat sent before its connection's release and
 # delayed past it (a stall) must find it there, and holds nothing then (lua/release.lua). A
 # delay that long outlasts TCP's own retries; 100 ids per session fit a listpack.
 RELEASED_KEEP_MS = 3600 * 1000
 RELEASED_MAX = 100
-
-
-def _session_from_hash(fields: Sequence[bytes] | dict[bytes, bytes]) -> Session:
-    """A session from an HGETALL reply: a flat list (from Lua) or a dict (from redis-py)."""
-    if isinstance(fields, dict):
-        h = {text(k): text(v) for k, v in fields.items()}
-    else:
-        h = {text(fields[i]): text(fields[i + 1]) for i in range(0, len(fields), 2)}
-    return Session(
-        session_id=h["session_id"],
-        user_id=h["user_id"],
-        study_id=h["study_id"],
-        chapter_id=h.get("chapter_id"),
-        move_path=h.get("move_path"),
-        status=Status(h["status"]),
-        last_heartbeat_ms=int(h["last_heartbeat"]),
-        joined_at_ms=int(h["joined_at"]),
-    )
-
-
-def _presence(
-    study_id: str, seq: int, hashes: Sequence[Sequence[bytes] | dict[bytes, bytes]]
-) -> StudyPresence:
-    sessions = [_session_from_hash(flat) for flat in hashes if flat]
-    sessions.sort(key=lambda s: (s.joined_at_ms, s.user_id))
-    return StudyPresence(study_id, tuple(sessions), seq)
 
 
 class RedisStore:
@@ -115,6 +90,7 @@ class RedisStore:
         self.events_published = 0  # by this store's scripts (for the node's metrics)
         self.redis_errors = 0  # calls that failed because Redis was unreachable
         self._idle_ms = round(thresholds.idle_after * 1000)
+        self._snapshots = RedisSnapshots(redis, keys, self._scripts, self._batch)
         self._sweep = RedisSweep(
             redis,
             keys,
@@ -319,31 +295,32 @@ class RedisStore:
         return await self._nodes.reap(caller, lease_ttl_ms, grace_ms, now_ms)
 
     @reachable
-    async def presence(self, study_id: str) -> StudyPresence:
-        """Sessions of the study and the seq they reflect.
+    async def presence(self, study_id: str, max_users: int | None = None) -> StudyPresence:
+        """The study's seq, its sessions by status, and its sessions: every one, or the
+        `max_users` with the most recent heartbeats (`complete` says which), listed by
+        (joined_at, user_id).
 
-        Read atomically by a script that must be told every member's key; members who join
-        between the plain read of the index and the script make it retry. When joins keep
-        racing it (a reconnect storm), the last resort reads the seq first and the sessions
-        after: the view may then already contain some events numbered above its seq, which a
-        client applying the following events in order converges from.
+        Read atomically by lua/snapshot.lua, which must be told the key of each session it
+        lists: a selection that changed between the plain read naming it and the script (a
+        join; in a capped read, also a heartbeat moving someone into the top) makes it run
+        again, up to redis/snapshots.SNAPSHOT_ATTEMPTS times. When that keeps racing (a
+        reconnect storm, a busy room's heartbeats), the last resort reads the sessions that
+        last run selected right after it: seq and counts are still read together, but the
+        sessions may already reflect some events numbered above the seq, which a client
+        applying the following events in order converges from.
         """
-        sk = self._keys.study(study_id)
-        users = {text(m) for m in await self._redis.zrange(sk.index, 0, -1)}
-        for _ in range(SNAPSHOT_ATTEMPTS):
-            named = sorted(users)
-            keys = [sk.index, sk.meta, *(sk.session(u) for u in named)]
-            [reply] = await self._batch.run([call(self._scripts.snapshot, keys, named)])
-            if reply[0] == 1:
-                return _presence(study_id, int(reply[1]), reply[2:])
-            users.update(text(m) for m in reply[1])
-        seq = int(await self._redis.hget(sk.meta, "seq") or 0)
-        members = await self._redis.zrange(sk.index, 0, -1)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for member in members:
-                pipe.hgetall(sk.session(text(member)))
-            hashes = await pipe.execute()
-        return _presence(study_id, seq, hashes)
+        return await self._snapshots.presence(study_id, max_users)
+
+    @reachable
+    async def page(self, study_id: str, limit: int, after: str | None = None) -> StudyPage:
+        """The first `limit` sessions of the study after user id `after` (exclusive; None:
+        from the first) in user_id order, with the seq and the counts of the whole study, read
+        atomically by lua/page.lua with the same retries and last resort as `presence`.
+        `next` is the page's last user id when more follow, else None.
+
+        Costs O(n) in Redis for a study of n sessions (redis/snapshots.py has the figures).
+        """
+        return await self._snapshots.page(study_id, limit, after)
 
     @reachable
     async def sweep(self, now_ms: int) -> SweepReport:

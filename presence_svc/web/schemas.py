@@ -40,13 +40,32 @@ class SessionOut(_ResponseShape):
     joined_at: IsoTime
 
 
+class CountsOut(_ResponseShape):
+    """Every session of a study by status, read atomically with the seq (a snapshot's
+    `counts`: active + idle + away = total)."""
+
+    active: Count
+    idle: Count
+    away: Count
+
+
 class PresenceOut(_ResponseShape):
-    """Everyone present in a study (`StudyPresence.to_json`)."""
+    """A study's presence (`StudyPresence.to_json`): everyone, without parameters."""
 
     study_id: Identifier
     users: list[SessionOut]
-    total: Count
+    total: Count = Field(description="sessions in the study, listed or not")
+    counts: CountsOut
     seq: Count = Field(description="the seq of the last event this listing includes")
+    complete: bool = Field(description="true when `users` lists every session")
+
+
+class PageOut(PresenceOut):
+    """One page of a study's sessions in user_id order (`StudyPage.to_json`), with `limit`."""
+
+    next: Identifier | None = Field(
+        description="the user id to pass as `after` for the next page; null on the last page"
+    )
 
 
 class LeaveOut(_ResponseShape):

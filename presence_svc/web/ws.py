@@ -72,8 +72,10 @@ def _pong(clock: Clock) -> Outgoing:
 
 
 async def snapshot_message(node: Node, study_id: str) -> Outgoing:
-    """The study's presence as a `presence.snapshot` message, and the seq it reflects."""
-    presence = await node.service.presence(study_id)
+    """The study's presence as a `presence.snapshot` message, and the seq it reflects: its
+    total and counts, and at most PRESENCE_SNAPSHOT_MAX_USERS sessions (the most recent
+    heartbeats), one read per study and node however many sockets get it (node.snapshots)."""
+    presence = await node.service.presence(study_id, node.settings.snapshot_max_users)
     text = json_text({"type": "presence.snapshot", "data": presence.to_json()})
     return Outgoing(None, text, floor=presence.seq)
 

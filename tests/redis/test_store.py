@@ -879,7 +879,14 @@ async def test_empty_study_meta_expires_and_a_present_one_does_not(
 async def test_presence_of_unknown_study_is_empty_with_seq_zero(store: RedisStore) -> None:
     presence = await store.presence("nobody-here")
     assert presence == StudyPresence("nobody-here", (), 0)
-    assert presence.to_json() == {"study_id": "nobody-here", "users": [], "total": 0, "seq": 0}
+    assert presence.to_json() == {
+        "study_id": "nobody-here",
+        "users": [],
+        "total": 0,
+        "counts": {"active": 0, "idle": 0, "away": 0},
+        "seq": 0,
+        "complete": True,
+    }
 
 
 async def test_presence_is_sorted_by_joined_at_with_the_last_seq(

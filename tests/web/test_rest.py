@@ -177,7 +177,9 @@ def test_get_unknown_study_is_empty(client: TestClient) -> None:
         "study_id": "nobody-here",
         "users": [],
         "total": 0,
+        "counts": {"active": 0, "idle": 0, "away": 0},
         "seq": 0,
+        "complete": True,
     }
 
 
@@ -190,9 +192,11 @@ def test_get_after_heartbeats(client: TestClient) -> None:
     heartbeat(client, {"study_id": "other"}, "carol")
 
     body = presence(client, "s1", user="carol")  # any authenticated user may read
-    assert set(body) == {"study_id", "users", "total", "seq"}
+    assert set(body) == {"study_id", "users", "total", "counts", "seq", "complete"}
     assert body["study_id"] == "s1"
     assert body["total"] == 2
+    assert body["counts"] == {"active": 2, "idle": 0, "away": 0}
+    assert body["complete"] is True  # no parameters: everyone
     assert body["users"] == [alice, bob]  # same shape as the heartbeat reply, in join order
     assert body["seq"] == 2  # two user_joined events
 
@@ -236,7 +240,14 @@ def test_delete_without_a_session_succeeds(client: TestClient) -> None:
 def test_delete_last_user_keeps_the_seq(client: TestClient) -> None:
     heartbeat(client, {"study_id": "s1"})
     client.delete("/presence/s1", headers=auth())
-    assert presence(client, "s1") == {"study_id": "s1", "users": [], "total": 0, "seq": 2}
+    assert presence(client, "s1") == {
+        "study_id": "s1",
+        "users": [],
+        "total": 0,
+        "counts": {"active": 0, "idle": 0, "away": 0},
+        "seq": 2,
+        "complete": True,
+    }
     rejoined = heartbeat(client, {"study_id": "s1"})
     assert presence(client, "s1")["seq"] == 3
     assert rejoined["status"] == "active"

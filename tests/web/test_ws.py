@@ -158,7 +158,14 @@ def test_connected_then_snapshot(app: App) -> None:
     assert connected["study_id"] == "s1"
     assert re.fullmatch(r"[0-9a-f]{32}", connected["connection_id"])
     assert ISO_MS_Z.match(connected["timestamp"])
-    assert snapshot == {"study_id": "s1", "users": [bob], "total": 1, "seq": 1}
+    assert snapshot == {
+        "study_id": "s1",
+        "users": [bob],
+        "total": 1,
+        "counts": {"active": 1, "idle": 0, "away": 0},
+        "seq": 1,
+        "complete": True,
+    }
     assert snapshot == app.presence("s1")
     # Connecting is not a heartbeat: alice is not present.
     assert app.presence("s1")["total"] == 1
@@ -174,7 +181,62 @@ def test_each_connection_has_its_own_id(app: App) -> None:
 def test_snapshot_of_an_empty_study(app: App) -> None:
     with app.open("empty") as ws:
         _, snapshot = join(ws)
-    assert snapshot == {"study_id": "empty", "users": [], "total": 0, "seq": 0}
+    assert snapshot == {
+        "study_id": "empty",
+        "users": [],
+        "total": 0,
+        "counts": {"active": 0, "idle": 0, "away": 0},
+        "seq": 0,
+        "complete": True,
+    }
+
+
+@pytest.fixture(params=["fake", "real"])
+def crowd(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[App]:
+    """An app whose snapshots list at most 3 users: on fakeredis, or connected to the real
+    Redis itself (owning its clients, as a node does; its keys are deleted after)."""
+    if request.param == "fake":
+        redis = fake_redis()
+        with app_client(
+            key_prefix=key_prefix, redis=redis, snapshot_max_users=3, **THRESHOLDS
+        ) as c:
+            yield App(c, redis, Keys(key_prefix))
+        return
+    url: str = request.getfixturevalue("cleanup_real_redis")
+    settings = make_settings(
+        key_prefix, redis_url=url, require_study_grant=False, snapshot_max_users=3, **THRESHOLDS
+    )
+    with TestClient(create_app(settings)) as client:
+        yield App(client, None, Keys(key_prefix))
+
+
+def next_millisecond() -> None:
+    """Wait until the wall clock (the node's) is past the current millisecond."""
+    now_ms = int(time.time() * 1000)
+    eventually(lambda: int(time.time() * 1000) > now_ms, within=1.0, what="the next millisecond")
+
+
+def test_a_crowd_snapshot_lists_the_cap_and_counts_everyone(crowd: App) -> None:
+    users = [f"u{n}" for n in range(6)]
+    for user in users:
+        crowd.heartbeat("s1", user)
+        next_millisecond()  # distinct heartbeat times, so "the most recent" is one set
+    crowd.heartbeat("s1", "u0")  # u0 is the most recent again (no event: seq stays 6)
+    with crowd.open("s1", "watcher") as ws:
+        _, snapshot = join(ws)
+        # Listed: the 3 most recent heartbeats (u0, u5, u4), in join order.
+        assert [u["user_id"] for u in snapshot["users"]] == ["u0", "u4", "u5"]
+        assert snapshot["total"] == 6
+        assert snapshot["counts"] == {"active": 6, "idle": 0, "away": 0}
+        assert (snapshot["seq"], snapshot["complete"]) == (6, False)
+        assert set(snapshot) == {"study_id", "users", "total", "counts", "seq", "complete"}
+        # Events go on from the snapshot's seq, for listed and unlisted users alike.
+        crowd.heartbeat("s1", "late")
+        joined = receive_event(ws)
+        assert (joined["type"], joined["data"]["seq"]) == ("presence.user_joined", 7)
+    # The REST listing without parameters is still everyone.
+    everyone = crowd.presence("s1")
+    assert everyone["complete"] is True and len(everyone["users"]) == everyone["total"] == 7
 
 
 def test_token_in_query_string(app: App) -> None:
@@ -483,10 +545,10 @@ def test_an_event_already_in_the_snapshot_is_not_sent_again(
     service = app.node.service
     read = service.presence
 
-    async def join_then_read(study_id: str) -> Any:
+    async def join_then_read(study_id: str, max_users: int | None = None) -> Any:
         # Subscribed already: carol's user_joined is delivered, and is also in the snapshot.
         await service.heartbeat("carol", study_id)
-        return await read(study_id)
+        return await read(study_id, max_users)
 
     monkeypatch.setattr(service, "presence", join_then_read)
     with app.open("s1") as ws:
@@ -505,8 +567,8 @@ def test_an_event_after_the_snapshot_read_is_sent(
     service = app.node.service
     read = service.presence
 
-    async def read_then_join(study_id: str) -> Any:
-        snapshot = await read(study_id)
+    async def read_then_join(study_id: str, max_users: int | None = None) -> Any:
+        snapshot = await read(study_id, max_users)
         await service.heartbeat("carol", study_id)  # before the socket's writer starts
         return snapshot
 
@@ -900,7 +962,14 @@ async def test_real_server_lifecycle_arrives_once_in_seq_order(live_server: Live
     # The second watcher passes its token in the query string.
     by_query = await _open_with_query_token(live_server.ws, study, live_token("viewer-2"))
     try:
-        assert by_header.snapshot == {"study_id": study, "users": [], "total": 0, "seq": 0}
+        assert by_header.snapshot == {
+            "study_id": study,
+            "users": [],
+            "total": 0,
+            "counts": {"active": 0, "idle": 0, "away": 0},
+            "seq": 0,
+            "complete": True,
+        }
         assert by_query.connected["user_id"] == "viewer-2"
         assert live_server.node.fanout.studies == 1
         async with httpx.AsyncClient(timeout=5) as http:
@@ -918,7 +987,14 @@ async def test_real_server_lifecycle_arrives_once_in_seq_order(live_server: Live
             response = await http.get(
                 f"{live_server.http}/presence/{study}", headers=bearer(live_token())
             )
-            assert response.json() == {"study_id": study, "users": [], "total": 0, "seq": 4}
+            assert response.json() == {
+                "study_id": study,
+                "users": [],
+                "total": 0,
+                "counts": {"active": 0, "idle": 0, "away": 0},
+                "seq": 4,
+                "complete": True,
+            }
     finally:
         await by_header.close()
         await by_query.close()

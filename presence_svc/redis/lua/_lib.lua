@@ -176,3 +176,26 @@ local function end_session(pub, index_key, leaving_key, session_key, conns_key, 
   drop_remains(index_key, leaving_key, conns_key, user_id)
   emit(pub, 'presence.user_left', s)
 end
+
+-- A study's sessions by status, from its index and the sweep's watermarks in its meta: a
+-- session whose last heartbeat is at or below away_wm is away, else at or below idle_wm idle,
+-- else active (a watermark absent: nothing handled for it yet). By the sweep's design this is
+-- each session's stored status: sweep_apply.lua raises a watermark only once every session at
+-- or below it has had its transition, and a heartbeat moves its session above both. Three
+-- O(log n) counts, no session read. Returns total, idle, away.
+local function status_counts(index_key, meta_key)
+  local total = redis.call('ZCARD', index_key)
+  local watermarks = redis.call('HMGET', meta_key, 'idle_wm', 'away_wm')
+  local idle_wm, away_wm = watermarks[1], watermarks[2]
+  local away, idle = 0, 0
+  local above_away = '-inf'
+  if away_wm then
+    away = redis.call('ZCOUNT', index_key, '-inf', away_wm)
+    above_away = '(' .. away_wm
+  end
+  if idle_wm then
+    -- Empty (min above max) if idle_wm is not above away_wm: nobody is idle then.
+    idle = redis.call('ZCOUNT', index_key, above_away, idle_wm)
+  end
+  return total, idle, away
+end

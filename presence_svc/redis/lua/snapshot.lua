@@ -1,28 +1,40 @@
--- Reads a study's sessions and the seq they reflect, atomically. The caller names the session
--- keys it may need (from a plain ZRANGE); if a member has joined since, nothing is read and the
--- current members come back so the caller can retry with their keys too. Named users who have
--- left since are simply absent from the result.
+-- Reads atomically a study's seq, its sessions by status and the sessions of a selection of its
+-- members: the `cap` with the most recent heartbeats, or every member (cap 0). The caller names
+-- the session keys it expects the selection to need (from a plain read of the same selection);
+-- if the selection now holds a member it did not name (someone joined, or a heartbeat moved
+-- them into the top), no session is read and the selection's members come back, so the caller
+-- can retry with their keys. Named users outside the selection (they left, or dropped out of
+-- the top) are not read. Counts: status_counts in _lib.lua.
 -- KEYS[1] study index   KEYS[2] study meta   KEYS[3..] session hashes
--- ARGV[1..] user ids, in the order of KEYS[3..]
--- Returns {1, seq, hash1, hash2, ...} (each hash a flat HGETALL reply, in the order of KEYS[3..],
--- empty for a user who left) or {0, members} (the index's members, lowest score first).
+-- ARGV[1] cap (0: every member)   ARGV[2..] user ids, in the order of KEYS[3..]
+-- Returns {1, seq, total, idle, away, hash1, hash2, ...}: a flat HGETALL reply for each member
+-- of the selection (oldest heartbeat first; empty for a member whose hash is gone), or
+-- {0, seq, total, idle, away, member1, member2, ...}: the selection's members, in that order.
 
 local index_key, meta_key = KEYS[1], KEYS[2]
-local session_keys, user_ids = {}, {}
-for i = 3, #KEYS do session_keys[#session_keys + 1] = KEYS[i] end
-for i = 1, #ARGV do user_ids[i] = ARGV[i] end
+local cap = tonumber(ARGV[1])
+local key_of = {}
+for i = 2, #ARGV do key_of[ARGV[i]] = KEYS[i + 1] end
 
-local members = redis.call('ZRANGE', index_key, 0, -1)
-local named = {}
-for i = 1, #user_ids do named[user_ids[i]] = true end
-for i = 1, #members do
-  if not named[members[i]] then
-    return {0, members}
+-- The last `cap` by (score, member): the most recent heartbeats, oldest of them first.
+local first = 0
+if cap > 0 then first = -cap end
+local selection = redis.call('ZRANGE', index_key, first, -1)
+
+local total, idle, away = status_counts(index_key, meta_key)
+local seq = tonumber(redis.call('HGET', meta_key, 'seq') or '0')
+
+for i = 1, #selection do
+  if not key_of[selection[i]] then
+    local out = {0, seq, total, idle, away}
+    for j = 1, #selection do out[#out + 1] = selection[j] end
+    return out
   end
 end
 
-local out = {1, tonumber(redis.call('HGET', meta_key, 'seq') or '0')}
-for i = 1, #session_keys do
-  out[#out + 1] = redis.call('HGETALL', session_keys[i])
+local out = {1, seq, total, idle, away}
+for i = 1, #selection do
+  local session_key = key_of[selection[i]]
+  out[#out + 1] = redis.call('HGETALL', session_key)
 end
 return out
