@@ -17,10 +17,12 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from presence_svc import __version__
 from presence_svc.models import ID_PATTERN, HeartbeatRequest
+from presence_svc.web.paging import DEFAULT_LIMIT, MAX_LIMIT
 from presence_svc.web.schemas import (
     ErrorOut,
     HealthOut,
     LeaveOut,
+    PageOut,
     PresenceOut,
     ReadinessOut,
     SessionOut,
@@ -37,6 +39,7 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (HeartbeatRequest, "validation"),
     (SessionOut, "serialization"),
     (PresenceOut, "serialization"),
+    (PageOut, "serialization"),
     (LeaveOut, "serialization"),
     (ErrorOut, "serialization"),
     (HealthOut, "serialization"),
@@ -151,6 +154,30 @@ _STUDY_ERRORS = (
 )
 
 
+def _page_parameters() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": (
+                "read one page of at most this many sessions, in user_id order (decimal "
+                "digits only; at most once)"
+            ),
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+        },
+        {
+            "name": "after",
+            "in": "query",
+            "required": False,
+            "description": (
+                "the page starts after this user id (exclusive): the previous page's `next`"
+            ),
+            "schema": {"type": "string", "pattern": ID_PATTERN},
+        },
+    ]
+
+
 def _paths() -> dict[str, Any]:
     study_id = {
         "name": "study_id",
@@ -182,10 +209,20 @@ def _paths() -> dict[str, Any]:
             "parameters": [study_id],
             "get": {
                 "operationId": "get_presence",
-                "summary": "Everyone present in a study",
+                "summary": "Everyone present in a study, or one page of them",
+                "description": (
+                    "Without parameters, every session (`complete` true). With `limit` (or "
+                    f"`after` alone, which reads {DEFAULT_LIMIT}), one page in user_id order "
+                    "and `next`, the `after` of the next page. Each answer is read atomically "
+                    "with its `seq` and the `counts` of the whole study."
+                ),
                 "security": _bearer(),
+                "parameters": _page_parameters(),
                 "responses": _responses(
-                    _ok("The study's sessions and the seq they reflect.", _ref(PresenceOut)),
+                    _ok(
+                        "The study's sessions (all, or a page), its counts and the seq.",
+                        {"oneOf": [_ref(PresenceOut), _ref(PageOut)]},
+                    ),
                     *_STUDY_ERRORS,
                 ),
             },

@@ -18,6 +18,7 @@ from presence_svc.models import HeartbeatRequest
 from presence_svc.store import StoreUnavailable
 from presence_svc.web.errors import ApiError, validation_problems
 from presence_svc.web.openapi import document_bytes
+from presence_svc.web.paging import page_request
 from presence_svc.web.requests import authorize, node_of, principal, study_id
 
 
@@ -59,8 +60,13 @@ async def _heartbeat(request: Request) -> Response:
 async def get_presence(request: Request) -> Response:
     caller = principal(request)
     study = study_id(request)
+    page = page_request(request.query_params)
     authorize(request, caller, study)
-    presence = await node_of(request).service.presence(study)
+    service = node_of(request).service
+    if page is None:
+        presence = await service.presence(study)
+    else:
+        presence = await service.page(study, page.limit, page.after)
     return JSONResponse(presence.to_json())
 
 

@@ -223,6 +223,9 @@ def test_every_documented_response_is_real_and_conforms(
     seen.check("post", beat, client.post(beat, json={"study_id": "s1"}, headers=auth("bob")))
     assert seen.check("get", study, client.get("/presence/s1", headers=auth()))["total"] == 2
     assert seen.check("get", study, client.get("/presence/empty", headers=auth()))["users"] == []
+    # A page (the other shape of the 200): `next`, as the document says.
+    paged = seen.check("get", study, client.get("/presence/s1?limit=1", headers=auth()))
+    assert paged["next"] == "alice" and paged["complete"] is False
     seen.check("delete", study, client.delete("/presence/s1", headers=auth()))
     seen.check("delete", study, client.delete("/presence/s1", headers=auth()))  # no session left
     seen.check("get", "/healthz", client.get("/healthz"))
@@ -255,6 +258,11 @@ def test_every_documented_response_is_real_and_conforms(
             r = client.request(method, url, headers=auth())
             assert r.status_code == 422
             seen.check(method, study, r)
+        if method == "get":
+            for url in ("/presence/s1?limit=0", "/presence/s1?limit=2&after=-x"):
+                r = client.request(method, url, headers=auth())
+                assert r.status_code == 422
+                seen.check(method, study, r)
         for url in ("/presence/", "/presence/a/b"):
             r = client.request(method, url, headers=auth())
             assert r.status_code == 404

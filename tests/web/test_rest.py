@@ -14,6 +14,7 @@ import jwt
 import pytest
 from starlette.testclient import TestClient
 
+from presence_svc.app import create_app
 from presence_svc.models import MOVE_PATH_MAX_LENGTH
 from presence_svc.settings import DEV_JWT_SECRET, Settings
 from presence_svc.store import StoreUnavailable
@@ -528,6 +529,156 @@ def test_get_heartbeat_path_reads_a_study_named_heartbeat(client: TestClient) ->
     assert presence(client, "heartbeat")["study_id"] == "heartbeat"
 
 
+# --- pages: limit and after ------------------------------------------------------------------
+
+
+@pytest.fixture(params=["fake", "real"])
+def either_client(request: pytest.FixtureRequest, settings: Settings) -> Iterator[TestClient]:
+    """The app on fakeredis, or connected to the real Redis itself (as a node is, owning and
+    closing its clients; the keys under the test's prefix are deleted after)."""
+    if request.param == "fake":
+        with app_client(settings) as tc:
+            yield tc
+        return
+    url: str = request.getfixturevalue("cleanup_real_redis")
+    real = settings.model_copy(update={"redis_url": url, "require_study_grant": False})
+    with TestClient(create_app(real)) as tc:
+        yield tc
+
+
+def page(client: TestClient, study: str, query: str) -> Any:
+    response = client.get(f"/presence/{study}?{query}", headers=auth())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"study_id", "users", "total", "counts", "seq", "complete", "next"}
+    return body
+
+
+def test_a_walk_by_limit_and_after_lists_everyone_present_once(either_client: TestClient) -> None:
+    client = either_client
+    stable = [f"m{n:02d}" for n in range(13)]
+    for user in [*stable, "c1", "c2", "c3"]:
+        heartbeat(client, {"study_id": "s1"}, user)
+    visited: list[str] = []
+    query = "limit=4"
+    for step in range(20):
+        body = page(client, "s1", query)
+        users = [u["user_id"] for u in body["users"]]
+        assert users == sorted(users) and len(users) <= 4
+        assert body["total"] == sum(body["counts"].values())
+        assert body["complete"] is False
+        visited += users
+        # Between pages: a churner leaves, users join ahead of the walk and behind it.
+        if step < 3:
+            client.delete("/presence/s1", headers=auth(f"c{step + 1}"))
+        heartbeat(client, {"study_id": "s1"}, f"a{step}")
+        heartbeat(client, {"study_id": "s1"}, f"z{step}")
+        if body["next"] is None:
+            break
+        assert body["next"] == users[-1]
+        query = f"limit=4&after={body['next']}"
+    assert body["next"] is None
+    assert len(visited) == len(set(visited))  # nobody twice
+    assert set(stable) <= set(visited)  # everyone present throughout
+    assert any(u.startswith("z") for u in visited)
+
+
+def test_a_page_holding_everyone_is_complete(client: TestClient) -> None:
+    for user in ("bob", "alice"):
+        heartbeat(client, {"study_id": "s1"}, user)
+    body = page(client, "s1", "limit=2")
+    assert [u["user_id"] for u in body["users"]] == ["alice", "bob"]
+    assert (body["next"], body["complete"], body["total"], body["seq"]) == (None, True, 2, 2)
+    assert body["counts"] == {"active": 2, "idle": 0, "away": 0}
+    assert page(client, "s1", "limit=1")["next"] == "alice"
+    assert page(client, "s1", "limit=1&after=alice")["next"] is None
+    assert page(client, "s1", "limit=1000&after=bob")["users"] == []
+    assert page(client, "nobody", "limit=1") == {
+        "study_id": "nobody",
+        "users": [],
+        "total": 0,
+        "counts": {"active": 0, "idle": 0, "away": 0},
+        "seq": 0,
+        "complete": True,
+        "next": None,
+    }
+
+
+def test_after_without_limit_reads_a_page_of_100(client: TestClient) -> None:
+    users = [f"u{n:03d}" for n in range(103)]
+    for user in users:
+        heartbeat(client, {"study_id": "s1"}, user)
+    body = page(client, "s1", "after=u000")
+    assert [u["user_id"] for u in body["users"]] == users[1:101]
+    assert body["next"] == "u100" and body["total"] == 103
+    assert [u["user_id"] for u in page(client, "s1", "after=u100")["users"]] == users[101:]
+
+
+@pytest.mark.parametrize("query", ["limit=1000", "limit=01", "limit=7&other=x"])
+def test_valid_page_queries(client: TestClient, query: str) -> None:
+    heartbeat(client, {"study_id": "s1"})
+    assert [u["user_id"] for u in page(client, "s1", query)["users"]] == ["alice"]
+
+
+def test_other_query_parameters_are_ignored(client: TestClient) -> None:
+    heartbeat(client, {"study_id": "s1"})
+    response = client.get("/presence/s1?other=x&_=123", headers=auth())
+    assert response.json() == presence(client, "s1")
+    assert "next" not in response.json()  # no page parameter: everyone
+
+
+BAD_PAGES = [
+    ("limit=0", "limit", "greater_than_equal"),
+    ("limit=-1", "limit", "int_parsing"),
+    ("limit=abc", "limit", "int_parsing"),
+    ("limit=5000", "limit", "less_than_equal"),
+    ("limit=1001", "limit", "less_than_equal"),
+    ("limit=" + "9" * 5000, "limit", "less_than_equal"),
+    ("limit=", "limit", "int_parsing"),
+    ("limit=%2B5", "limit", "int_parsing"),
+    ("limit=5.0", "limit", "int_parsing"),
+    ("limit=1e2", "limit", "int_parsing"),
+    ("limit=%205", "limit", "int_parsing"),
+    ("limit=%D9%A5", "limit", "int_parsing"),  # an Arabic-Indic five: not an ASCII digit
+    ("limit=1&limit=2", "limit", "repeated"),
+    ("limit=2&after=-x", "after", "pattern"),
+    ("limit=2&after=a%20b", "after", "pattern"),
+    ("limit=2&after=a%7Bb%7D", "after", "pattern"),
+    ("limit=2&after=" + "a" * 129, "after", "pattern"),
+    ("after=", "after", "pattern"),
+    ("limit=2&after=x&after=y", "after", "repeated"),
+]
+
+
+@pytest.mark.parametrize(("query", "name", "kind"), BAD_PAGES)
+def test_bad_page_parameters_are_422(client: TestClient, query: str, name: str, kind: str) -> None:
+    heartbeat(client, {"study_id": "s1"})
+    before = presence(client, "s1")
+    response = client.get(f"/presence/s1?{query}", headers=auth())
+    assert assert_problems(response) == [
+        {"loc": ["query", name], "msg": response.json()["detail"][0]["msg"], "type": kind}
+    ]
+    assert presence(client, "s1") == before
+
+
+def test_every_bad_page_parameter_is_reported(client: TestClient) -> None:
+    detail = assert_problems(client.get("/presence/s1?limit=0&after=-", headers=auth()))
+    assert [(p["loc"], p["type"]) for p in detail] == [
+        (["query", "limit"], "greater_than_equal"),
+        (["query", "after"], "pattern"),
+    ]
+
+
+def test_page_parameters_are_checked_after_the_token_and_before_the_grant(
+    key_prefix: str,
+) -> None:
+    with app_client(key_prefix=key_prefix, require_study_grant=True) as client:
+        assert_error(client.get("/presence/s1?limit=0"), 401, "unauthorized")
+        other = auth("alice", studies=["elsewhere"])
+        assert_problems(client.get("/presence/s1?limit=0", headers=other))
+        assert_error(client.get("/presence/s1?limit=1", headers=other), 403, "forbidden")
+
+
 # --- health --------------------------------------------------------------------------------
 
 
@@ -564,6 +715,7 @@ def _unavailable(*args: object, **kwargs: object) -> Any:
     [
         ("POST", "/presence/heartbeat", {"study_id": "s1"}, "heartbeat"),
         ("GET", "/presence/s1", None, "presence"),
+        ("GET", "/presence/s1?limit=2", None, "page"),
         ("DELETE", "/presence/s1", None, "leave"),
     ],
 )
