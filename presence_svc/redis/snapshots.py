@@ -16,11 +16,13 @@ What each read costs in Redis (n = sessions of the study, k = sessions listed):
 - `page` (GET /presence/{study_id}?limit=...): a `ZRANGE 0 -1` of every member (names only),
   sorted by the node, then the script: `ZRANGE 0 -1` again and one pass over the members, the
   counts and seq as above and k `HGETALL`s. O(n + k) per page, in Redis and on the wire: the
-  index is sorted by heartbeat, not by name. Measured on Redis 7.0 for 5,000 members: the
-  script's `ZRANGE` and pass about 2.4 ms, a full Lua sort (only when the named page was wrong)
-  about 6 ms more; a study of 5,000 walked in pages of 1,000 costs about 15 ms of Redis time.
-  A second index by name (`ZRANGEBYLEX`) would make a page O(log n + k) at the price of one
-  more write per join and leave; not worth it at these sizes.
+  index is sorted by heartbeat, not by name. Measured on Redis 7.0 for 5,000 members (a shared
+  2-core machine, server-side time): the script's `ZRANGE` and pass 1.5 to 2.3 ms, a page of
+  100 about 3 ms and of 1,000 about 12 ms in all, a sort (only when the named page was wrong)
+  6 to 8 ms more; walking the 5,000 costs about 60 ms of Redis time in pages of 1,000, 150 ms
+  in pages of 100 (a capped snapshot of 100: about 0.7 ms). A second index by name
+  (`ZRANGEBYLEX`) would make a page O(log n + k) at the price of one more write per join and
+  leave; not worth it at these sizes.
 """
 
 from __future__ import annotations
