@@ -50,17 +50,24 @@ class PresenceService:
         study_id: str,
         cursor: CursorUpdate | None = None,
         holder: Holder | None = None,
+        steady: bool = False,
     ) -> Awaitable[Session]:
         """Mark the user present and active in the study, moving the cursor if given.
 
         Publishes user_joined for a new session, user_active if it was idle or away, and
         cursor_moved if the chapter or move path changed. With a `holder` (a WebSocket
-        connection) the session stays present while that connection is open.
+        connection) the session stays present while that connection is open; `steady`: see
+        PresenceStore.heartbeat.
         """
         # The store's awaitable itself, timed now: a coroutine of our own around it would be
         # one more frame to create and resume on the hottest path.
         return self._store.heartbeat(
-            user_id, study_id, NO_CURSOR if cursor is None else cursor, self._now_ms(), holder
+            user_id,
+            study_id,
+            NO_CURSOR if cursor is None else cursor,
+            self._now_ms(),
+            holder,
+            steady,
         )
 
     async def release(self, leases: Sequence[Lease]) -> int:

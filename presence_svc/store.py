@@ -83,12 +83,17 @@ class PresenceStore(Protocol):
         cursor: CursorUpdate,
         now_ms: int,
         holder: Holder | None = None,
+        steady: bool = False,
     ) -> Session:
         """Record a heartbeat (held by `holder`, if given); returns the session after it.
 
         A heartbeat by a holder that was already released, for a session that no longer
         exists (a late heartbeat of a closed socket), stores and publishes nothing: the Session
         returned then has an empty `session_id`.
+
+        `steady` says the caller knows an earlier heartbeat of `holder` already held the
+        session and scheduled its study, so the store may skip what that did; it must check
+        that the hold still stands and otherwise record the heartbeat as without `steady`.
         """
         ...
 

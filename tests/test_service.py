@@ -51,6 +51,7 @@ class RecordingStore:
         cursor: CursorUpdate,
         now_ms: int,
         holder: Holder | None = None,
+        steady: bool = False,
     ) -> Session:
         self.calls.append(("heartbeat", user_id, study_id, cursor, now_ms))
         return Session("sid", user_id, study_id, None, None, Status.ACTIVE, now_ms, now_ms)

@@ -108,7 +108,7 @@ class RedisStore:
         """Give back the connections of the store's pipelining (at shutdown)."""
         await self._batch.close()
 
-    @reachable_per_step  # one batched operation: the batcher keeps its deadline
+    @reachable_per_step  # one batched operation (two at most): the batcher keeps the deadlines
     async def heartbeat(
         self,
         user_id: str,
@@ -116,6 +116,7 @@ class RedisStore:
         cursor: CursorUpdate,
         now_ms: int,
         holder: Holder | None = None,
+        steady: bool = False,
     ) -> Session:
         """Record a heartbeat (held by `holder`, if given) and schedule the study's next sweep.
 
@@ -125,45 +126,64 @@ class RedisStore:
         Session returned is the one it would have started, marked as not stored by an empty
         `session_id` (no stored session has one). Only a closed socket's late heartbeat gets
         that answer, which nobody reads; REST heartbeats have no holder.
+
+        `steady` (with a holder): the caller knows an earlier heartbeat of `holder` held the
+        session, listed its lease and scheduled the study (leases.LeaseKeeper.steady). Then
+        only heartbeat.lua runs, without the lease SADD and schedule.lua: one EVALSHA and,
+        for a session that stays active, 4 commands inside. Where the holder no longer holds
+        the session (a reap, a release, the session ended) the script writes nothing and the
+        full heartbeat is sent instead; where the session was idle or away, schedule.lua
+        follows in a second round trip.
         """
         sk = self._keys.study(study_id)
-        commands: list[Command] = []
-        if holder is not None:
-            # Listed before it holds anything, so a node dying in between leaves no ghost. A
-            # plain command ahead of the script is safe in this order (not in release's):
-            # after NOSCRIPT or a failed script the lease is listed and holds nothing, which a
-            # reaper or the lease-set pass releases (ending nothing), and the retry's SADD is
-            # a no-op.
-            commands.append(
-                (
-                    "SADD",
-                    self._keys.node_leases(holder.node_id),
-                    lease_member(study_id, user_id, holder),
+        keys = [*sk.of_session(user_id), sk.released(user_id)]
+        args: list[Any] = [
+            user_id,
+            study_id,
+            now_ms,
+            iso_from_ms(now_ms),
+            "",  # the session id, should this be a new session (a steady heartbeat starts none)
+            "1" if cursor.sets_chapter else "0",
+            cursor.chapter_id or "",
+            "1" if cursor.sets_move_path else "0",
+            cursor.move_path or "",
+            holder.connection_id if holder is not None else "",
+            self._publish,
+        ]
+        stored: Any = 0
+        if steady and holder is not None:
+            # One operation, in queue order with the socket's other heartbeats. A refusal (0)
+            # wrote nothing and holds for every steady heartbeat queued behind it until the
+            # full one below holds again (only a heartbeat of this connection can), so they
+            # all fall back and stay in order.
+            [stored] = await self._batch.run([call(self._scripts.heartbeat, keys, [*args, "1"])])
+            if stored and not isinstance(stored, int) and not stored[7]:
+                # It turned an idle or away session active: the schedule follows that older
+                # status and must be brought to this heartbeat's due time (after the write).
+                await self._batch.run(
+                    [self._sweep.schedule(study_id, now_ms + self._idle_ms, now_ms)]
                 )
-            )
-        commands.append(
-            call(
-                self._scripts.heartbeat,
-                [*sk.of_session(user_id), sk.released(user_id)],
-                [
-                    user_id,
-                    study_id,
-                    now_ms,
-                    iso_from_ms(now_ms),
-                    os.urandom(16).hex(),  # the session id, should this be a new session
-                    "1" if cursor.sets_chapter else "0",
-                    cursor.chapter_id or "",
-                    "1" if cursor.sets_move_path else "0",
-                    cursor.move_path or "",
-                    holder.connection_id if holder is not None else "",
-                    self._publish,
-                ],
-            )
-        )
-        # Scheduling must follow the state change: lua/schedule.lua has the race it closes.
-        commands.append(self._sweep.schedule(study_id, now_ms + self._idle_ms, now_ms))
-        replies = await self._batch.run(commands)
-        stored = replies[-2]
+        if isinstance(stored, int):
+            args[4] = os.urandom(16).hex()
+            commands: list[Command] = []
+            if holder is not None:
+                # Listed before it holds anything, so a node dying in between leaves no ghost. A
+                # plain command ahead of the script is safe in this order (not in release's):
+                # after NOSCRIPT or a failed script the lease is listed and holds nothing, which
+                # a reaper or the lease-set pass releases (ending nothing), and the retry's SADD
+                # is a no-op.
+                commands.append(
+                    (
+                        "SADD",
+                        self._keys.node_leases(holder.node_id),
+                        lease_member(study_id, user_id, holder),
+                    )
+                )
+            commands.append(call(self._scripts.heartbeat, keys, args))
+            # Scheduling must follow the state change: lua/schedule.lua has the race it closes.
+            commands.append(self._sweep.schedule(study_id, now_ms + self._idle_ms, now_ms))
+            replies = await self._batch.run(commands)
+            stored = replies[-2]
         if not stored:
             # No error and no exception: the ws path would log or answer one, to a closed socket.
             return Session(
@@ -176,7 +196,7 @@ class RedisStore:
                 last_heartbeat_ms=now_ms,
                 joined_at_ms=now_ms,
             )
-        session_id, chapter, move, status, beat, joined, events = stored
+        session_id, chapter, move, status, beat, joined, events, _ = stored
         self.events_published += int(events)
         return Session(
             session_id=text(session_id),
