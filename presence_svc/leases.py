@@ -68,21 +68,58 @@ class LeaseKeeper:
         self._renewals_since_audit = 0
         self._store_failed = False  # a store call failed since the last pass began
         self.released_stale = 0  # leases of this node no open socket held, released by a pass
+        # Sockets whose next heartbeat may be steady (`steady`), and the count of the times
+        # that knowledge was dropped for every socket at once (`confirm` compares it).
+        self._steady: set[str] = set()
+        self.generation = 0
 
     @property
     def held(self) -> int:
         return len(self._held)
 
     def heartbeat(
-        self, connection_id: str, user_id: str, study_id: str, cursor: CursorUpdate
+        self,
+        connection_id: str,
+        user_id: str,
+        study_id: str,
+        cursor: CursorUpdate,
+        steady: bool = False,
     ) -> Awaitable[Session]:
-        """A heartbeat over a WebSocket: the connection now holds the session."""
+        """A heartbeat over a WebSocket: the connection now holds the session. `steady` only
+        where `steady(connection_id)` said so (PresenceStore.heartbeat)."""
         lease = self._held.get(connection_id)
         if lease is None:
             lease = Lease(study_id, user_id, Holder(self.node_id, connection_id))
             self._held[connection_id] = lease
         # The service's awaitable itself: no coroutine frame of our own on the hottest path.
-        return self._service.heartbeat(user_id, study_id, cursor, lease.holder)
+        return self._service.heartbeat(user_id, study_id, cursor, lease.holder, steady)
+
+    def steady(self, connection_id: str) -> bool:
+        """Whether the connection's next heartbeat may be steady: a full heartbeat of its
+        current lease came back stored (so the session was held, the lease listed and the
+        study scheduled, lua/heartbeat.lua), and since then no store call of this node failed,
+        the node was not found dead and the lease-set pass did not miss the lease.
+
+        The store still checks in Redis that the hold stands; this is what only the node
+        knows: that nothing may have lost what that heartbeat wrote elsewhere (a failover
+        dropping acknowledged writes shows as failed calls first).
+        """
+        return connection_id in self._steady
+
+    def confirm(self, connection_id: str, generation: int) -> None:
+        """A full heartbeat of the connection, sent when `generation` was current, came back
+        stored: its next heartbeats may be steady, unless that knowledge was dropped since."""
+        if generation == self.generation and connection_id in self._held:
+            self._steady.add(connection_id)
+
+    def heartbeat_failed(self) -> None:
+        """A heartbeat failed: what it (or a call around it) wrote may be lost or only partly
+        applied, for any socket, so every socket's next heartbeat is a full one."""
+        self._forget_steady()
+
+    def _forget_steady(self) -> None:
+        self._steady.clear()
+        self.generation += 1
 
     async def release(self, connection_id: str) -> None:
         """The connection closed; its session leaves after the grace unless held elsewhere.
@@ -91,6 +128,7 @@ class LeaseKeeper:
         lease is retried at every tick, and shutdown releases it too.
         """
         lease = self._held.pop(connection_id, None)
+        self._steady.discard(connection_id)
         if lease is None:
             return
         self._releasing.add(lease)
@@ -101,6 +139,7 @@ class LeaseKeeper:
             # may not have been applied; and calls left on a dropped connection may yet be.
             self._unreleased.append(lease)
             self._store_failed = True
+            self._forget_steady()
             if not isinstance(exc, Exception):
                 raise
             log.warning("release of %s deferred: %s", connection_id, exc)
@@ -133,6 +172,7 @@ class LeaseKeeper:
                 await self._tick()
             except Exception as exc:
                 self._store_failed = self._store_failed or isinstance(exc, StoreUnavailable)
+                self._forget_steady()
                 log.warning("lease renewal failed: %s", exc)
 
     async def _tick(self) -> None:
@@ -189,6 +229,12 @@ class LeaseKeeper:
         listed = await self._service.leases_of(node_id)
         if node_id != self.node_id:
             return  # re-held under a new id meanwhile: the old set is for the reapers
+        # A steady socket's lease must be listed (its first heartbeat listed it): one that is
+        # not was lost on the way (a failover); its next heartbeat is a full one, listing it.
+        found = set(listed)
+        self._steady.difference_update(
+            [socket for socket in self._steady if self._held.get(socket) not in found]
+        )
         accounted = {
             lease.holder.connection_id
             for lease in (*self._held.values(), *self._releasing, *self._unreleased)
@@ -212,6 +258,7 @@ class LeaseKeeper:
         cannot undo the new holds, and the old lease set can be reaped to the end.
         """
         self.node_id = uuid.uuid4().hex
+        self._forget_steady()  # the new holders have held nothing yet
         self._held = {
             socket: Lease(lease.study_id, lease.user_id, Holder(self.node_id, uuid.uuid4().hex))
             for socket, lease in self._held.items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -24,6 +25,10 @@ class Heartbeats:
     report it done) cost more than parsing the message. A heartbeat's first step runs at once
     in the reader, which queues its Redis commands; every future it then waits on resumes it
     from that future's done callback, as a Task would (stepping.py: what that relies on).
+
+    Once a full heartbeat of the socket has come back stored, the rest are steady (one script,
+    no lease SADD, no scheduling; leases.LeaseKeeper.steady says when that knowledge is
+    dropped): each full one carries the keeper's generation to its answer, to confirm it.
     """
 
     __slots__ = (
@@ -56,14 +61,19 @@ class Heartbeats:
     def start(self, cursor: CursorUpdate) -> asyncio.Future[None] | None:
         """Send one heartbeat; a future to await first if too many are in flight."""
         self.in_flight += 1
+        leases = self._leases
+        steady = leases.steady(self._connection_id)
+        done = (
+            self._finished if steady else functools.partial(self._finished_full, leases.generation)
+        )
         try:
-            call = self._leases.heartbeat(
-                self._connection_id, self._user_id, self._study_id, cursor
+            call = leases.heartbeat(
+                self._connection_id, self._user_id, self._study_id, cursor, steady
             )
         except BaseException as exc:
-            self._finished(exc)
+            done(exc)
         else:
-            stepping.drive(call, self._finished)
+            stepping.drive(call, done)
         if self.in_flight < HEARTBEATS_IN_FLIGHT:
             return None
         self._slot = asyncio.get_running_loop().create_future()
@@ -76,6 +86,13 @@ class Heartbeats:
         self._idle = asyncio.get_running_loop().create_future()
         return self._idle
 
+    def _finished_full(self, generation: int, outcome: BaseException) -> None:
+        # A stored session: the heartbeat held it (or its connection was released, which the
+        # store's check of a steady heartbeat finds and answers with a full one).
+        if type(outcome) is StopIteration and outcome.value.session_id:
+            self._leases.confirm(self._connection_id, generation)
+        self._finished(outcome)
+
     def _finished(self, outcome: BaseException) -> None:
         try:
             if type(outcome) is StopIteration:
@@ -83,11 +100,13 @@ class Heartbeats:
                     self._ok = self._counted.labels("websocket", "ok")
                 self._ok.inc()
             elif isinstance(outcome, StoreUnavailable):
+                self._leases.heartbeat_failed()
                 self._counted.labels("websocket", "unavailable").inc()
                 self._conn.deliver(error_message("unavailable", "presence storage is unreachable"))
             elif isinstance(outcome, asyncio.CancelledError):
                 pass
             elif isinstance(outcome, Exception):
+                self._leases.heartbeat_failed()
                 self._counted.labels("websocket", "internal").inc()
                 log.error(
                     "heartbeat of %s in %s failed", self._user_id, self._study_id, exc_info=outcome

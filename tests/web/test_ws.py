@@ -819,10 +819,21 @@ async def test_no_close_frame_is_owed_to_a_client_that_disconnected() -> None:
 class _PendingLeases:
     """A LeaseKeeper whose heartbeats finish when the test says so."""
 
+    generation = 0
+
     def __init__(self) -> None:
         self.calls: list[asyncio.Future[None]] = []
+        self.failed = 0
 
-    def heartbeat(self, connection_id: str, user_id: str, study_id: str, cursor: Any) -> Any:
+    def steady(self, connection_id: str) -> bool:
+        return True  # its answers carry no session to confirm a full heartbeat with
+
+    def heartbeat_failed(self) -> None:
+        self.failed += 1
+
+    def heartbeat(
+        self, connection_id: str, user_id: str, study_id: str, cursor: Any, steady: bool
+    ) -> Any:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.calls.append(future)
 
@@ -860,6 +871,7 @@ async def test_heartbeats_in_flight_are_bounded_counted_and_drained() -> None:
         call.set_result(None)
     await asyncio.wait_for(idle, 1)
     assert beats.in_flight == 0 and beats.idle() is None
+    assert leases.failed == 2  # each failure makes every socket's next heartbeat a full one
     assert delivered.codes == ["unavailable", "internal"]
 
     def count(outcome: str) -> float | None:
