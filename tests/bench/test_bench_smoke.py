@@ -138,6 +138,7 @@ def _check_bigroom(bigroom: dict[str, Any]) -> None:
         assert row["left_still_held"] == 0 and row["watchers_open"] == p.watchers, row
         assert row["staleness_samples"] > 0 and row["staleness_ms"]["p99"] is not None, row
         assert all(c is not None for c in row["node_cores"]), row
+        assert len(row["node_wait_cores"]) == 2 and row["machine_busy_cores"] > 0, row
     # 65 sockets per node, above the threshold: batched in the first run only.
     on, off = bigroom["rows"]
     assert on["batch_frames_share"] > 0.5 and off["batch_frames_share"] == 0, (on, off)
@@ -153,6 +154,10 @@ def _check_bigroom(bigroom: dict[str, Any]) -> None:
     for members, row in connect.items():
         assert row["total"] == members and row["connected_bytes"] > 0, row
         assert row["first_frames_bytes"] == row["connected_bytes"] + row["snapshot_bytes"]
+    # PRESENCE_SNAPSHOT_MAX_USERS at its default: the large study's snapshot lists 100 users.
+    few, many = (connect[m] for m in sorted(connect))
+    assert few["users_listed"] == few["total"] and few["complete"] is True, few
+    assert many["users_listed"] == 100 and many["complete"] is False, many
 
 
 def test_smoke_peer_column(real_redis_url: str, tmp_path: Path) -> None:

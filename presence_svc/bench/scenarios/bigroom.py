@@ -589,6 +589,16 @@ def _breaks(on: dict[str, Any], off: dict[str, Any]) -> str:
     return "\n".join(["Without batching (measured, not asserted):", *(f"- {x}" for x in lines)])
 
 
+def _contention(row: dict[str, Any]) -> str:
+    """How contended the run was, for a target's note: a node that waited for a core got less
+    than it asked for, so its CPU and latency figures are the machine's as much as its own."""
+    waits = " / ".join(report.fmt(w) for w in row["node_wait_cores"]) or "-"
+    return (
+        f"nodes waited for a core {waits}, machine busy "
+        f"{report.fmt(row['machine_busy_cores'])} cores"
+    )
+
+
 def _targets(rows: list[dict[str, Any]]) -> list[report.Target]:
     by = {r["mode"]: r for r in rows}
     judged = by.get("on") or by.get(EXTERNAL)
@@ -608,7 +618,7 @@ def _targets(rows: list[dict[str, Any]]) -> list[report.Target]:
         "cores",
         CORE_LIMIT,
         False,
-        f"busiest node; {where}; each: {_cores(judged)}",
+        f"busiest node; {where}; each: {_cores(judged)}; {_contention(judged)}",
     )
     if busiest is not None:  # under one core: strictly below the limit
         cpu = replace(cpu, met=busiest < CORE_LIMIT)
@@ -621,7 +631,8 @@ def _targets(rows: list[dict[str, Any]]) -> list[report.Target]:
             "ms",
             STALENESS_LIMIT_MS,
             False,
-            f"{where}; {judged['staleness_samples']:,} heartbeats x sampled watchers",
+            f"{where}; {judged['staleness_samples']:,} heartbeats x sampled watchers; "
+            + _contention(judged),
         ),
         report.check(
             "big room seq gaps",
