@@ -8,13 +8,14 @@ study receive once.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
+from presence_svc.jsontext import compact
 
 PRESENCE_PREFIX = "presence."
 SIGNAL_PREFIX = "signal."
@@ -78,47 +79,51 @@ def encode_signal(
 
 def decode_envelope(raw: bytes) -> Outgoing:
     """Turn a channel message into the text sockets receive, or raise EnvelopeError."""
+    # Paid once per event a node receives (docs/performance.md, "Receive path"): exact type
+    # checks (msgpack gives exact dicts, strs and ints, and bool for booleans, never an int
+    # subclass) and positional construction.
     try:
-        envelope = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        envelope = _unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise EnvelopeError(f"not msgpack: {exc}") from None
-    if not isinstance(envelope, dict):
+    if type(envelope) is not dict:
         raise EnvelopeError("envelope is not a map")
-    event_type = envelope.get("type")
-    data = envelope.get("data")
-    if not isinstance(event_type, str) or not event_type:
+    get = envelope.get
+    event_type = get("type")
+    data = get("data")
+    if type(event_type) is not str or not event_type:
         raise EnvelopeError("envelope has no string 'type'")
-    if not isinstance(data, dict):
+    if type(data) is not dict:
         raise EnvelopeError("envelope has no map 'data'")
     try:
-        text = json_text({"type": event_type, "data": data})
+        text = compact({"type": event_type, "data": data})
     except (TypeError, ValueError, RecursionError) as exc:
         raise EnvelopeError(f"data cannot be sent as JSON: {exc}") from None
     # Only presence events share the study's seq; other backends' events are relayed as they are.
     seq = data.get("seq") if event_type.startswith(PRESENCE_PREFIX) else None
-    ts = envelope.get("ts")
+    ts = get("ts")
     personal: dict[str, Outgoing | None] | None = None
     key: tuple[str, str] | None = None
     if event_type == CURSOR_MOVED or event_type.startswith(SIGNAL_PREFIX):
         user_id = data.get("user_id")
-        if isinstance(user_id, str):
+        if type(user_id) is str:
             key = (event_type, user_id)
-        sender = envelope.get("from")
-        if isinstance(sender, str) and event_type.startswith(SIGNAL_PREFIX):
+        sender = get("from")
+        if type(sender) is str and event_type.startswith(SIGNAL_PREFIX):
             personal = {sender: None}
     return Outgoing(
-        seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
-        text=text,
-        published_ms=ts if isinstance(ts, int) and not isinstance(ts, bool) else None,
-        personal=personal,
-        key=key,
+        seq if type(seq) is int else None,
+        text,
+        None,
+        ts if type(ts) is int else None,
+        personal,
+        key,
     )
 
 
-# json.dumps with these options builds a new JSONEncoder on every call; one is enough.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_unpackb = msgpack.unpackb
 
 
 def json_text(message: dict[str, Any]) -> str:
     """Compact JSON for one WebSocket message."""
-    return _ENCODER.encode(message)
+    return compact(message)
