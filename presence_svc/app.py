@@ -40,6 +40,7 @@ from presence_svc.web.demo import ROUTES as DEMO_ROUTES
 from presence_svc.web.errors import EXCEPTION_HANDLERS
 from presence_svc.web.rest import ROUTES
 from presence_svc.web.ws import presence_socket, snapshot_message
+from presence_svc.web.ws_entry import NodeApp
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,8 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
             await node.store.close()
             await clients.aclose()
 
-    return Starlette(
+    # Starlette, with presence sockets handed straight to their endpoint (ws_entry.py).
+    return NodeApp(
         routes=[
             *ROUTES,
             *stats.ROUTES,

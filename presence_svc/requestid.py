@@ -60,6 +60,13 @@ def incoming_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def enter_websocket() -> None:
+    """Give the WebSocket being handled its connection id, for an entry that calls its
+    endpoint without this middleware (web/ws_entry.py). Not reset afterwards: the server runs
+    each connection in its own task, whose context ends with it."""
+    _current.set((CONNECTION_ID, new_id()))
+
+
 class RequestIdMiddleware:
     """Sets the request id (HTTP, echoed as X-Request-ID) or connection id (WebSocket)."""
 

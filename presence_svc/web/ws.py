@@ -103,6 +103,9 @@ class PresenceSocket:
         principal, study_id = admitted
         user_id = principal.user_id
         await websocket.accept()
+        # Handshake only: with its cached headers and query parameters it would otherwise stay
+        # alive, per socket, for as long as the socket does.
+        del websocket
         node.open_sockets += 1
         node.sockets_by_user[user_id] += 1
         try:
