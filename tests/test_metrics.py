@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
+from presence_svc import metrics
+from presence_svc.codec import Outgoing
 from tests.support.app import app_client
 from tests.support.auth import auth, token
 from tests.support.waiting import eventually
@@ -83,3 +86,54 @@ def test_deliveries_latency_gauges_and_sweeps(client: TestClient) -> None:
     eventually(lambda: value(client, "presence_websocket_connections") == 0, what="sockets gone")
     assert value(client, "presence_subscribed_studies") == 0
     assert value(client, "presence_pubsub_connected") == 1
+
+
+def test_deliveries_read_as_prometheus_client_would_write_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The delivery count and latency are plain counts the node keeps (metrics._Deliveries);
+    /metrics shows them exactly as a prometheus_client Counter and Histogram fed alike."""
+    clock = [1_900_000_000.0]
+    monkeypatch.setattr(metrics.time, "time", lambda: clock[0])
+    ours = metrics.Metrics()
+    registry = CollectorRegistry(auto_describe=True)
+    counter = Counter(
+        "presence_events_delivered",
+        "Events handed to local WebSockets (one per event and socket).",
+        registry=registry,
+    )
+    histogram = Histogram(
+        "presence_event_delivery_latency_seconds",
+        "From an event's publication to its hand-over to this node's sockets.",
+        buckets=metrics.LATENCY_BUCKETS,
+        registry=registry,
+    )
+    # Bounds themselves, between them, past the last one, and a publisher's clock ahead.
+    for age_ms, sockets in [
+        (0, 3),
+        (1, 1),
+        (2, 0),
+        (10, 5),
+        (300, 2),
+        (2_500, 1),
+        (9_000, 1),
+        (-50, 1),
+    ]:
+        published_ms = int(clock[0] * 1000) - age_ms
+        ours.delivered(Outgoing(None, "{}", published_ms=published_ms), sockets)
+        counter.inc(sockets)
+        histogram.observe(max(0.0, clock[0] - published_ms / 1000))  # what the node did
+    ours.delivered(Outgoing(None, "{}"), 4)  # no publication time: counted, not timed
+    counter.inc(4)
+
+    def written(text: bytes) -> list[str]:
+        wanted = ("presence_events_delivered", "presence_event_delivery_latency_seconds")
+        # _created is the moment each was made: the same for both but for that.
+        return [
+            line.split(" ")[0] if "_created " in line else line
+            for line in text.decode().splitlines()
+            if any(name in line for name in wanted)
+        ]
+
+    assert written(ours.render()) == written(generate_latest(registry))
+    assert ours.deliveries.created == clock[0]
