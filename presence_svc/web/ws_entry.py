@@ -10,6 +10,11 @@ the shortcut pass WebSockets through, and the route has no path parameters. So t
 handed to the endpoint here, under this app's one frame (docs/performance.md, "Idle socket
 memory"). `__call__` stays a coroutine function: uvicorn and Starlette's TestClient tell an ASGI 3
 app by that.
+
+The rest of `__call__` is Starlette's own, inlined: it relies on Starlette internals (what
+`Starlette.__call__` does, `middleware_stack` built lazily by `build_middleware_stack`).
+tests/web/test_internals.py fails if they change; checked against starlette 1.10.0
+(pyproject.toml pins starlette below 2).
 """
 
 from __future__ import annotations

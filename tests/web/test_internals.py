@@ -1,4 +1,5 @@
-"""What web/stepping.py and the raw ASGI endpoint rely on from asyncio, Starlette and uvicorn.
+"""What web/stepping.py, the raw ASGI endpoint and web/ws_entry.py's NodeApp (Starlette's own
+`__call__`, inlined) rely on from asyncio, Starlette and uvicorn.
 
 None of it is public API, and a change in any of it would not fail a behaviour test: the node
 would fall back to slower paths or fail only under load. These tests fail instead, naming
@@ -7,21 +8,32 @@ what changed (stepping.py's docstring says what each item bought).
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
+import contextlib
+import inspect
 import os
 import sys
+import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import starlette
 import uvicorn
-from starlette.routing import WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from presence_svc.app import create_app
 from presence_svc.leases import LeaseKeeper
@@ -32,6 +44,7 @@ from presence_svc.service import PresenceService
 from presence_svc.settings import load_settings
 from presence_svc.web import stepping
 from presence_svc.web.ws import presence_socket
+from presence_svc.web.ws_entry import NodeApp
 from tests.support.processes import free_port
 
 PYTHON = f"Python {sys.version.split()[0]}"
@@ -197,3 +210,126 @@ async def test_uvicorn_sends_in_one_step_and_raises_oserror_once_the_client_is_g
         "(ws_connection.py takes an OSError to mean the client is gone)"
     )
     writer.close()
+
+
+# --- Starlette: its __call__, which web/ws_entry.py's NodeApp inlines ------------------------
+
+
+def _statements_of(function: Any) -> list[ast.stmt]:
+    """The statements of a method's body as parsed from its source (docstring left out)."""
+    [definition] = ast.parse(textwrap.dedent(inspect.getsource(function))).body
+    assert isinstance(definition, ast.AsyncFunctionDef), f"{function!r} is not `async def`"
+    body = definition.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return body
+
+
+def _is_the_shortcut(statement: ast.stmt) -> bool:
+    return isinstance(statement, ast.If) and "WS_PATH" in ast.unparse(statement.test)
+
+
+def test_node_app_inlines_starlette_call_statement_for_statement() -> None:
+    theirs = _statements_of(Starlette.__call__)
+    ours = [s for s in _statements_of(NodeApp.__call__) if not _is_the_shortcut(s)]
+    assert len(ours) == len(_statements_of(NodeApp.__call__)) - 1, "the WS shortcut moved"
+    assert [ast.dump(s) for s in ours] == [ast.dump(s) for s in theirs], (
+        f"starlette {starlette.__version__}: Starlette.__call__ is now\n"
+        + "\n".join(ast.unparse(s) for s in theirs)
+        + "\nbut NodeApp.__call__ (web/ws_entry.py) inlines\n"
+        + "\n".join(ast.unparse(s) for s in ours)
+    )
+
+
+def _comparison_app(cls: type[Starlette], log: list[str]) -> Starlette:
+    """An app with a route of each kind, a user middleware, an exception handler and a
+    lifespan: built the same way as a plain Starlette and as a NodeApp."""
+
+    async def home(request: Request) -> Response:
+        return PlainTextResponse(f"{request.app is app} {request.state.started}")
+
+    async def teapot(request: Request) -> Response:
+        raise HTTPException(418, "short and stout")
+
+    async def crash(request: Request) -> Response:
+        raise RuntimeError("unhandled")
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(f"{websocket.app is app} {await websocket.receive_text()}")
+        await websocket.close()
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return PlainTextResponse(f"handled {exc.detail}", exc.status_code)
+
+    class Tagged:
+        def __init__(self, inner: ASGIApp) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            async def tagged(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message["headers"], (b"x-tag", b"1")]}
+                await send(message)
+
+            await self.inner(scope, receive, tagged if scope["type"] == "http" else send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(started: Starlette) -> AsyncIterator[dict[str, Any]]:
+        log.append(f"startup {started is app}")
+        yield {"started": "yes"}
+        log.append("shutdown")
+
+    app = cls(
+        routes=[
+            Route("/", home, methods=["GET"]),
+            Route("/teapot", teapot),
+            Route("/crash", crash),
+            WebSocketRoute("/ws/echo", echo),
+        ],
+        middleware=[Middleware(Tagged)],
+        exception_handlers={HTTPException: on_http_error},
+        lifespan=lifespan,
+    )
+    return app
+
+
+def _answers(client: TestClient) -> list[tuple[int, str, str | None]]:
+    answers = []
+    for method, path in [
+        ("GET", "/"),
+        ("POST", "/"),  # 405 from the router
+        ("GET", "/missing"),  # 404 from the router
+        ("GET", "/teapot"),  # the app's exception handler (ExceptionMiddleware)
+        ("GET", "/crash"),  # ServerErrorMiddleware's 500
+        ("GET", "/ws/echo"),  # a WebSocket route asked over HTTP
+    ]:
+        response = client.request(method, path)
+        answers.append((response.status_code, response.text, response.headers.get("x-tag")))
+    return answers
+
+
+def test_a_node_app_answers_as_the_starlette_it_inlines() -> None:
+    seen: dict[str, Any] = {}
+    for cls in (Starlette, NodeApp):
+        log: list[str] = []
+        app = _comparison_app(cls, log)
+        assert app.middleware_stack is None, "the stack is no longer built lazily"
+        with TestClient(app, raise_server_exceptions=False) as client:
+            stack = app.middleware_stack
+            assert stack is not None, "the lifespan did not build the middleware stack"
+            answers = _answers(client)
+            with client.websocket_connect("/ws/echo") as ws:
+                ws.send_text("hi")
+                answers.append((0, ws.receive_text(), None))
+            assert app.middleware_stack is stack, "the stack was built more than once"
+        seen[cls.__name__] = (answers, log)
+    version = f"starlette {starlette.__version__}"
+    plain_answers, plain_log = seen["Starlette"]
+    assert plain_log == ["startup True", "shutdown"], f"{version}: the lifespan changed"
+    assert plain_answers[0] == (200, "True yes", "1"), f"{version}: {plain_answers[0]}"
+    assert [status for status, _, _ in plain_answers] == [200, 405, 404, 418, 500, 404, 0]
+    assert seen["NodeApp"] == seen["Starlette"], (
+        f"{version}: a NodeApp (web/ws_entry.py) no longer answers as a plain Starlette"
+    )
