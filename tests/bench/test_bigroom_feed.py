@@ -11,6 +11,7 @@ from presence_svc.bench.scenarios.bigroom_feed import (
     EVENTS,
     OTHER,
     SNAPSHOT,
+    Chain,
     Feed,
     Frames,
     move_number,
@@ -192,3 +193,93 @@ def test_forget_restarts_the_counters_and_the_log_not_the_state() -> None:
     feed.forget()
     assert feed.frames == 0 and feed.log == {}
     assert feed.cursors == {"a": 2} and feed.applied == 2
+
+
+def _results(feed: Feed) -> tuple[Any, ...]:
+    return (
+        feed.applied,
+        dict(feed.cursors),
+        feed.gaps,
+        feed.early,
+        feed.disordered,
+        feed.batches,
+        feed.snapshots,
+    )
+
+
+def test_the_shared_chain_gives_each_socket_what_its_own_application_gives() -> None:
+    # One node's stream: every socket gets its frames in this order, from its own snapshot on.
+    stream = [
+        _bytes(_event("user_joined", "a", 3, 1)),
+        _batch(4, 6, _event("user_joined", "b", 4, 1), _event("cursor_moved", "a", 6, 2)),
+        _bytes(_event("cursor_moved", "b", 7, 2)),
+        _batch(8, 10, _event("user_left", "a", 8), _event("cursor_moved", "b", 10, 3)),
+        _batch(9, 12, _event("cursor_moved", "b", 10, 3), _event("user_joined", "c", 12, 1)),
+        _bytes(_event("cursor_moved", "c", 13, 2)),
+        _batch(14, 15, _event("cursor_moved", "b", 15, 4)),
+        _bytes(_event("cursor_moved", "c", 17, 3)),  # 16 never came: a gap on every socket
+    ]
+    first = _snapshot(2)
+    # Per socket: the payloads it receives. Most follow the stream from the same snapshot; one
+    # joins later (its own snapshot, which holds a at 2 and b at 1); one misses a frame (a gap:
+    # its state leaves the chain's until a frame makes them equal again); one resyncs (a later
+    # snapshot of its own, holding a cursor the chain's sockets never see); one gets events
+    # before any snapshot (seq 3 came before its snapshot at 2: a gap for it).
+    plain = [first, *stream]
+    late = [_snapshot(6, a=2, b=1), *stream[2:]]
+    missing = [first, *stream[:2], *stream[3:]]
+    resynced = [first, *stream[:4], _snapshot(11, b=3, z=9), *stream[4:]]
+    early = [stream[0], first, *stream[1:]]
+    received = [plain, plain, late, plain, missing, resynced, plain, early, plain]
+
+    frames, chain = Frames(), Chain()
+    shared = [Feed(chain=chain) for _ in received]
+    alone = [Feed() for _ in received]
+    # Interleaved as a worker gets them: one frame per socket in turn.
+    for step in range(max(len(r) for r in received)):
+        for socket, payloads in enumerate(received):
+            if step < len(payloads):
+                frame = frames.get(payloads[step])
+                shared[socket].apply(frame, step)
+                alone[socket].apply(frame, step)
+
+    for socket, (mine, own) in enumerate(zip(shared, alone, strict=True)):
+        assert _results(mine) == _results(own), socket
+    # The cases are what they say: each socket's own result, checked above.
+    assert [f.gaps for f in alone] == [1, 1, 1, 1, 2, 1, 1, 2, 1]
+    assert alone[0].cursors == {"b": 4, "c": 3} and alone[0].applied == 17
+    assert alone[5].cursors == {"b": 4, "c": 3, "z": 9} and alone[5].snapshots == 2
+    assert alone[7].early == 1
+    # 68 event frames after a snapshot; applied by a socket: each socket's first one after its
+    # snapshot (9: every snapshot is a socket's own state), the chain's other 7, the socket that
+    # missed a frame once (its state after the batch 8..10 equals the chain's: it rejoins), and
+    # the resynced socket's 4 after its snapshot (it holds z, the chain does not). The rest: 47
+    # taken from the chain without an application of their own.
+    assert chain.shared + chain.applied == 68
+    assert chain.applied == 9 + 7 + 1 + 4 and chain.shared == 47
+    # A socket on the chain holds the chain's state itself, not a copy of its own.
+    assert shared[0].cursors is shared[1].cursors is shared[8].cursors
+    assert shared[5].cursors is not shared[0].cursors
+
+
+def test_a_socket_on_the_chain_never_changes_the_shared_state() -> None:
+    frames, chain = Frames(), Chain()
+    one, two = Feed(chain=chain), Feed(chain=chain)
+    for payload in (_snapshot(1), _bytes(_event("user_joined", "a", 2, 1))):
+        one.apply(frames.get(payload), 0)
+        two.apply(frames.get(payload), 0)
+    assert one.cursors is two.cursors
+    # two alone gets a frame (its seq leaves the chain): one's state stays as it was.
+    two.apply(frames.get(_bytes(_event("cursor_moved", "a", 3, 2))), 0)
+    two.apply(frames.get(_bytes(_event("user_left", "a", 4))), 0)
+    assert one.cursors == {"a": 1} and one.applied == 2
+    assert two.cursors == {} and two.applied == 4
+
+
+def test_a_logged_socket_applies_every_frame_itself() -> None:
+    chain = Chain()
+    feed = Feed(logged=True, chain=chain)
+    feed.apply(parse(_snapshot(0)), 10)
+    feed.apply(parse(_bytes(_event("user_joined", "a", 1, 1))), 20)
+    assert feed.chain is None and chain.applied == chain.shared == 0
+    assert feed.log is not None and list(feed.log["a"]) == [1, 20]

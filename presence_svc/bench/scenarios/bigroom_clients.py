@@ -1,6 +1,7 @@
 """The bigroom scenario's side in a client worker: the `bigroom` command of bench/workers.py.
 
-Watchers only read: each applies every frame to its own Feed (bigroom_feed). Members are the
+Watchers only read: each follows every frame on its own Feed (bigroom_feed), a frame applied
+once per worker to the shared chain while the socket's sequence is the chain's. Members are the
 sockets of the one worker that moves them: each heartbeats `main.<n>` at a set rate and the
 worker logs when it sent each n. Every 1/churn s one member leaves (it stops, then a ping whose
 pong says the node has handled its heartbeats, DELETE /presence/{study}, close) and a new one
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from presence_svc.auth import issue_token
-from presence_svc.bench.scenarios.bigroom_feed import Feed, Frames, staleness
+from presence_svc.bench.scenarios.bigroom_feed import Chain, Feed, Frames, staleness
 from presence_svc.bench.wsclient import OP_TEXT, MessageHandler, WsClient, frame, open_ws
 
 _PONG = b'{"type":"pong"'
@@ -64,6 +65,7 @@ class _Member:
 @dataclass
 class _State:
     frames: Frames = field(default_factory=Frames)
+    chain: Chain = field(default_factory=Chain)  # frames applied once for the worker's sockets
     groups: dict[str, list[_Socket]] = field(default_factory=dict)
     members: dict[str, _Member] = field(default_factory=dict)  # present (not left), by user
     sent: dict[str, array.array[int]] = field(default_factory=dict)  # when each n was sent
@@ -140,7 +142,7 @@ async def _open_group(
 
     async def one(spec: list[Any]) -> _Socket:
         host, port, user, sampled = spec
-        feed = Feed(logged=bool(sampled))
+        feed = Feed(logged=bool(sampled), chain=_S.chain)
         handler = _watcher(feed)
         member: _Member | None = None
         if members:
@@ -310,7 +312,7 @@ class _Movers:
         self.left += 1
 
     async def _join(self, user: str, host: str, port: int) -> None:
-        member = _Member(user, host, port, Feed())
+        member = _Member(user, host, port, Feed(chain=_S.chain))
         try:
             member.client = await _open(
                 host,
@@ -472,6 +474,8 @@ async def _collect(
         "staleness_ns": values,
         "unheld": unheld,
         "parsed": _S.frames.parsed,
+        "chain_shared": _S.chain.shared,
+        "chain_applied": _S.chain.applied,
     }
 
 

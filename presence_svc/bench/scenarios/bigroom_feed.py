@@ -1,9 +1,14 @@
-"""The bigroom scenario's client side, pure: a frame parsed once, applied by each socket.
+"""The bigroom scenario's client side, pure: a frame parsed once, applied once per worker.
 
-Sockets of one node receive the same bytes for the same event or tick (a node encodes each once
-per study), so a client worker parses a payload once (`Frames`, keyed by its bytes) and each
-socket applies the parsed frame to its own state (`Feed`): the study's seq, applied by the
-protocol's rule, and each member's latest cursor.
+Sockets of one node receive the same bytes for the same event or tick, in the same order (a
+node encodes each once per study), so a client worker parses a payload once (`Frames`, keyed by
+its bytes) and applies it once (`Chain`): the state (the study's seq, applied by the protocol's
+rule, and each member's latest cursor) reached by applying a frame to the state it followed is
+shared by every socket that was at that state and got that frame. A socket (`Feed`) keeps its
+applied seq, its gap count and a reference to the shared state it has reached; a socket whose
+sequence leaves the chain (it joined later, resynced, missed a frame: its own snapshot, or a
+frame the chain applied to another state) applies frames to its own copy, and rejoins the chain
+as soon as its own state after a frame equals the chain's after that frame.
 
 A member's cursor is the counter n of its move path `main.<n>`, raised by one at each of its
 heartbeats; the mover logs when it sent each n. A sampled socket logs when it first held each n
@@ -140,13 +145,50 @@ class Frames:
         return frame
 
 
+@dataclass(eq=False, slots=True)
+class State:
+    """A state of the chain: the seq applied and each user's cursor n (never changed)."""
+
+    applied: int
+    cursors: dict[str, int]
+
+
+class Chain:
+    """Per worker: for each recent frame, the states it was applied to, the state each gave and
+    whether that was a gap (a few per frame); the oldest frames forgotten past `size`."""
+
+    LINKS = 4  # states a frame is applied to at most on the chain (others stay on their own)
+
+    def __init__(self, size: int = 512) -> None:
+        self._size = size
+        # id(frame) -> (frame, [(state before, state after, gap)]); the frame is kept so its
+        # id is not reused while it is here. A before of None: reached by a socket's own state.
+        self._links: dict[int, tuple[Frame, list[tuple[State | None, State, bool]]]] = {}
+        self.shared = 0  # frames a socket took from the chain (no application of its own)
+        self.applied = 0  # frames applied by a socket, to the chain's state or its own
+        self.rejoined = 0  # sockets back on the chain after applying frames on their own
+
+    def links(self, frame: Frame) -> list[tuple[State | None, State, bool]]:
+        found = self._links.get(id(frame))
+        if found is None:
+            if len(self._links) >= self._size:
+                del self._links[next(iter(self._links))]
+            found = self._links[id(frame)] = (frame, [])
+        return found[1]
+
+
 class Feed:
-    """One socket's state: the seq it has applied, each user's latest cursor n, what it saw."""
+    """One socket's state: the seq it has applied, each user's latest cursor n, what it saw.
+
+    With a `chain` (and no log), `cursors` is the shared state's (`state`, never changed by
+    this socket) while the socket follows the chain, else its own dict.
+    """
 
     __slots__ = (
         "applied",
         "batches",
         "bytes",
+        "chain",
         "closed_ns",
         "cursors",
         "disordered",
@@ -155,11 +197,15 @@ class Feed:
         "gaps",
         "log",
         "snapshots",
+        "state",
     )
 
-    def __init__(self, logged: bool = False) -> None:
+    def __init__(self, logged: bool = False, chain: Chain | None = None) -> None:
         self.applied: int | None = None  # None until the first snapshot
         self.cursors: dict[str, int] = {}
+        # Sampled sockets apply every frame themselves: they log when they held each n.
+        self.chain = None if logged else chain
+        self.state: State | None = None  # the chain's state this socket is at, if any
         # Sampled sockets: per user, [n, received ns, n, received ns, ...] as n rises.
         self.log: dict[str, array.array[int]] | None = {} if logged else None
         self.frames = self.bytes = self.batches = 0
@@ -173,6 +219,7 @@ class Feed:
         if frame.kind == SNAPSHOT:
             # A later snapshot replaces the state; the events that follow continue from it.
             self.snapshots += 1
+            self.state = None
             self.cursors = dict(frame.cursors or {})
             self.applied = frame.first or 0
             if self.log is not None:
@@ -187,6 +234,44 @@ class Feed:
         if applied is None:
             self.early += 1
             return
+        chain = self.chain
+        if chain is None:
+            self._own(frame, applied, now_ns)
+            return
+        links = chain.links(frame)
+        state = self.state
+        if state is not None:
+            for before, after, gap in links:
+                if before is state:
+                    # The chain applied this frame to the state this socket is at: same result.
+                    chain.shared += 1
+                    self.gaps += gap
+                    self.state, self.cursors, self.applied = after, after.cursors, after.applied
+                    return
+            self.cursors = dict(state.cursors)  # the shared state is never changed
+        chain.applied += 1
+        gaps = self.gaps
+        self._own(frame, applied, now_ns)
+        cursors, reached = self.cursors, self.applied
+        assert reached is not None  # set by _own from applied
+        for _, after, _ in links:
+            if after.applied == reached and after.cursors == cursors:
+                # The same state as the chain's after this frame: back on it.
+                chain.rejoined += 1
+                if state is not None and len(links) < chain.LINKS:
+                    links.append((state, after, self.gaps > gaps))  # the next ones follow it
+                self.state, self.cursors = after, after.cursors
+                return
+        if len(links) < chain.LINKS:
+            # A new state of the chain: this socket's (its dict, shared from now on).
+            self.state = State(reached, cursors)
+            links.append((state, self.state, self.gaps > gaps))
+        else:
+            self.state = None
+
+    def _own(self, frame: Frame, applied: int, now_ns: int) -> None:
+        """Apply the frame's events to this socket's own cursors (frame.first/last are set)."""
+        assert frame.first is not None and frame.last is not None
         if frame.first > applied + 1:
             self.gaps += 1
         if frame.first > applied and frame.cursors is not None:
