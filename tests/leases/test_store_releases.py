@@ -67,6 +67,7 @@ async def test_release_leaves_after_the_grace_not_before(
         "chapter_id": "ch1",
         "move_path": "m1",
         "status": "active",
+        "previous_status": None,
         "timestamp": iso_from_ms(leave_at),
         "seq": 2,
     }
