@@ -38,7 +38,7 @@ from presence_svc.web import dashboard, stats
 from presence_svc.web.client_files import ROUTES as CLIENT_ROUTES
 from presence_svc.web.demo import ROUTES as DEMO_ROUTES
 from presence_svc.web.errors import EXCEPTION_HANDLERS
-from presence_svc.web.rest import ROUTES
+from presence_svc.web.rest import ROUTES, HeartbeatShortcut
 from presence_svc.web.ws import presence_socket, snapshot_message
 from presence_svc.web.ws_entry import NodeApp
 
@@ -249,7 +249,8 @@ def create_app(settings: Settings, redis: Any = None) -> Starlette:
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         # Request/connection ids for the logs and X-Request-ID (pure ASGI: nothing per message),
-        # then CORS for REST from other origins (WebSockets pass through it untouched).
-        middleware=[Middleware(RequestIdMiddleware), cors(settings)],
+        # then CORS for REST from other origins (WebSockets pass through it untouched), then
+        # REST heartbeats straight to their endpoint (the hottest REST call; rest.py says how).
+        middleware=[Middleware(RequestIdMiddleware), cors(settings), Middleware(HeartbeatShortcut)],
         lifespan=lifespan,
     )

@@ -306,3 +306,64 @@ def compact_heartbeat(text: str) -> CursorUpdate | None:
         sets_chapter=chapter_id is not None,
         sets_move_path=move_path is not None,
     )
+
+
+# A REST heartbeat body as most clients send it: an object with `study_id`, then optionally
+# `chapter_id`, then `move_path`, each at most once, in that order, strings or null, with any
+# JSON whitespace around the tokens (json.dumps and JSON.stringify alike). The strings admit no
+# quote or backslash, so their raw bytes are the decoded values.
+_JSON_SPACE = rb"[ \t\n\r]*"  # JSON's four (Python's \s would admit \f and \v too)
+
+
+def _member(name: bytes, value: bytes) -> bytes:
+    return rb'"%s"%s:%s%s' % (name, _JSON_SPACE, _JSON_SPACE, value)
+
+
+def _then(member: bytes) -> bytes:
+    return rb"(?:%s,%s%s)?" % (_JSON_SPACE, _JSON_SPACE, member)
+
+
+_REST_ID = ID_PATTERN[1:-1].encode()
+_REST_MOVE_PATH = MOVE_PATH_PATTERN[1:-1].encode()
+_REST_HEARTBEAT = re.compile(
+    rb"%(s)s\{%(s)s%(study)s%(chapter)s%(move)s%(s)s\}%(s)s"
+    % {
+        b"s": _JSON_SPACE,
+        b"study": _member(b"study_id", rb'"(?P<study>%s)"' % _REST_ID),
+        b"chapter": _then(
+            _member(b"chapter_id", rb'(?:"(?P<chapter>%s)"|(?P<no_chapter>null))' % _REST_ID)
+        ),
+        b"move": _then(
+            _member(b"move_path", rb'(?:"(?P<move>%s)"|(?P<no_move>null))' % _REST_MOVE_PATH)
+        ),
+    }
+)
+
+
+def rest_heartbeat_fields(body: bytes) -> tuple[str, CursorUpdate] | None:
+    """The study and cursor of a REST heartbeat body of the common shape, or None for any
+    other body.
+
+    The common body parsed without pydantic; for every body it accepts,
+    `HeartbeatRequest.model_validate_json(body)` gives the same study_id and cursor(), and
+    anything else (other orders, escapes, other fields, invalid values) goes to the full
+    validation, which produces the errors.
+    """
+    matched = _REST_HEARTBEAT.fullmatch(body)
+    if matched is None:
+        return None
+    study, chapter, no_chapter, move, no_move = matched.group(
+        "study", "chapter", "no_chapter", "move", "no_move"
+    )
+    sets_chapter = chapter is not None or no_chapter is not None
+    sets_move_path = move is not None or no_move is not None
+    if not (sets_chapter or sets_move_path):
+        return study.decode(), NO_CURSOR
+    if move is not None and len(move) > MOVE_PATH_MAX_LENGTH:
+        return None
+    return study.decode(), CursorUpdate(
+        chapter_id=None if chapter is None else chapter.decode(),
+        move_path=None if move is None else move.decode(),
+        sets_chapter=sets_chapter,
+        sets_move_path=sets_move_path,
+    )

@@ -25,15 +25,25 @@ def node_of(request: Request) -> Node:
 
 def principal(request: Request) -> Principal:
     """Who the request's bearer token says the caller is; ApiError 401 if it does not."""
+    return caller_of(node_of(request), request.headers.get("authorization"))
+
+
+def caller_of(node: Node, authorization: str | None) -> Principal:
+    """`principal` from the Authorization header's value (for endpoints without a Request)."""
     try:
-        return node_of(request).verifier.principal(bearer(request.headers.get("authorization")))
+        return node.verifier.principal(bearer(authorization))
     except AuthError as exc:
         raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from None
 
 
 def authorize(request: Request, caller: Principal, study_id: str) -> None:
     """ApiError 403 unless `caller` may access `study_id` (when the node requires grants)."""
-    if node_of(request).settings.study_grant_required and not caller.may_access(study_id):
+    check_grant(node_of(request), caller, study_id)
+
+
+def check_grant(node: Node, caller: Principal, study_id: str) -> None:
+    """`authorize` on the node itself (for endpoints without a Request)."""
+    if node.settings.study_grant_required and not caller.may_access(study_id):
         raise ApiError(403, "forbidden", f"the token grants no access to study {study_id!r}")
 
 
