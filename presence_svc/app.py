@@ -10,7 +10,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
 from presence_svc.auth import TokenVerifier
@@ -36,6 +35,7 @@ from presence_svc.stats import OperatorStats, StatsWriter
 from presence_svc.sweeper import Sweeper
 from presence_svc.web import dashboard, stats
 from presence_svc.web.client_files import ROUTES as CLIENT_ROUTES
+from presence_svc.web.cors import Cors
 from presence_svc.web.demo import ROUTES as DEMO_ROUTES
 from presence_svc.web.errors import EXCEPTION_HANDLERS
 from presence_svc.web.rest import ROUTES, HeartbeatShortcut
@@ -168,7 +168,7 @@ def cors(settings: Settings) -> Middleware:
     any when it is empty (as for WebSockets). Credentials stay off: tokens travel in the
     Authorization header, never in cookies."""
     return Middleware(
-        CORSMiddleware,
+        Cors,
         allow_origins=settings.allowed_origins or ["*"],
         allow_methods=["GET", "POST", "DELETE"],
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],

@@ -3,13 +3,19 @@ empty), preflights answered, credentials never allowed, WebSockets untouched."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from starlette.middleware.cors import CORSMiddleware
 from starlette.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
 
-from tests.support.app import app_client
+from presence_svc.app import cors
+from presence_svc.web.cors import Cors
+from tests.support.app import app_client, make_settings
 from tests.support.auth import auth
 
 ALLOWED = "https://app.example"
@@ -96,3 +102,69 @@ def test_websockets_pass_through(client: TestClient) -> None:
     path = "/ws/presence?study_id=s1"
     with client.websocket_connect(path, headers={**auth(), "Origin": ALLOWED}) as ws:
         assert ws.receive_json()["type"] == "connected"
+
+
+# --- presence_svc.web.cors against Starlette's CORSMiddleware ----------------------------------
+
+OPTIONS: list[dict[str, Any]] = [
+    dict(cors(make_settings()).kwargs),  # any origin
+    dict(cors(make_settings(allowed_origins=ALLOWED)).kwargs),
+]
+ANSWERS: list[dict[str, Any]] = [
+    {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]},
+    {"type": "http.response.start", "status": 200},  # no headers at all
+    {"type": "http.response.start", "status": 404, "headers": [(b"vary", b"Accept-Encoding")]},
+    {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"vary", b"Accept"), (b"x-a", b"1"), (b"vary", b"Cookie")],
+    },
+]
+REQUESTS: list[dict[str, Any]] = [
+    {"type": "http", "method": "GET", "headers": []},
+    {"type": "http", "method": "POST", "headers": [(b"host", b"h"), (b"x-origin", b"no")]},
+    {"type": "http", "method": "GET", "headers": [(b"origin", ALLOWED.encode())]},
+    {"type": "http", "method": "GET", "headers": [(b"origin", OTHER.encode())]},
+    {
+        "type": "http",
+        "method": "OPTIONS",
+        "headers": [(b"origin", ALLOWED.encode()), (b"access-control-request-method", b"POST")],
+    },
+    {
+        "type": "http",
+        "method": "OPTIONS",
+        "headers": [(b"origin", OTHER.encode()), (b"access-control-request-method", b"PUT")],
+    },
+    {"type": "http", "method": "OPTIONS", "headers": []},  # not a preflight: no Origin
+    {"type": "websocket", "headers": [(b"origin", OTHER.encode())]},
+]
+
+
+def _through(middleware: Any, options: dict[str, Any], request: dict[str, Any], answer: Any) -> Any:
+    """What `middleware(app, **options)` sends for `request` when the app answers `answer`."""
+    sent: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(copy.deepcopy(answer))
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(middleware(app, **options)(copy.deepcopy(request), receive, send))
+    return sent
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("request_scope", REQUESTS)
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_the_short_way_answers_as_cors_middleware(
+    options: dict[str, Any], request_scope: dict[str, Any], answer: dict[str, Any]
+) -> None:
+    ours = _through(Cors, options, request_scope, answer)
+    assert ours == _through(CORSMiddleware, options, request_scope, answer)
+    if request_scope["type"] == "http" and not request_scope["headers"]:  # the short way
+        assert [v for n, v in ours[0]["headers"] if n == b"vary"][-1].endswith(b"Origin")
