@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -280,3 +282,32 @@ def test_streaming_responses_still_stream_with_the_header() -> None:
     response = TestClient(RequestIdMiddleware(app)).get("/", headers={"X-Request-ID": "stream-1"})
     assert response.text == "one two three"
     assert response.headers["x-request-id"] == "stream-1"
+
+
+# --- fresh ids ---------------------------------------------------------------------------------
+
+
+def test_fresh_ids_are_distinct_across_batches() -> None:
+    drawn = [requestid.new_id() for _ in range(3 * 256 + 5)]  # three batches from the OS and more
+    assert all(GENERATED.match(i) for i in drawn)
+    assert len(set(drawn)) == len(drawn)
+
+
+_FORKED = """
+import os, sys
+from presence_svc import requestid
+requestid.new_id()  # the parent draws a batch and keeps the rest
+read, write = os.pipe()
+if os.fork() == 0:
+    os.write(write, requestid.new_id().encode())
+    os._exit(0)
+os.wait()
+child = os.read(read, 64).decode()
+left = {requestid.new_id() for _ in range(255)}
+sys.exit(0 if child and child not in left else 1)
+"""
+
+
+def test_a_forked_child_draws_none_of_the_ids_its_parent_has_left() -> None:
+    # A fresh interpreter: forking the test process (its threads) is not what this is about.
+    assert subprocess.run([sys.executable, "-c", _FORKED], timeout=60).returncode == 0
