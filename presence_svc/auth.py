@@ -158,7 +158,9 @@ class TokenVerifier:
         if not token:
             raise AuthError("missing bearer token")
         accepted = self._accepted.get(token)
-        if accepted is not None and accepted.expires_at > self._clock():
+        # The leeway as _check_times applies it to `exp`: remembered exactly as long as a new
+        # check would accept it (nbf and iat, once passed, stay passed).
+        if accepted is not None and accepted.expires_at > self._clock() - self._leeway:
             return accepted
         return self._verify(token)
 

@@ -180,6 +180,36 @@ def test_an_accepted_token_is_remembered_until_it_expires(monkeypatch: pytest.Mo
         verifier.user_id(token)
 
 
+def test_a_remembered_token_is_used_through_the_leeway_and_no_longer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "c" * 40
+    now = [time.time()]
+    verifier = TokenVerifier(secret, leeway=30, clock=lambda: now[0])
+    token = issue_token("alice", secret, ttl=60)
+    assert verifier.user_id(token) == "alice"
+    expires_at = verifier.principal(token).expires_at
+    checks: list[object] = []
+    real_decode = jwt.decode
+
+    def counted(*args: object, **kwargs: object) -> object:
+        checks.append(args)
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jwt, "decode", counted)
+    # Expired, but within the leeway a new check accepts it: the remembered answer is used.
+    now[0] = expires_at + 29.5
+    assert verifier.user_id(token) == "alice"
+    assert checks == []
+    # Past exp + leeway it is checked again, and refused as a new check refuses it.
+    now[0] = expires_at + 30
+    with pytest.raises(AuthError, match="expired"):
+        verifier.user_id(token)
+    assert len(checks) == 1
+    with pytest.raises(AuthError, match="expired"):
+        TokenVerifier(secret, leeway=30, clock=lambda: now[0]).user_id(token)
+
+
 def test_the_remembered_tokens_are_bounded() -> None:
     secret = "c" * 40
     verifier = TokenVerifier(secret, cache_size=3)
