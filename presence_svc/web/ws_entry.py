@@ -4,9 +4,12 @@ An idle WebSocket is the bulk of a node's memory, and every layer Starlette puts
 server and the endpoint stays suspended for the socket's whole life: a coroutine frame each for
 ServerErrorMiddleware, the request-id and CORS middlewares, the REST shortcut,
 ExceptionMiddleware (plus a WebSocket, the `wrapped_app` and `sender` closures and their frame)
-and the router's three. For `WS /ws/presence` none of them does anything: the error middlewares
-re-raise a WebSocket's exceptions to uvicorn as they are (their handlers answer HTTP), CORS and
-the shortcut pass WebSockets through, and the route has no path parameters. So that scope is
+and the router's three. For `WS /ws/presence` none of them does anything it needs: CORS and the
+shortcut pass WebSockets through, and the route has no path parameters. The app's exception
+handlers (ApiError, HTTPException, StoreUnavailable) are not applied to this socket: the
+endpoint answers the failures it expects itself (ws.py: StoreUnavailable closes with 1011 or
+answers `unavailable`), and anything else reaches uvicorn, which closes the socket with 1011 as
+Starlette's handlers would have left it to. So that scope is
 handed to the endpoint here, under this app's one frame (docs/performance.md, "Idle socket
 memory"). `__call__` stays a coroutine function: uvicorn and Starlette's TestClient tell an ASGI 3
 app by that.
