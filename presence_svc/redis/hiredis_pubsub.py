@@ -19,7 +19,9 @@ redis-py 8.1.0 and hiredis 3.5.0 (tests/redis/test_internals.py fails if they ch
   is read raw (what pubsub.py's clients use: redis/client.py, cluster.node_client), so every
   reply is a plain hiredis list, bytes or error, and no RESP3 push needs redis-py's handlers;
 - `connection.health_check_interval`: 0, or redis-py would read a health check's reply
-  itself on some sends, racing this reader (pubsub.py pings by itself).
+  itself on some sends, racing this reader (pubsub.py pings by itself);
+- `connection._writer`: the connection's `asyncio.StreamWriter`, whose transport `gather`
+  pauses (public asyncio API from there on: `pause_reading`, `resume_reading`, `is_reading`).
 
 What the raw path leaves out of redis-py's per-message work: the per-message
 `record_pubsub_message` observability hook (the node never enables redis-py's observability).
@@ -49,6 +51,9 @@ def why_not_raw(connection: Any) -> str | None:
     encoder = getattr(connection, "encoder", None)
     if encoder is None or getattr(encoder, "decode_responses", True):
         return "connection.encoder decodes replies"
+    writer = getattr(connection, "_writer", None)
+    if not isinstance(writer, asyncio.StreamWriter):
+        return f"connection._writer is {type(writer).__name__}, not an asyncio.StreamWriter"
     if getattr(connection, "health_check_interval", None) != 0:
         # redis-py's health check reads a PING's reply itself, which would race this reader.
         return "connection.health_check_interval is set"
@@ -58,10 +63,12 @@ def why_not_raw(connection: Any) -> str | None:
 class PubSubReplies:
     """A hiredis reader fed from one pub/sub connection's asyncio stream."""
 
-    __slots__ = ("_reader", "stream")
+    __slots__ = ("_reader", "stream", "transport")
 
     def __init__(self, connection: Any) -> None:
         self.stream: asyncio.StreamReader = connection._reader
+        # asyncio's or uvloop's (which does not subclass asyncio.ReadTransport): its methods.
+        self.transport: Any = connection._writer.transport
         self._reader = hiredis.Reader(
             protocolError=InvalidResponse, replyError=connection._parser.parse_error
         )
@@ -88,3 +95,18 @@ class PubSubReplies:
         while (reply := reader.gets()) is not False:
             replies.append(reply)
         return replies
+
+    async def gather(self, seconds: float) -> None:
+        """Let the socket fill for `seconds` without waking the loop for it: the transport
+        stops reading (the kernel buffers what comes), then reads again, and the next `read`
+        takes everything at once. Nothing to wait for where reading is paused already (the
+        stream's own flow control, or closing): the next read must drain it first."""
+        transport = self.transport
+        if not transport.is_reading():
+            return
+        transport.pause_reading()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            if not transport.is_closing():
+                transport.resume_reading()

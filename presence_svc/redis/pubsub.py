@@ -52,6 +52,11 @@ class LinkTuning:
     dead_after: float = 3.0  # silence (pings unanswered) before it is replaced
     backoff_first: float = 0.1  # the first reconnect waits up to this long...
     backoff_cap: float = 5.0  # ...doubling after each failed attempt, up to this
+    # A busy link (read again within 1.5x this) lets its socket fill this long before the next
+    # read instead of waking the node for every message: at 2,000 events/s, one wake-up per
+    # few events instead of one each, for at most this much more latency (docs/performance.md,
+    # "Receive path"). 0: read whenever anything arrives. Raw reads only (hiredis_pubsub.py).
+    gather: float = 0.002
 
     @property
     def poll(self) -> float:
@@ -250,12 +255,15 @@ class PubSubLinks:
 
     async def _read_raw(self, link: _Link, raw: PubSubReplies) -> None:
         """`_read` on a real connection: every reply buffered per wake-up, messages handed on
-        without redis-py's per-message machinery (hiredis_pubsub.py)."""
+        without redis-py's per-message machinery (hiredis_pubsub.py); on a busy link, a
+        pause of `tuning.gather` between reads."""
         tuning = self._tuning
         pubsub = link.pubsub
         routes = self._routes
         on_message = self._inbox.on_message
         clock = time.monotonic
+        gather = tuning.gather
+        busy_within = 1.5 * gather
         last_heard = clock()
         pinged = False
         while True:
@@ -265,7 +273,9 @@ class PubSubLinks:
                 async with asyncio.timeout(tuning.poll) as window:
                     while True:
                         replies = await raw.read()
-                        last_heard, pinged = clock(), False
+                        now = clock()
+                        busy = now - last_heard < busy_within
+                        last_heard, pinged = now, False
                         link.connected = True
                         for reply in replies:
                             if type(reply) is list and reply[0] in _RAW_MESSAGES:
@@ -281,6 +291,8 @@ class PubSubLinks:
                                 message = await pubsub.handle_message(reply)
                                 if message is not None:
                                     self._handle(link, message)
+                        if busy:
+                            await raw.gather(gather)
             except TimeoutError:
                 if not window.expired():
                     raise

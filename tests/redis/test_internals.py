@@ -9,6 +9,7 @@ before the raw readers (docs/performance.md). These tests fail instead, naming w
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from presence_svc.redis import hiredis_replies
 from presence_svc.redis.hiredis_pubsub import PubSubReplies, why_not_raw
 from presence_svc.redis.hiredis_replies import RawReplies, unusable
+from tests.support.waiting import eventually_async
 
 VERSIONS = f"redis-py {redis.__version__}, hiredis {hiredis.__version__}"
 RECHECK = "recheck presence_svc/redis/hiredis_replies.py against"
@@ -244,7 +246,10 @@ async def test_other_pubsub_connections_are_read_through_get_message(
 async def test_a_reply_cut_across_reads_waits_for_its_rest() -> None:
     stream = asyncio.StreamReader()
     parser = type("Parser", (), {"parse_error": staticmethod(ResponseError)})()
-    raw = PubSubReplies(type("Connection", (), {"_reader": stream, "_parser": parser})())
+    writer = type("Writer", (), {"transport": None})()
+    raw = PubSubReplies(
+        type("Connection", (), {"_reader": stream, "_parser": parser, "_writer": writer})()
+    )
     stream.feed_data(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\nab")
     assert await raw.read() == []
     stream.feed_data(b"c\r\n*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nd\r\n-ERR no\r\n")
@@ -254,3 +259,46 @@ async def test_a_reply_cut_across_reads_waits_for_its_rest() -> None:
     stream.feed_eof()
     with pytest.raises(RedisConnectionError, match="closed"):
         await raw.read()
+
+
+async def test_gather_lets_the_socket_fill_then_reads_it_in_one_go(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    client = links_client(cleanup_real_redis)
+    publisher: Any = aioredis.Redis.from_url(cleanup_real_redis)
+    pubsub = client.pubsub()
+    channel = f"{key_prefix}:ch"
+    try:
+        await pubsub.subscribe(channel)
+        raw = PubSubReplies.of(pubsub.connection)
+        assert raw is not None, f"{VERSIONS}: {why_not_raw(pubsub.connection)}"
+        await replies_until(raw, 1)
+        gathering = asyncio.create_task(raw.gather(60))
+        await asyncio.sleep(0)  # it starts: reading paused
+        assert not raw.transport.is_reading()
+        for n in range(20):  # one PUBLISH at a time: twenty separate arrivals
+            assert await publisher.publish(channel, b"m%d" % n) == 1
+        transport_socket = raw.transport.get_extra_info("socket")
+        # A duplicate of its descriptor, to peek at what the kernel holds unread.
+        with socket.fromfd(transport_socket.fileno(), socket.AF_INET, socket.SOCK_STREAM) as peer:
+
+            def all_buffered() -> bool:  # Redis may write a message after the PUBLISH reply
+                peeked = peer.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                return b"m19\r\n" in peeked
+
+            await eventually_async(all_buffered, what="the twenty messages, still unread")
+        gathering.cancel()  # as the links' poll timer may: reading resumes all the same
+        with pytest.raises(asyncio.CancelledError):
+            await gathering
+        assert raw.transport.is_reading()
+        replies = await asyncio.wait_for(raw.read(), 5)
+        assert replies == [[b"message", channel.encode(), b"m%d" % n] for n in range(20)]
+
+        raw.transport.pause_reading()  # paused by someone else: not gathered, not resumed
+        await asyncio.wait_for(raw.gather(60), 1)
+        assert not raw.transport.is_reading()
+        raw.transport.resume_reading()
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+        await publisher.aclose()

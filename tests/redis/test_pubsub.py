@@ -648,3 +648,40 @@ async def test_an_error_reply_on_a_raw_link_replaces_it(
     assert await h.event("s1", 1) == 1
     await a.wait_for(2)
     assert a.seqs() == [1]
+
+
+async def test_a_busy_link_is_read_in_fewer_reads_than_messages(
+    cleanup_real_redis: str, key_prefix: str, protocol: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events arriving one by one on a busy link wait for each other (LinkTuning.gather): far
+    fewer reads than events, every event once and in order."""
+    if protocol != 2:
+        pytest.skip("only raw reads gather")
+    reads = 0
+    read = PubSubReplies.read
+
+    async def counted(self: PubSubReplies) -> list[Any]:
+        nonlocal reads
+        reads += 1
+        return await read(self)
+
+    monkeypatch.setattr(PubSubReplies, "read", counted)
+    client = pubsub_client(cleanup_real_redis, f"pubsub-{uuid.uuid4().hex[:12]}", protocol)
+    admin = aioredis.Redis.from_url(cleanup_real_redis)
+    inbox = Inbox([], [])
+    pubsub_links = PubSubLinks(SingleLinks(client), inbox, LinkTuning(gather=0.2))
+    running = asyncio.create_task(pubsub_links.run())
+    channel = Keys(key_prefix).channel("s1")
+    try:
+        await pubsub_links.subscribe(channel)
+        before = reads
+        for n in range(50):  # one PUBLISH per round trip: fifty separate arrivals
+            assert await admin.publish(channel, b"%d" % n) == 1
+        await eventually_async(lambda: len(inbox.messages) == 50, WAIT, "every event arrives")
+        assert inbox.messages == [(channel, b"%d" % n) for n in range(50)]
+        assert reads - before <= 10, f"{reads - before} reads for 50 events"
+    finally:
+        await stop(running)
+        await pubsub_links.close()
+        await client.aclose()
+        await admin.aclose()
