@@ -21,6 +21,7 @@ import json
 import math
 import re
 import string
+import sys
 import time
 from types import SimpleNamespace
 from typing import Any, cast
@@ -451,7 +452,16 @@ def decode_or_refuse(raw: bytes) -> Outgoing | None:
         out = decode_envelope(raw)
     except EnvelopeError:
         return None
-    assert isinstance(json.loads(out.text)["type"], str)
+    # Whether the text is valid JSON, not whether Python's stack is deep enough to parse it:
+    # a relayed message nested near the recursion limit must parse in a client (a browser has
+    # no such limit), however many frames deep this check runs.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 5000)
+    try:
+        parsed = json.loads(out.text)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert isinstance(parsed["type"], str)
     return out
 
 
