@@ -244,7 +244,9 @@ async def test_heartbeat_on_another_node_makes_an_idle_user_active(cluster: Any)
         "study_id": sid,
         "users": [],
         "total": 0,
+        "counts": {"active": 0, "idle": 0, "away": 0},
         "seq": watcher.snapshot["seq"] + 4,
+        "complete": True,
     }
     await watcher.close()
 
@@ -349,7 +351,7 @@ async def test_nodes_hold_a_study_subscription_only_while_they_have_its_sockets(
             return bool(a.health()["sockets"] == 1 and b.health()["sockets"] == 0)
 
         # Each node has finished closing its socket (its fan-out is told before the count).
-        await eventually_async(closed, what="the two sockets closed on their nodes")
+        await eventually_async(closed, within=15.0, what="the two sockets closed on their nodes")
         assert a.health()["studies"] == 1, "A dropped the study though `second` still watches"
         await eventually_async(lambda: subscribers() == 1, what="b's subscription dropped")
         await second.close()

@@ -271,6 +271,9 @@ async def test_nodes_run_on_the_node_acl_and_backends_on_theirs(
             carol = await Watcher.open(b.ws_url, study, token("carol", study))
             await carol.send({"type": "heartbeat", "chapter_id": "ch2"})
             await wait_for(watcher, "presence.user_joined", "carol")
+            # Clearing a cursor field is the one write of a heartbeat that deletes one (HDEL).
+            await carol.send({"type": "heartbeat", "chapter_id": None})
+            await wait_for(watcher, "presence.cursor_moved", "carol")
             await bob.close()
             await wait_for(watcher, "presence.user_left", "bob")
 
