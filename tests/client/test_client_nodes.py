@@ -84,6 +84,9 @@ async def test_two_clients_see_each_other(nodes: NodeFactory, opened: Opened) ->
         async for users in bob.changes():  # a watch: the users now, at once
             assert [u.user_id for u in users] == ["alice", "bob"]
             break
+        # Alice's own socket hears of her move through the study channel too, not necessarily
+        # before bob's did.
+        await eventually_async(lambda: alice.seq == bob.seq, what="alice at bob's seq")
         assert alice.users() == bob.users()
         assert alice.seq == bob.seq
 
