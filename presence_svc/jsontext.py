@@ -14,10 +14,12 @@ CPython 3.11.7 (tests/test_jsontext.py fails if it changes): its positional argu
 allow_nan) and that calling it with `(obj, 0)` returns the text's chunks. Where it is missing
 (no `_json`) or refuses those arguments, the standard `JSONEncoder.encode` is used.
 
-One difference from `json.dumps`, on purpose: no circular-reference check (`markers` None),
-since a shared markers dict could keep stale entries after a failed call. Nothing the node
+Two differences from `json.dumps`. No circular-reference check (`markers` None), on purpose,
+since a shared markers dict could keep stale entries after a failed call: nothing the node
 encodes can contain itself (msgpack replies, pydantic dumps, literals); a cycle would raise
-RecursionError instead of ValueError.
+RecursionError instead of ValueError. And fewer Python frames on the stack: a message nested
+close to the recursion limit that `json.dumps` refused (RecursionError) may now be encoded,
+a few levels deeper (tests/test_properties.py parses such texts with stack to spare).
 """
 
 from __future__ import annotations
