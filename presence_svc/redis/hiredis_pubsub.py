@@ -4,9 +4,10 @@ redis-py's `PubSub.get_message` runs, per message, a timeout context, its retry 
 observability wrappers, `read_response` and `handle_message` (a dict per message), and
 receiving events is what a planned node spends most of its CPU on (docs/capacity.md). Reading
 the socket here instead, once per wake-up, with every whole reply in it parsed by one hiredis
-reader, took a node from 157-163 to 109-124 us of CPU per received event (2,000 events/s, one
-socket per event, alternate runs on the shared bench machine; docs/performance.md, "Receive
-path", has the profile and the bench's figures).
+reader, took a node from 243.9, 175.2 and 175.2 to 140.6, 134.6 and 138.3 us of CPU per
+received event (the bench's receive-cost point at 2,000 events/s offered, alternate runs on the
+shared machine; with `gather` and this round's other changes 92-95 us: docs/performance.md,
+"Receive path", has the profile and the runs).
 
 redis-py has no public API for it, so this module, and only this one besides
 hiredis_replies.py (whose `unusable` check it shares), uses its internals, checked against
