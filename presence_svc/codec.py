@@ -104,12 +104,13 @@ def decode_envelope(raw: bytes) -> Outgoing:
     ts = get("ts")
     personal: dict[str, Outgoing | None] | None = None
     key: tuple[str, str] | None = None
-    if event_type == CURSOR_MOVED or event_type.startswith(SIGNAL_PREFIX):
+    signal = event_type.startswith(SIGNAL_PREFIX)
+    if signal or event_type == CURSOR_MOVED:
         user_id = data.get("user_id")
         if type(user_id) is str:
             key = (event_type, user_id)
         sender = get("from")
-        if type(sender) is str and event_type.startswith(SIGNAL_PREFIX):
+        if signal and type(sender) is str:
             personal = {sender: None}
     return Outgoing(
         seq if type(seq) is int else None,
