@@ -52,6 +52,7 @@ from tests.support.cluster import LocalCluster
 from tests.support.nodes import private_redis
 from tests.support.processes import NodeProcess, RedisServer, free_port, terminate
 from tests.support.tasks import stop
+from tests.support.waiting import eventually_async
 
 pytestmark = [pytest.mark.redis, pytest.mark.multinode]
 
@@ -184,6 +185,17 @@ async def wait_for(watcher: Watcher, event_type: str, user: str) -> None:
     )
 
 
+async def websocket_heartbeats_stored(http: httpx.AsyncClient, node: NodeProcess) -> float:
+    """The node's count of WebSocket heartbeats it has the stored answer of (its metrics)."""
+    response = await http.get(f"{node.base_url}/metrics")
+    assert response.status_code == 200, response.text
+    for line in response.text.splitlines():
+        if line.startswith("presence_heartbeats_total{") and 'transport="websocket"' in line:
+            if 'outcome="ok"' in line:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def check_node_log(node: NodeProcess, *secrets_: str) -> None:
     log = node.log_text()
     assert "NOPERM" not in log, log
@@ -269,8 +281,15 @@ async def test_nodes_run_on_the_node_acl_and_backends_on_theirs(
             # Carol's socket on node b holds her session; bob closes his socket and leaves
             # after the grace period.
             carol = await Watcher.open(b.ws_url, study, token("carol", study))
+            stored_before = await websocket_heartbeats_stored(http, b)
             await carol.send({"type": "heartbeat", "chapter_id": "ch2"})
             await wait_for(watcher, "presence.user_joined", "carol")
+            # Once node b has the answer, carol's next heartbeat is a steady one (one script,
+            # which checks with SISMEMBER that her socket still holds the session).
+            async def carol_stored() -> bool:
+                return await websocket_heartbeats_stored(http, b) > stored_before
+
+            await eventually_async(carol_stored, within=WITHIN)
             # Clearing a cursor field is the one write of a heartbeat that deletes one (HDEL).
             await carol.send({"type": "heartbeat", "chapter_id": None})
             await wait_for(watcher, "presence.cursor_moved", "carol")
