@@ -190,9 +190,9 @@ async def websocket_heartbeats_stored(http: httpx.AsyncClient, node: NodeProcess
     response = await http.get(f"{node.base_url}/metrics")
     assert response.status_code == 200, response.text
     for line in response.text.splitlines():
-        if line.startswith("presence_heartbeats_total{") and 'transport="websocket"' in line:
-            if 'outcome="ok"' in line:
-                return float(line.rsplit(" ", 1)[1])
+        labels = 'transport="websocket"' in line and 'outcome="ok"' in line
+        if line.startswith("presence_heartbeats_total{") and labels:
+            return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
@@ -284,6 +284,7 @@ async def test_nodes_run_on_the_node_acl_and_backends_on_theirs(
             stored_before = await websocket_heartbeats_stored(http, b)
             await carol.send({"type": "heartbeat", "chapter_id": "ch2"})
             await wait_for(watcher, "presence.user_joined", "carol")
+
             # Once node b has the answer, carol's next heartbeat is a steady one (one script,
             # which checks with SISMEMBER that her socket still holds the session).
             async def carol_stored() -> bool:
