@@ -20,6 +20,7 @@ from presence_svc.bench.harness import BenchOptions, run
 from presence_svc.bench.profiles import PROFILES
 from presence_svc.bench.scenarios import NAMES, catalogue, fanout_peer
 from presence_svc.bench.scenarios.fanout_peer import TARGET as PEER_TARGET
+from presence_svc.bench.scenarios.fanout_receive import TARGETS as RECEIVE_TARGETS
 from presence_svc.bench.scenarios.heartbeats_rest import TARGET as REST_RATIO_TARGET
 
 pytestmark = [pytest.mark.redis, pytest.mark.multinode, pytest.mark.timeout(90)]
@@ -76,8 +77,19 @@ def test_smoke_profile_writes_results(real_redis_url: str, tmp_path: Path) -> No
         assert row["server_idle_cpu_util_per_process"] is not None
     assert receive[0]["cpu_per_event_vs_baseline"] is not None
     assert fanout["config"]["receive_events"] == [50]
-    # The targets are judged on the loads alone.
-    assert all("receive" not in t["note"] for t in fanout["targets"])
+    # The fan-out targets are judged on the loads, the receive-cost ones on the receive point.
+    by_name = {t["name"]: t for t in fanout["targets"]}
+    received = [by_name.pop(name) for name in RECEIVE_TARGETS]
+    assert all("receive" not in t["note"] for t in by_name.values())
+    assert received[0]["measured"] == receive[0]["server_cpu_us_per_event_and_node"]
+    assert received[1]["measured"] == receive[0]["cpu_per_event_vs_baseline"]
+    assert all("at 50 events/s offered" in t["note"] for t in received)
+    every_load = by_name["fan-out CPU per delivery vs bare, every load"]
+    assert every_load["measured"] == max(
+        r["cpu_vs_baseline"]
+        for r in fanout["rows"]
+        if r["point"] == "fan-out" and r["target"] == "node"
+    )
     report = (folder / "report.txt").read_text()
     assert "Receive cost: 2 studies x 2 viewers" in report
 

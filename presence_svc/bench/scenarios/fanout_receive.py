@@ -21,6 +21,10 @@ from presence_svc.bench.scenarios.fanout_measure import TARGET_LOAD, measure, sp
 from presence_svc.bench.scenarios.sockets import close_groups, open_all
 
 POINT = "receive"
+RECEIVE_TARGET_RATE = 2_000  # events/s offered at which issue 14 judges the receive cost
+RECEIVE_TARGET_US = 40.0
+RECEIVE_TARGET_VS_BARE = 0.6
+TARGETS = ("node CPU per received event", "node CPU per received event vs bare")
 
 
 def _idle(groups: dict[str, list[Endpoint]], seconds: float) -> dict[str, float | None]:
@@ -152,3 +156,39 @@ def _comparison(loads: list[dict[str, Any]]) -> str | None:
         f"CPU {report.fmt(near['server_cpu_us_per_event_and_node'])} us per event and node "
         f"({report.fmt(near['server_cpu_us_per_delivery'])} us per delivery)"
     )
+
+
+def targets(rows: list[dict[str, Any]], node_count: int) -> list[report.Target]:
+    """Issue 14's receive-cost targets, judged on the node row nearest RECEIVE_TARGET_RATE."""
+    nodes = [r for r in rows if r["target"] == "node"]
+    node = (
+        min(nodes, key=lambda r: abs(r["offered_events_per_s"] - RECEIVE_TARGET_RATE))
+        if nodes
+        else None
+    )
+    at = (
+        f"at {node['offered_events_per_s']:,} events/s offered, one socket per node, "
+        f"{node_count} node(s)"
+        if node
+        else "receive point not run"
+    )
+    return [
+        report.check(
+            TARGETS[0],
+            f"<= {RECEIVE_TARGET_US:g} us",
+            node["server_cpu_us_per_event_and_node"] if node else None,
+            "us",
+            RECEIVE_TARGET_US,
+            False,
+            at,
+        ),
+        report.check(
+            TARGETS[1],
+            f"<= {RECEIVE_TARGET_VS_BARE:g}x",
+            node["cpu_per_event_vs_baseline"] if node else None,
+            "x",
+            RECEIVE_TARGET_VS_BARE,
+            False,
+            at,
+        ),
+    ]

@@ -239,10 +239,10 @@ def _targets(rows: list[dict[str, Any]]) -> list[report.Target]:
     return [
         report.check(
             "WebSocket heartbeats per node process",
-            ">= 20,000/s",
+            ">= 40,000/s",
             ws["heartbeats_per_s"],
             "/s",
-            20_000,
+            40_000,
             True,
             _busy(ws),
         ),
