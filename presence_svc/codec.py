@@ -45,6 +45,9 @@ class Outgoing:
     # type and user) is superseded by this one where that is allowed (batches; backlogs, for
     # messages without a seq).
     key: tuple[str, str] | None = field(default=None, compare=False)
+    # The WebSocket frame of `text`, once a socket has built it (web/ws_connection.py): what
+    # `text` determines, cached for the other sockets the message goes to.
+    frame: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
 
 def encode_envelope(event_type: str, data: dict[str, Any], ts_ms: int | None = None) -> bytes:

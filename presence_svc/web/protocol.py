@@ -15,13 +15,24 @@
 And an invalid UTF-8 text message still closes with 1007, but is counted and logged at info
 once per process (debug afterwards) rather than as an ERROR traceback every time.
 
+4. `write_text_frame` writes a text frame built once (`text_frame`) straight to the transport,
+   where the ASGI `send` would write the same bytes at once: the fan-out hands one event to
+   every local socket of its study, and per socket `send` built a coroutine and a message dict,
+   encoded the text to UTF-8, built and serialized a websockets Frame and joined its output,
+   all for the same bytes each time. Where `send` would do anything else (wait for the
+   transport, refuse, apply an extension such as permessage-deflate, log at debug) it returns
+   False and the caller uses `send`.
+
 Each case is counted by `on_close(reason)` with one of `REASONS`.
 
 uvicorn internals relied on (checked against uvicorn 0.54.0 with websockets 17.4;
 tests/web/test_protocol.py fails if they change): `WebSocketsSansIOProtocol.data_received`,
 `handle_ping`, `send_receive_event_to_app` and `handle_parser_exception`, and its attributes
 `conn`, `transport`, `loop`, `frames`, `curr_msg_data_type`, `handshake_initiated`,
-`handshake_complete`, `close_sent`, `disconnected` and `close_timeout`.
+`handshake_complete`, `close_sent`, `disconnected`, `close_timeout`, `writable` and
+`initial_response`; and of websockets' `Protocol` (the `conn`): `state`, `extensions`,
+`expect_continuation_frame` and `debug`, and that its `send_text` writes nothing but the frame
+`text_frame` builds.
 """
 
 from __future__ import annotations
@@ -61,10 +72,40 @@ class Limits:
     logged: set[str] = field(default_factory=set)
 
 
+def text_frame(text: str) -> bytes:
+    """`text` as one whole, unmasked WebSocket text frame (RFC 6455 5.2), as a server sends it."""
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+
+
 class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
     """Configured through `protocol_class`, which sets `limits` on a subclass."""
 
     limits: ClassVar[Limits]
+
+    def write_text_frame(self, frame: bytes) -> bool:
+        """Write `frame` (from `text_frame`) to the client now, if `send` of its text would do
+        exactly that without waiting; False, writing nothing, where `send` must be used."""
+        conn = self.conn
+        if (
+            self.close_sent
+            or self.disconnected
+            or not self.handshake_complete
+            or self.initial_response is not None
+            or not self.writable.is_set()
+            or conn.state is not State.OPEN
+            or conn.extensions
+            or conn.expect_continuation_frame
+            or conn.debug
+        ):
+            return False
+        self.transport.write(frame)
+        return True
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -22,6 +22,7 @@ from starlette.types import Send
 
 from presence_svc.codec import Outgoing, json_text
 from presence_svc.web import stepping
+from presence_svc.web.protocol import LimitedWebSocketProtocol, text_frame
 
 CLOSE_SLOW_CONSUMER = 1013
 
@@ -59,6 +60,7 @@ class Connection:
         "_limit",
         "_on_overflow",
         "_pending",
+        "_raw",
         "_send",
         "_shut",
         "_stalled",
@@ -75,6 +77,10 @@ class Connection:
         connection_id: str = "",
     ) -> None:
         self._send = send
+        # The protocol behind `send`, when it is ours (a real uvicorn server): the fan-out's
+        # messages are then written as frames built once per message (protocol.py, 4).
+        owner = getattr(send, "__self__", None)
+        self._raw = owner if isinstance(owner, LimitedWebSocketProtocol) else None
         self._id = connection_id  # what a message's `personal` map is keyed by
         self._on_overflow = on_overflow
         self._pending: deque[Outgoing] | None = None  # the backlog, while there is one
@@ -138,7 +144,7 @@ class Connection:
                 self._floor = event.floor
             elif event.seq is not None and event.seq <= self._floor:
                 return
-            self._send_now(event.text)
+            self._send_now(event)
             return
         pending = self._pending
         if pending is None:
@@ -152,10 +158,15 @@ class Connection:
             _drop_superseded(pending, event.key)
         pending.append(event)
 
-    def _send_now(self, text: str) -> None:
-        """Send `text` if the socket takes it at once; else leave the rest to the writer."""
+    def _send_now(self, event: Outgoing) -> None:
+        """Send `event` if the socket takes it at once; else leave the rest to the writer."""
+        raw = self._raw
+        if raw is not None and raw.write_text_frame(_frame(event)):
+            return
         try:
-            stalled = stepping.first_step(self._send({"type": "websocket.send", "text": text}))
+            stalled = stepping.first_step(
+                self._send({"type": "websocket.send", "text": event.text})
+            )
         except Exception as exc:
             self._failed(exc)
             return
@@ -222,7 +233,7 @@ class Connection:
                         self._floor = event.floor
                     elif event.seq is not None and event.seq <= self._floor:
                         continue
-                    self._send_now(event.text)
+                    self._send_now(event)
         except Exception as exc:  # the socket went away; the reader side sees the disconnect
             self._stalled = None
             self._failed(exc)
@@ -245,6 +256,17 @@ class Connection:
             # Not cancelled: the close frame still goes out (a send waits at most until the
             # server's keepalive gives up on the client).
             await self._closer
+
+
+def _frame(event: Outgoing) -> bytes:
+    """The message's WebSocket frame, built by the first socket that writes it and kept on it
+    for the others: one event of a study goes to every local socket of the study."""
+    frame = event.frame
+    if frame is None:
+        frame = text_frame(event.text)
+        # A cache of what `text` determines, so the message stays the same value.
+        object.__setattr__(event, "frame", frame)
+    return frame
 
 
 def _drop_superseded(pending: deque[Outgoing], key: tuple[str, str]) -> None:

@@ -19,14 +19,18 @@ import uvicorn
 import websockets.server
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.frames import Frame, Opcode
 
+from presence_svc.codec import Outgoing
 from presence_svc.web.protocol import (
     BAD_HANDSHAKE,
     INVALID_UTF8,
     OUTGOING_BUFFER,
     LimitedWebSocketProtocol,
     protocol_class,
+    text_frame,
 )
+from presence_svc.web.ws_connection import Connection
 
 CHECKED = f"checked against uvicorn 0.54.0 (installed: {uvicorn.__version__})"
 BOUND = 256 * 1024
@@ -75,9 +79,11 @@ class App:
     def __init__(self) -> None:
         self.may_accept = asyncio.Event()
         self.received: list[Message] = []
+        self.send: Any = None  # the server's ASGI send, once the app runs
 
     async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
         assert scope["type"] == "websocket"
+        self.send = send
         self.received.append(await receive())
         await self.may_accept.wait()
         await send({"type": "websocket.accept"})
@@ -179,10 +185,17 @@ def test_the_uvicorn_internals_used_are_there() -> None:
         "disconnected": bool,
         "close_timeout": float,
         "loop": asyncio.AbstractEventLoop,
+        "writable": asyncio.Event,
     }
     for name, kind in attributes.items():
         assert isinstance(getattr(instance, name, None), kind), f"{name}: {CHECKED}"
     assert "transport" in vars(instance), CHECKED
+    assert vars(instance).get("initial_response", "missing") is None, CHECKED
+    # What write_text_frame reads of websockets' protocol (websockets.protocol.Protocol).
+    conn = {"extensions": list, "expect_continuation_frame": bool, "debug": bool}
+    for name, kind in conn.items():
+        assert isinstance(getattr(instance.conn, name, None), kind), f"conn.{name}: {CHECKED}"
+    assert isinstance(type(instance.conn).state, property), CHECKED
     assert issubclass(LimitedWebSocketProtocol, WebSocketsSansIOProtocol)
 
 
@@ -267,3 +280,105 @@ async def test_valid_text_still_reaches_the_app(harness: Harness) -> None:
         "text": '{"type": "ping", "x": "é"}',
     }
     assert harness.reasons == []
+
+
+# --- write_text_frame: the fan-out's frames, built once ------------------------------------
+
+TEXTS = ["", "x", "é" * 62, "a" * 125, "a" * 126, "b" * 65535, "c" * 65536, "ü" * 40_000]
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=lambda t: f"{len(t.encode())}B")
+def test_text_frame_is_the_frame_websockets_serializes(text: str) -> None:
+    expected = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+    assert text_frame(text) == expected
+
+
+async def written_by(harness: Harness, write: Callable[[], object]) -> bytes:
+    before = len(harness.transport.written)
+    result = write()
+    if asyncio.iscoroutine(result):
+        await result
+    return bytes(harness.transport.written[before:])
+
+
+async def test_a_frame_written_raw_is_what_send_would_write(harness: Harness) -> None:
+    await open_socket(harness)
+    for text in ('{"type":"presence.cursor_moved","data":{"seq":3}}', "é" * 200, "z" * 70_000):
+        by_send = await written_by(
+            harness, lambda t=text: harness.app.send({"type": "websocket.send", "text": t})
+        )
+        frame = text_frame(text)
+        raw: list[bool] = []
+        by_raw = await written_by(
+            harness, lambda f=frame, r=raw: r.append(harness.protocol.write_text_frame(f))
+        )
+        assert raw == [True]
+        assert by_raw == by_send
+
+
+def declines(harness: Harness) -> bool:
+    before = len(harness.transport.written)
+    written = harness.protocol.write_text_frame(text_frame("x"))
+    assert len(harness.transport.written) == before or written
+    return not written
+
+
+async def test_write_text_frame_declines_where_send_would_do_more(harness: Harness) -> None:
+    harness.feed(request())
+    assert declines(harness)  # no handshake answered yet
+    harness.app.may_accept.set()
+    await harness.until(lambda: b"\r\n\r\n" in harness.transport.written, "the 101")
+    assert not declines(harness)
+    harness.protocol.pause_writing()  # send would wait for the transport
+    assert declines(harness)
+    harness.protocol.resume_writing()
+    assert not declines(harness)
+    await harness.app.send({"type": "websocket.close", "code": 1000})
+    assert declines(harness)  # a close went out: send refuses
+
+
+async def test_write_text_frame_declines_with_an_extension_negotiated() -> None:
+    harness = Harness(App())
+    try:
+        harness.feed(request("Sec-WebSocket-Extensions: permessage-deflate\r\n"))
+        harness.app.may_accept.set()
+        await harness.until(lambda: b"\r\n\r\n" in harness.transport.written, "the 101")
+        assert b"permessage-deflate" in harness.transport.written
+        assert declines(harness)  # the frame must be compressed: send does it
+    finally:
+        await harness.finish()
+
+
+async def test_write_text_frame_declines_once_the_client_is_gone(harness: Harness) -> None:
+    await open_socket(harness)
+    harness.protocol.connection_lost(None)
+    assert declines(harness)
+
+
+async def test_a_connection_writes_each_message_once_built_in_order(harness: Harness) -> None:
+    await open_socket(harness)
+    conn = Connection(harness.app.send, queue_size=8)
+    other = Connection(harness.app.send, queue_size=8)  # a second socket of the same study
+    conn.start(0)
+    other.start(0)
+    event = Outgoing(1, '{"type":"presence.user_joined","data":{"seq":1}}')
+    written = await written_by(harness, lambda: (conn.deliver(event), other.deliver(event)))
+    assert written == text_frame(event.text) * 2
+    assert event.frame is not None
+    frame = event.frame
+    conn.deliver(event)
+    assert event.frame is frame  # built by the first socket, reused by the others
+    # A transport that cannot take more: the send waits, and what follows waits behind it.
+    harness.protocol.pause_writing()
+    before = len(harness.transport.written)
+    for seq in (2, 3):
+        conn.deliver(Outgoing(seq, f'{{"seq":{seq}}}'))
+    await asyncio.sleep(0)
+    assert len(harness.transport.written) == before
+    harness.protocol.resume_writing()
+    await harness.until(lambda: len(harness.transport.written) > before + 10, "the backlog")
+    assert bytes(harness.transport.written[before:]) == text_frame('{"seq":2}') + text_frame(
+        '{"seq":3}'
+    )
+    await conn.stop()
+    await other.stop()
