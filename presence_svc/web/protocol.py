@@ -21,7 +21,9 @@ once per process (debug afterwards) rather than as an ERROR traceback every time
    encoded the text to UTF-8, built and serialized a websockets Frame and joined its output,
    all for the same bytes each time. Where `send` would do anything else (wait for the
    transport, refuse, apply an extension such as permessage-deflate, log at debug) it returns
-   False and the caller uses `send`.
+   False and the caller uses `send`. Measured (docs/performance.md, "Frames built once per
+   message"): fan-out node CPU per delivery 23.1 -> 16.3 us at 10,000 deliveries/s, 1.03x ->
+   0.78x the bare Starlette baseline, in `presence-svc bench --full` runs on one machine.
 
 Each case is counted by `on_close(reason)` with one of `REASONS`.
 
