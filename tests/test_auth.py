@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from typing import Any
@@ -217,4 +218,39 @@ def test_the_remembered_tokens_are_bounded() -> None:
     for token in tokens:
         verifier.user_id(token)
     assert len(verifier._accepted) == 3
-    assert list(verifier._accepted) == tokens[2:]
+    assert list(verifier._accepted) == [hashlib.sha256(t.encode()).digest() for t in tokens[2:]]
+
+
+def test_principals_with_equal_grants_share_one_set() -> None:
+    # Each socket and each remembered token holds a Principal: equal grants and scopes are one
+    # frozenset (on this Python even empty frozensets are distinct objects, 216 bytes each).
+    verifier = TokenVerifier(SECRET)
+    alice, bob = (verifier.principal(issue_token(u, SECRET, studies=["s1"])) for u in ("a", "b"))
+    carol, dave = (verifier.principal(issue_token(u, SECRET, studies="*")) for u in ("c", "d"))
+    erin = verifier.principal(issue_token("e", SECRET, studies=[]))
+    frank = verifier.principal(issue_token("f", SECRET, scope=""))
+    assert alice.studies == frozenset({"s1"}) and alice.studies is bob.studies
+    assert carol.studies == frozenset({"*"}) and carol.studies is dave.studies
+    assert alice.scopes == frozenset() and frank.studies == frozenset()
+    assert alice.scopes is carol.scopes is erin.studies is frank.studies is frank.scopes
+    assert erin.may_access("s1") is False and carol.may_access("s1") is True
+
+
+def test_the_shared_sets_are_bounded() -> None:
+    verifier = TokenVerifier(SECRET, cache_size=3)
+    for n in range(10):
+        grant = verifier.principal(issue_token("alice", SECRET, studies=[f"s{n}"])).studies
+        assert grant == frozenset({f"s{n}"})
+        assert len(verifier._sets) <= 3
+
+
+def test_a_remembered_token_is_kept_by_its_digest_only() -> None:
+    verifier = TokenVerifier(SECRET)
+    token = issue_token("alice", SECRET)
+    verifier.principal(token)
+    assert list(verifier._accepted) == [hashlib.sha256(token.encode()).digest()]
+    # A token that differs from a remembered one is verified, whatever it shares with it.
+    header, payload, signature = token.split(".")
+    other = "B" if signature[0] == "A" else "A"
+    with pytest.raises(AuthError, match="invalid token"):
+        verifier.principal(f"{header}.{payload}.{other}{signature[1:]}")
