@@ -53,7 +53,8 @@ from presence_svc.models import (
 from presence_svc.node import Node
 from presence_svc.redis.keys import Keys
 from presence_svc.web.errors import validation_problems
-from presence_svc.web.ws import _Expiry, _refresh
+from presence_svc.web.ws import _refresh
+from presence_svc.web.ws_connection import Connection
 
 FAST = settings(
     database=None,
@@ -679,9 +680,11 @@ def test_a_refresh_with_a_far_future_exp_is_answered() -> None:
     verifier = TokenVerifier(SECRET)
     node = cast(
         Node,
-        SimpleNamespace(verifier=verifier, settings=SimpleNamespace(study_grant_required=False)),
+        SimpleNamespace(
+            verifier=verifier, settings=SimpleNamespace(study_grant_required=False), clock=None
+        ),
     )
-    expiry = cast(_Expiry, SimpleNamespace(move=lambda expires_at: None))
+    conn = cast(Connection, SimpleNamespace(expire_at=lambda when, clock: None))
     current = verifier.principal(_signed_hs256({"sub": "alice", "exp": int(time.time()) + 60}))
-    answer = _refresh(node, expiry, current, token, "s1")
+    answer = _refresh(node, conn, current, token, "s1")
     assert json.loads(answer.text)["type"] == "refreshed"

@@ -1,4 +1,5 @@
-"""A WebSocket's outgoing side: events sent at once, a bounded backlog, closing with a code.
+"""A WebSocket's outgoing side: events sent at once, a bounded backlog, closing with a code
+(also at its token's expiry).
 
 The fan-out delivers to every local socket of a study in one loop turn, so sending must never
 wait there: a send the socket can take right away runs to completion synchronously; one that
@@ -14,16 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from starlette.types import Send
 
+from presence_svc.clock import Clock, Timer
 from presence_svc.codec import Outgoing, json_text
 from presence_svc.web import stepping
 from presence_svc.web.protocol import LimitedWebSocketProtocol, text_frame
 
+CLOSE_UNAUTHORIZED = 4401  # here: the token expired without a refresh
 CLOSE_SLOW_CONSUMER = 1013
 
 
@@ -48,13 +53,16 @@ class Connection:
     task for every message cost as much as the send itself. A send that has to wait, and
     everything delivered meanwhile, goes to a writer task, which ends once it has caught up.
     Idle sockets are the bulk of a node's memory, so an idle one holds neither a task (about
-    1 KiB with its coroutine and waiter) nor a deque (about 0.75 KiB).
+    1 KiB with its coroutine and waiter) nor a deque (about 0.75 KiB), nor a timer of its own
+    for its token's expiry (_Expiries).
     """
 
     __slots__ = (
         "_broken",
         "_closer",
         "_closing",
+        "_expires",
+        "_expiries",
         "_floor",
         "_id",
         "_limit",
@@ -93,6 +101,8 @@ class Connection:
         self._shut = False  # a close frame went out, or the client is gone: no frame follows
         self._writer: asyncio.Task[None] | None = None  # while there is a backlog
         self._closer: asyncio.Task[None] | None = None  # a close that had to wait
+        self._expiries: _Expiries | None = None  # closes the socket when its token expires
+        self._expires = 0.0  # when, on their clock
         # Until its first heartbeat a socket only watches: the stats count it apart (ws.py
         # clears it; the fan-out reads it for the node's report).
         self.watcher = True
@@ -191,6 +201,19 @@ class Connection:
             if self._started:
                 self._close_now()
 
+    def expire_at(self, when: float, clock: Clock) -> None:
+        """Close with 4401 ("token expired") at `when` on `clock`, instead of when a previous
+        call said (a refresh moves the token's expiry); `stop` cancels it."""
+        self._no_expiry()
+        expiries = _expiries(clock)
+        expiries.add(self, when, clock)
+        self._expiries, self._expires = expiries, when
+
+    def _no_expiry(self) -> None:
+        if self._expiries is not None:
+            self._expiries.discard(self, self._expires)
+            self._expiries = None
+
     def _close_now(self) -> None:
         assert self._closing is not None
         if self._shut:
@@ -247,6 +270,9 @@ class Connection:
         return self._id
 
     async def stop(self) -> None:
+        """The socket is done: no expiry any more, the backlog dropped, a close that had to
+        wait sent."""
+        self._no_expiry()
         writer = self._writer
         if writer is not None:
             writer.cancel()
@@ -256,6 +282,62 @@ class Connection:
             # Not cancelled: the close frame still goes out (a send waits at most until the
             # server's keepalive gives up on the client).
             await self._closer
+
+
+class _Expiries:
+    """The sockets of one loop that close when their tokens expire, on one clock: a timer per
+    instant that some token expires at, rather than one per socket.
+
+    A loop timer costs about 0.5 KiB on uvloop (its handle, the libuv timer, a copy of the
+    context) for as long as the socket lives; an `exp` is a whole second, so the sockets whose
+    tokens were issued within the same second, with the same lifetime, share one. Each still
+    closes at its own token's expiry, on the clock it was given.
+    """
+
+    __slots__ = ("_due",)
+
+    def __init__(self) -> None:
+        self._due: dict[float, tuple[Timer, set[Connection]]] = {}
+
+    def add(self, conn: Connection, when: float, clock: Clock) -> None:
+        due = self._due.get(when)
+        if due is None:
+            timer = clock.call_at(when, functools.partial(self._expired, when))
+            due = self._due[when] = (timer, set())
+        due[1].add(conn)
+
+    def discard(self, conn: Connection, when: float) -> None:
+        due = self._due.get(when)
+        if due is None:  # that instant has come
+            return
+        timer, sockets = due
+        sockets.discard(conn)
+        if not sockets:
+            del self._due[when]
+            timer.cancel()
+
+    def _expired(self, when: float) -> None:
+        _, sockets = self._due.pop(when, (None, ()))
+        for conn in sockets:
+            conn.close_with(CLOSE_UNAUTHORIZED, "token expired")
+
+
+# By loop (where the timers run), then by clock (the node's, or a test's): weak, so that either
+# can go once no socket's expiry is pending on it.
+_EXPIRIES: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Clock, _Expiries]
+] = weakref.WeakKeyDictionary()
+
+
+def _expiries(clock: Clock) -> _Expiries:
+    loop = asyncio.get_running_loop()
+    on_loop = _EXPIRIES.get(loop)
+    if on_loop is None:
+        on_loop = _EXPIRIES[loop] = weakref.WeakKeyDictionary()
+    expiries = on_loop.get(clock)
+    if expiries is None:
+        expiries = on_loop[clock] = _Expiries()
+    return expiries
 
 
 def _frame(event: Outgoing) -> bytes:

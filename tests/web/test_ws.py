@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,10 +23,11 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.types import Message
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+import presence_svc
 from presence_svc.app import create_app
 from presence_svc.auth import ALL_STUDIES
 from presence_svc.codec import Outgoing
@@ -40,6 +42,7 @@ from presence_svc.web.ws_heartbeats import HEARTBEATS_IN_FLIGHT, Heartbeats
 from tests.support.app import app_client, fake_redis, make_settings, node_of, unreachable_redis
 from tests.support.auth import SECRET, auth, bearer, token
 from tests.support.clients import Watcher, rest_heartbeat
+from tests.support.clock import MovableClock
 from tests.support.processes import free_port
 from tests.support.waiting import eventually, eventually_async
 
@@ -816,6 +819,49 @@ async def test_no_close_frame_is_owed_to_a_client_that_disconnected() -> None:
     assert socket.closes == []
 
 
+async def test_a_connection_closes_at_its_tokens_expiry_as_last_moved() -> None:
+    socket = _Socket()
+    conn = Connection(socket.send, queue_size=16)
+    conn.start(floor=0)
+    clock = MovableClock(start=1_000.0)
+    conn.expire_at(1_060.0, clock)
+    conn.expire_at(1_600.0, clock)  # a refresh: the first expiry no longer applies
+    clock.advance(100)
+    assert clock.pending == 1
+    await asyncio.sleep(0)  # a turn of the loop: what came due has run
+    assert socket.closes == []
+    clock.advance(500)
+    await eventually_async(lambda: socket.closes != [], what="the close at the expiry")
+    assert socket.closes == [(4401, "token expired")]
+    await conn.stop()
+
+
+async def test_connections_whose_tokens_expire_together_share_one_timer() -> None:
+    clock = MovableClock(start=1_000.0)
+    sockets = [_Socket() for _ in range(3)]
+    conns = [Connection(socket.send, queue_size=16) for socket in sockets]
+    for conn in conns:
+        conn.start(floor=0)
+        conn.expire_at(1_060.0, clock)
+    assert clock.pending == 1
+    conns[2].expire_at(1_600.0, clock)  # refreshed
+    assert clock.pending == 2
+    clock.advance(60)
+    await eventually_async(lambda: sockets[0].closes and sockets[1].closes, what="both closed")
+    assert [socket.closes for socket in sockets] == [[(4401, "token expired")]] * 2 + [[]]
+    for conn in conns:
+        await conn.stop()
+    assert clock.pending == 0
+
+
+async def test_a_stopped_connection_has_no_expiry_left() -> None:
+    conn = Connection(_Socket().send, queue_size=16)
+    clock = MovableClock(start=1_000.0)
+    conn.expire_at(1_060.0, clock)
+    await conn.stop()
+    assert clock.pending == 0
+
+
 class _PendingLeases:
     """A LeaseKeeper whose heartbeats finish when the test says so."""
 
@@ -883,6 +929,41 @@ async def test_heartbeats_in_flight_are_bounded_counted_and_drained() -> None:
         1,
         1,
     )
+
+
+# --- what an idle socket holds ----------------------------------------------------------------
+
+PACKAGE = str(Path(presence_svc.__file__).parent)
+
+
+def _endpoint_frames() -> list[tuple[str, dict[str, Any]]]:
+    """The service's coroutines a presence socket's task is suspended in, outermost first,
+    each with its locals (run in the app's loop)."""
+    for task in asyncio.all_tasks():
+        chain = []
+        awaited: Any = task.get_coro()
+        while hasattr(awaited, "cr_await"):  # a coroutine: follow what it awaits
+            chain.append(awaited)
+            awaited = awaited.cr_await
+        ours = [c for c in chain if c.cr_code.co_filename.startswith(PACKAGE)]
+        if any(c.cr_code.co_qualname == "PresenceSocket.__call__" for c in ours):
+            return [(c.cr_code.co_qualname, dict(c.cr_frame.f_locals)) for c in ours]
+    return []
+
+
+def test_an_idle_socket_waits_in_one_frame_of_the_endpoint(app: App) -> None:
+    # Idle sockets are the bulk of a node's memory (docs/performance.md, "Idle socket memory"):
+    # each coroutine suspended for a socket's life, and whatever its locals still hold, is paid
+    # once per socket.
+    with app.open("s1") as ws:
+        join(ws)
+        frames = ws.portal.call(_endpoint_frames)
+    assert [name for name, _ in frames] == ["NodeApp.__call__", "PresenceSocket.__call__"]
+    held = frames[-1][1]
+    assert "admitted" not in held
+    # Neither the handshake's WebSocket nor a message of the greeting; the scope is uvicorn's.
+    kept = [name for name, v in held.items() if isinstance(v, WebSocket | dict)]
+    assert kept == ["scope"]
 
 
 # --- a real server -------------------------------------------------------------------------
