@@ -87,39 +87,39 @@ class Measured:
         return self.fanout_viewers / self.fanout_nodes
 
 
-# The full run with the fan-out scenario's receive-cost point: `make bench`, run
-# 20261128T111826Z-full, 2026-11-28, service code of commit a574a8a (the harness with the
-# receive-cost point, presence_svc/bench, not yet committed then). Values as that run's JSON
-# holds them, i.e. what `presence-svc capacity --results bench/results/20261128T111826Z-full`
-# reads; its receive-cost point is printed in docs/performance.md ("receive cost point").
+# The full run of issue 14's round: `make bench`, run 20261201T163649Z-full, 2026-12-01, service
+# code of commit be34885, on the 2-core machine with nobody else working. Values as that run's
+# JSON holds them, i.e. what `presence-svc capacity --results
+# bench/results/20261201T163649Z-full` reads; the run is printed in docs/performance.md ("Full
+# profile at be34885").
 DEFAULT_MEASURED = Measured(
-    source="bench run 20261128T111826Z-full (code a574a8a), see docs/capacity.md",
-    ws_node_us_per_hb=27.04,
-    rest_node_us_per_hb=123.77,
-    ws_redis_us_per_hb=17.6,
-    rest_redis_us_per_hb=25.8,
-    floor_redis_us_per_hb=19.98,
-    # evalsha=2.008 hdel=2.008 hgetall=1.004 hset=1.004 persist=1.004 sadd=2.008 zadd=1.004
-    # zrem=1.004 zscore=1.004
-    ws_commands_per_hb=12.048,
-    floor_commands_per_hb=11.0,
-    node_us_per_delivery=24.33,
-    fanout_deliveries_per_s=9_998,
-    fanout_p99_ms=2.056,
+    source="bench run 20261201T163649Z-full (code be34885), see docs/capacity.md",
+    ws_node_us_per_hb=28.87,
+    rest_node_us_per_hb=105.05,
+    ws_redis_us_per_hb=20.25,
+    rest_redis_us_per_hb=29.97,
+    floor_redis_us_per_hb=30.13,
+    # evalsha=1.004 hgetall=1.004 hset=1.004 sismember=1.004 zadd=1.004 (the steady heartbeat:
+    # one EVALSHA, four commands inside)
+    ws_commands_per_hb=5.02,
+    floor_commands_per_hb=7.0,
+    node_us_per_delivery=16.5,
+    fanout_deliveries_per_s=9_996,
+    fanout_p99_ms=2.039,
     fanout_events_per_s=200.1,
     fanout_redis_cpu=0.016,
     fanout_redis_idle_cpu=0.002,
     fanout_nodes=2,
     fanout_viewers=50,
-    kib_per_socket=29.22,
-    node_base_rss_mib=63.8,
+    kib_per_socket=21.06,
+    node_base_rss_mib=63.9,
     idle_sockets=10_000,
-    sweep_redis_us_per_transition=33.0,
+    sweep_redis_us_per_transition=41.0,
     sweep_node_us_per_transition=6.0,
-    redis_mib_per_million_sessions=335.0,
-    receive_us_per_event=125.44,
-    receive_events_per_s=1999.9,
-    receive_us_per_event_at_fanout_rate=358.1,
+    redis_mib_per_million_sessions=336.0,
+    receive_us_per_event=70.89,
+    receive_events_per_s=2000.0,
+    receive_us_per_event_at_fanout_rate=181.67,
 )
 
 

@@ -125,15 +125,15 @@ def test_costs_split_the_measured_figures() -> None:
 
 def test_the_default_figures_are_the_latest_full_run() -> None:
     m = capacity_inputs.DEFAULT_MEASURED
-    assert "20261128T111826Z-full" in m.source and "a574a8a" in m.source
+    assert "20261201T163649Z-full" in m.source and "be34885" in m.source
     assert m.redis_us_per_event == pytest.approx((0.016 - 0.002) / 200.1 * 1e6)
     assert m.sockets_per_event_and_node == 25
     assert not m.fallbacks
     # That run had the receive-cost point: the split is measured, receive_share unused.
     assert m.receive_measured
     receive, send = capacity_model.fanout_split(m, capacity_model.Workload())
-    assert send == pytest.approx((25 * 24.33 - 358.1) / 24)
-    assert receive == pytest.approx(125.44 - send)
+    assert send == pytest.approx((25 * 16.5 - 181.67) / 24)
+    assert receive == pytest.approx(70.89 - send)
 
 
 def test_sizes_by_hand() -> None:
@@ -462,8 +462,8 @@ def test_cli_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
     for heading in ("Load", "Nodes (one process = one core)", "Redis (one primary = one core)"):
         assert f"\n{heading}\n" in out
     assert "What breaks first" in out
-    assert "20261128T111826Z-full" in out
-    assert "node receive cost, measured: 125.4 us per event and node" in out
+    assert "20261201T163649Z-full" in out
+    assert "node receive cost, measured: 70.9 us per event and node" in out
     assert re.search(r"node processes\s+[\d,]+\s+binding: (CPU|socket memory)", out)
 
 
