@@ -68,6 +68,13 @@ class Measured:
     receive_us_per_event: float | None = None
     receive_events_per_s: float | None = None
     receive_us_per_event_at_fanout_rate: float | None = None
+    # heartbeats.json, WebSocket row, from its commandstats: top-level requests per heartbeat
+    # (ws_requests: the EVALSHAs and the lease SADDs the node sent) and schedule.lua runs per
+    # heartbeat (ws_schedules: the EVALSHAs beyond heartbeat.lua's one). The defaults are the
+    # steady heartbeat's (the bench's sockets are past their first heartbeat and never idle):
+    # 1 request, no schedule.lua; a row of code before steady heartbeats has 3 and 1.
+    ws_requests_per_hb: float = 1.004
+    ws_schedules_per_hb: float = 0.0
     fallbacks: tuple[str, ...] = ()  # fields a results folder lacked (built-in value used)
 
     @property
@@ -80,6 +87,13 @@ class Measured:
     def receive_measured(self) -> bool:
         """The receive-cost point is in these figures (else receive_share is used)."""
         return self.receive_us_per_event is not None
+
+    @property
+    def ws_steady(self) -> bool:
+        """The WebSocket row measured steady heartbeats (code since 6791863): most of its
+        heartbeats ran no schedule.lua. Before, every WebSocket heartbeat was a full one (lease
+        SADD, heartbeat.lua, schedule.lua), and the row's figures are those of full heartbeats."""
+        return self.ws_schedules_per_hb < 0.5
 
     @property
     def sockets_per_event_and_node(self) -> float:
@@ -120,6 +134,9 @@ DEFAULT_MEASURED = Measured(
     receive_us_per_event=70.89,
     receive_events_per_s=2000.0,
     receive_us_per_event_at_fanout_rate=181.67,
+    # evalsha 1.004 + no sadd; 1.004 EVALSHA - 1.004 HGETALL
+    ws_requests_per_hb=1.004,
+    ws_schedules_per_hb=0.0,
 )
 
 
@@ -186,6 +203,29 @@ def _commands(row: dict[str, Any]) -> float | None:
     return sum(per_heartbeat.values()) if per_heartbeat else None
 
 
+def _requests(row: dict[str, Any]) -> float | None:
+    """Top-level requests per heartbeat in a WebSocket row: every EVALSHA, and the lease SADDs.
+
+    The only plain command a heartbeat sends is the lease SADD of a full heartbeat, and a full
+    heartbeat runs a second SADD inside heartbeat.lua (the connection set, hold_unless_released
+    in lua/_lib.lua); commandstats cannot tell them apart, so half the SADDs are the node's (a
+    row of full heartbeats: 2 EVALSHA + 2 SADD = 3 requests, as RedisStore.heartbeat sends).
+    """
+    per_heartbeat = row.get("redis_commands_per_heartbeat")
+    if not per_heartbeat or "evalsha" not in per_heartbeat:
+        return None
+    return float(per_heartbeat["evalsha"]) + float(per_heartbeat.get("sadd", 0.0)) / 2
+
+
+def _schedules(row: dict[str, Any]) -> float | None:
+    """schedule.lua runs per heartbeat in a WebSocket row: the EVALSHAs that are not
+    heartbeat.lua, which runs one HGETALL each time (a steady row: 1.004 - 1.004 = 0)."""
+    per_heartbeat = row.get("redis_commands_per_heartbeat")
+    if not per_heartbeat or "evalsha" not in per_heartbeat:
+        return None
+    return max(float(per_heartbeat["evalsha"]) - float(per_heartbeat.get("hgetall", 0.0)), 0.0)
+
+
 def _heartbeat_costs(rows: list[dict[str, Any]]) -> dict[str, Any]:
     paths = {r.get("path"): r for r in rows}
     ws, rest, floor = (paths.get(p) or {} for p in ("WebSocket", "REST", "raw Redis (floor)"))
@@ -193,6 +233,8 @@ def _heartbeat_costs(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ws_node_us_per_hb=ws.get("node_cpu_us_per_heartbeat"),
         ws_redis_us_per_hb=ws.get("redis_cpu_us_per_heartbeat"),
         ws_commands_per_hb=_commands(ws),
+        ws_requests_per_hb=_requests(ws),
+        ws_schedules_per_hb=_schedules(ws),
         rest_node_us_per_hb=rest.get("node_cpu_us_per_heartbeat"),
         rest_redis_us_per_hb=rest.get("redis_cpu_us_per_heartbeat"),
         floor_redis_us_per_hb=floor.get("redis_cpu_us_per_heartbeat"),

@@ -43,8 +43,11 @@ class Workload:
     # rather than once per socket. 0.3 was a guess from a py-spy profile (docs/performance.md,
     # before hiredis); the receive-cost point measures the split instead.
     receive_share: float = 0.3
-    # Share of a heartbeat's Redis CPU that is schedule.lua (3 of its ~11 commands: EVALSHA,
-    # ZSCORE, ZADD); it runs on one of the 16 schedule shards, whatever the study.
+    # Share of a full heartbeat's Redis CPU (the floor row: heartbeat.lua + schedule.lua with
+    # no node in between, 2 EVALSHA + 5 inside) that is one schedule.lua call: its EVALSHA and
+    # ZSCORE, a ZADD when it moves the due time (2 of the 7 commands, 3 of 8). It prices a
+    # schedule.lua call on one of the 16 schedule shards; a steady heartbeat's measured Redis
+    # CPU has none in it, so a share of that would mean nothing.
     schedule_share: float = 0.3
     # How long a node may stop reading pub/sub (CPU-throttled, paused) before its output
     # buffers in Redis count as at risk.
@@ -155,7 +158,9 @@ class Costs:
     redis_copy: float  # per published event, and again per node it is pushed to
     redis_transition: float  # sweep_scan + sweep_apply + reschedule, per transition
     redis_command: float  # a plain command (a sweep tick's ZRANGEBYSCORE)
-    redis_schedule: float  # schedule.lua, part of redis_heartbeat
+    # One schedule.lua call, on its schedule shard. Within redis_heartbeat, not added to it:
+    # the measured CPU per heartbeat is what the node's mix of heartbeats cost.
+    redis_schedule: float
 
 
 def fanout_split(m: Measured, w: Workload) -> tuple[float, float]:
@@ -202,7 +207,7 @@ def costs(m: Measured, w: Workload) -> Costs:
         redis_copy=m.redis_us_per_event / (1 + m.fanout_nodes),
         redis_transition=m.sweep_redis_us_per_transition,
         redis_command=m.floor_redis_us_per_hb / m.floor_commands_per_hb,
-        redis_schedule=w.schedule_share * redis_hb,
+        redis_schedule=w.schedule_share * m.floor_redis_us_per_hb,
     )
 
 
@@ -226,6 +231,64 @@ def study_redis_cores(viewers: float, nodes_reached: float, u: PerUser, c: Costs
             + u.heartbeat_events * (1 + nodes_reached) * c.redis_copy
             + u.sweep_transitions * (c.redis_transition + nodes_reached * c.redis_copy)
         )
+    )
+
+
+# Top-level requests of each kind of heartbeat (RedisStore.heartbeat). A full WebSocket
+# heartbeat (a socket's first, or the first after a failed store call or a dead-node mark) is
+# one pipeline of the lease SADD, heartbeat.lua and schedule.lua; a REST heartbeat has no lease.
+# A steady heartbeat is one EVALSHA (its count comes from the bench row), and schedule.lua
+# follows it in a second round trip when it turned an idle or away session active.
+FULL_REQUESTS_PER_HEARTBEAT = 3
+REST_REQUESTS_PER_HEARTBEAT = 2
+SCHEDULE_REQUESTS = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatMix:
+    """The kinds of heartbeat the nodes send, as shares of all heartbeats (they add up to 1),
+    and what that makes per heartbeat."""
+
+    full: float  # WebSocket, lease SADD + heartbeat.lua + schedule.lua
+    reactivating: float  # WebSocket, steady, schedule.lua follows (it made the session active)
+    steady: float  # WebSocket, heartbeat.lua alone
+    rest: float  # heartbeat.lua + schedule.lua, no lease
+    requests: float  # top-level requests per heartbeat
+    schedules: float  # schedule.lua calls per heartbeat
+
+
+def heartbeat_mix(m: Measured, w: Workload) -> HeartbeatMix:
+    """Which heartbeats are full, steady or reactivating.
+
+    A socket sends one full heartbeat per connection, i.e. per stay (`session_minutes`: j per
+    user and second), and a steady heartbeat is followed by schedule.lua once per idle spell
+    (the user_active transition: i per user and second); the rest are steady, one request as
+    the bench row measured them. So per WebSocket heartbeat j / h are full and i / h
+    reactivating. Full heartbeats after a failed store call or a dead-node mark are left out:
+    they follow failures, not load. Where the row measured code before steady heartbeats
+    (Measured.ws_steady false), every WebSocket heartbeat is counted full, as that code sent it.
+    """
+    u = per_user(w)
+    ws = 1 - w.rest_share
+    if m.ws_steady:
+        full = min(u.joins / u.heartbeats, 1.0)
+        reactivating = min(u.idles / u.heartbeats, 1.0 - full)
+    else:
+        full, reactivating = 1.0, 0.0
+    steady = 1.0 - full - reactivating
+    return HeartbeatMix(
+        full=ws * full,
+        reactivating=ws * reactivating,
+        steady=ws * steady,
+        rest=w.rest_share,
+        requests=ws
+        * (
+            full * FULL_REQUESTS_PER_HEARTBEAT
+            + reactivating * (m.ws_requests_per_hb + SCHEDULE_REQUESTS)
+            + steady * m.ws_requests_per_hb
+        )
+        + w.rest_share * REST_REQUESTS_PER_HEARTBEAT,
+        schedules=ws * (full + reactivating) + w.rest_share,
     )
 
 

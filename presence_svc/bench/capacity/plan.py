@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 from presence_svc.bench.capacity.inputs import KIB, MIB, US, Measured
 from presence_svc.bench.capacity.model import (
+    HeartbeatMix,
     Traffic,
     Workload,
     costs,
+    heartbeat_mix,
     per_user,
     spread,
     study_node_cores,
@@ -33,10 +35,6 @@ from presence_svc.redis.keys import SCHEDULE_SHARDS
 # closed once Redis holds 32 MiB of output for it (or more than 8 MiB for 60 s, which a node
 # that reads at all never reaches at these rates).
 PUBSUB_HARD_LIMIT = 32 * MIB
-# A heartbeat over a WebSocket is three top-level commands (RedisStore.heartbeat): the lease
-# SADD, heartbeat.lua and schedule.lua; over REST there is no lease.
-WS_REQUESTS_PER_HEARTBEAT = 3
-REST_REQUESTS_PER_HEARTBEAT = 2
 # Commands emit() in lua/_lib.lua adds for each event a heartbeat publishes: HINCRBY, SPUBLISH.
 COMMANDS_PER_EMIT = 2
 
@@ -138,6 +136,7 @@ class RedisPlan:
     memory_mib: float
     cpu_per_primary: float
     schedule_shard_cpu: float  # the busiest of the 16 schedule shards, fraction of a core
+    schedule_calls_per_s: float  # schedule.lua, all shards (full, reactivating, REST heartbeats)
 
     @property
     def cores(self) -> float:
@@ -150,8 +149,28 @@ class RedisPlan:
         )
 
 
+def heartbeat_bytes(mix: HeartbeatMix, sizes: Sizes, cursor_share: float) -> tuple[float, float]:
+    """RESP bytes (to Redis, back) per heartbeat for this mix of kinds: a reactivating one is
+    a steady one and then schedule.lua; `cursor_share` of them carry a new cursor (the same
+    four arguments more in every kind)."""
+    cursor = cursor_share * (sizes.cursor_request - sizes.heartbeat_request)
+    request = (
+        mix.steady * sizes.heartbeat_request
+        + mix.reactivating * (sizes.heartbeat_request + sizes.schedule_request)
+        + mix.full * sizes.full_request
+        + mix.rest * sizes.rest_request
+    )
+    reply = (
+        mix.steady * sizes.heartbeat_reply
+        + mix.reactivating * (sizes.heartbeat_reply + sizes.schedule_reply)
+        + mix.full * sizes.full_reply
+        + mix.rest * sizes.rest_reply
+    )
+    return request + cursor, reply
+
+
 def plan_redis(m: Measured, w: Workload, nodes: int, sizes: Sizes) -> RedisPlan:
-    c, t = costs(m, w), traffic(w, nodes)
+    c, t, mix = costs(m, w), traffic(w, nodes), heartbeat_mix(m, w)
     polls = nodes * SCHEDULE_SHARDS / w.sweep_interval
     heartbeat_events = t.events - t.sweep_transitions
     cores = {
@@ -166,11 +185,9 @@ def plan_redis(m: Measured, w: Workload, nodes: int, sizes: Sizes) -> RedisPlan:
     commands_per_hb = (1 - w.rest_share) * m.ws_commands_per_hb + w.rest_share * (
         m.floor_commands_per_hb
     )
-    requests_per_hb = (1 - w.rest_share) * WS_REQUESTS_PER_HEARTBEAT + (
-        w.rest_share * REST_REQUESTS_PER_HEARTBEAT
-    )
     cursor_share = t.cursor_moves / t.heartbeats if t.heartbeats else 0.0
-    request = (1 - cursor_share) * sizes.heartbeat_request + cursor_share * sizes.cursor_request
+    bytes_in, bytes_out = heartbeat_bytes(mix, sizes, cursor_share)
+    schedules = t.heartbeats * mix.schedules
     return RedisPlan(
         primaries=primaries,
         cores_heartbeats=cores["heartbeats"],
@@ -181,20 +198,22 @@ def plan_redis(m: Measured, w: Workload, nodes: int, sizes: Sizes) -> RedisPlan:
         commands_per_s=t.heartbeats * commands_per_hb
         + heartbeat_events * COMMANDS_PER_EMIT
         + polls,
-        requests_per_s=t.heartbeats * requests_per_hb + polls,
+        requests_per_s=t.heartbeats * mix.requests + polls,
         published_per_s=t.events,
         published_bytes_per_s=t.events * sizes.envelope,
         pushed_per_s=t.node_receives,
         pushed_bytes_per_s=t.node_receives * sizes.pubsub_message,
-        heartbeat_bytes_in_per_s=t.heartbeats * request,
-        heartbeat_bytes_out_per_s=t.heartbeats * sizes.heartbeat_reply,
+        heartbeat_bytes_in_per_s=t.heartbeats * bytes_in,
+        heartbeat_bytes_out_per_s=t.heartbeats * bytes_out,
         memory_mib=w.users * m.redis_mib_per_million_sessions / 1e6,
         cpu_per_primary=total / primaries,
+        # Studies spread evenly over the shards (crc32 of the id); every node polls each one.
         schedule_shard_cpu=US
         * (
-            t.heartbeats / SCHEDULE_SHARDS * c.redis_schedule
+            schedules / SCHEDULE_SHARDS * c.redis_schedule
             + nodes / w.sweep_interval * c.redis_command
         ),
+        schedule_calls_per_s=schedules,
     )
 
 
@@ -347,10 +366,10 @@ def _shared_limits(w: Workload, sizes: Sizes, t: Traffic, n: NodePlan, r: RedisP
         Limit(
             f"{SCHEDULE_SHARDS} schedule shards",
             f"busiest {fmt(r.schedule_shard_cpu)} of a core "
-            f"({fmt(t.heartbeats / SCHEDULE_SHARDS)} schedule.lua/s)",
+            f"({fmt(r.schedule_calls_per_s / SCHEDULE_SHARDS)} schedule.lua/s)",
             1 / r.schedule_shard_cpu,
             False,
-            "fewer heartbeats; more schedule shards (a storage format change)",
+            "a longer sweep interval (fewer polls); more schedule shards (a storage format change)",
         ),
         Limit(
             "pub/sub output buffer per node",

@@ -154,6 +154,101 @@ def test_sizes_by_hand() -> None:
     assert sizes.cursor_request > sizes.heartbeat_request > 0
 
 
+def test_heartbeat_sizes_by_hand() -> None:
+    # A steady heartbeat is heartbeat.lua's EVALSHA alone, with RedisStore.heartbeat's layout:
+    # 7 keys, then user, study, ms, ISO, no session id, the cursor, the connection, SPUBLISH, 1.
+    base = "presence:{kB7xQ2mP}:"
+    keys = [
+        base + "session:player_12345",
+        base + "index",
+        base + "meta",
+        base + "events",
+        base + "conns:player_12345",
+        base + "leaving",
+        base + "released:player_12345",
+    ]
+    ms, iso, cid = "1795942626123", "2026-11-28T08:57:06.123Z", "9f86d081884c7d659a2feaa0c55ad015"
+    head = ["EVALSHA", "0" * 40, 7, *keys, "player_12345", "kB7xQ2mP", ms, iso]
+    steady = capacity_sizes.resp_command(*head, "", "0", "", "0", "", cid, "SPUBLISH", "1")
+    cursor = capacity_sizes.resp_command(
+        *head, "", "1", "Zt4mW9qA", "1", "main.24.var2.7", cid, "SPUBLISH", "1"
+    )
+    assert steady == 518 and cursor == 541
+    # schedule.lua: the shard key (crc32 of the study id mod 16), study, due (+30 s), now.
+    shard = capacity_sizes.Keys("presence").schedule("kB7xQ2mP")
+    due = str(1_795_942_626_123 + 30_000)
+    schedule = capacity_sizes.resp_command("EVALSHA", "0" * 40, 1, shard, "kB7xQ2mP", due, ms)
+    assert schedule == 157
+    # A full heartbeat: the lease SADD, heartbeat.lua starting a session (its id given, no '1'),
+    # schedule.lua, in one pipeline; REST: no lease, no connection.
+    lease = capacity_sizes.resp_command(
+        "SADD", f"presence:{{node:{cid}}}:leases", f"kB7xQ2mP player_12345 {cid}"
+    )
+    full_beat = capacity_sizes.resp_command(*head, cid, "0", "", "0", "", cid, "SPUBLISH")
+    rest_beat = capacity_sizes.resp_command(*head, cid, "0", "", "0", "", "", "SPUBLISH")
+    # heartbeat.lua's reply: *8, four bulk strings (32 + 8 + 14 + 6 bytes), two 13-digit ms,
+    # events and covered: 4 + 39 + 14 + 21 + 12 + 2 x 16 + 2 x 4 = 130; SADD's :1 and
+    # schedule.lua's :1 are 4 bytes each.
+    sizes = capacity_sizes.measure_sizes()
+    assert (sizes.heartbeat_request, sizes.cursor_request) == (steady, cursor)
+    assert sizes.schedule_request == schedule and sizes.schedule_reply == 4
+    assert sizes.full_request == lease + full_beat + schedule == 838
+    assert sizes.rest_request == rest_beat + schedule == 668
+    assert (sizes.heartbeat_reply, sizes.full_reply, sizes.rest_reply) == (130, 138, 134)
+
+
+def test_heartbeat_mix_by_hand() -> None:
+    # SMALL: 0.2 heartbeats/s per user, a stay (one full heartbeat) and an idle spell (one
+    # reactivating steady heartbeat, schedule.lua after it) every 1000 s: 0.001 / 0.2 each.
+    m = capacity_inputs.DEFAULT_MEASURED
+    assert m.ws_steady and m.ws_requests_per_hb == 1.004
+    mix = capacity_model.heartbeat_mix(m, SMALL)
+    assert (mix.full, mix.reactivating, mix.rest) == pytest.approx((0.005, 0.005, 0.0))
+    assert mix.steady == pytest.approx(0.99)
+    assert mix.requests == pytest.approx(0.005 * 3 + 0.005 * (1.004 + 1) + 0.99 * 1.004)
+    assert mix.schedules == pytest.approx(0.01)
+    # Half the heartbeats over REST: 2 requests and a schedule.lua each.
+    half = capacity_model.heartbeat_mix(m, dataclasses.replace(SMALL, rest_share=0.5))
+    assert half.full == pytest.approx(0.0025) and half.steady == pytest.approx(0.495)
+    assert half.requests == pytest.approx(0.5 * mix.requests + 0.5 * 2)
+    assert half.schedules == pytest.approx(0.5 * 0.01 + 0.5)
+    # A row measured before steady heartbeats (schedule.lua on every one): all full, as sent.
+    old = dataclasses.replace(m, ws_requests_per_hb=3.078, ws_schedules_per_hb=1.026)
+    assert not old.ws_steady
+    before = capacity_model.heartbeat_mix(old, SMALL)
+    assert (before.full, before.steady, before.requests, before.schedules) == (1, 0, 3, 1)
+
+
+def test_redis_requests_bytes_and_schedule_shard_by_hand() -> None:
+    # SMALL on one node: 200 heartbeats/s (100 with a cursor), 1 full and 1 reactivating.
+    m = dataclasses.replace(
+        capacity_inputs.DEFAULT_MEASURED,
+        ws_requests_per_hb=1.0,
+        floor_redis_us_per_hb=30.0,
+        floor_commands_per_hb=6.0,
+    )
+    sizes = capacity_sizes.measure_sizes()
+    r = capacity_plan.plan_redis(m, SMALL, 1, sizes)
+    # 198 steady + 1 reactivating (+ schedule.lua) + 1 full (3), and 16 sweep polls.
+    assert r.requests_per_s == pytest.approx(198 + 2 + 3 + 16)
+    assert r.schedule_calls_per_s == pytest.approx(2)
+    bytes_in = (
+        198 * sizes.heartbeat_request
+        + (sizes.heartbeat_request + sizes.schedule_request)
+        + sizes.full_request
+        + 100 * (sizes.cursor_request - sizes.heartbeat_request)
+    )
+    assert r.heartbeat_bytes_in_per_s == pytest.approx(bytes_in)
+    bytes_out = 199 * sizes.heartbeat_reply + sizes.schedule_reply + sizes.full_reply
+    assert r.heartbeat_bytes_out_per_s == pytest.approx(bytes_out)
+    # One schedule.lua: 0.3 of the floor's 30 us = 9 us; 2/s over 16 shards, plus one node's
+    # ZRANGEBYSCORE per tick at 30 / 6 = 5 us.
+    assert capacity_model.costs(m, SMALL).redis_schedule == pytest.approx(9.0)
+    assert r.schedule_shard_cpu == pytest.approx(1e-6 * (2 / 16 * 9.0 + 5.0))
+    # The measured Redis CPU per heartbeat is not added to: schedule.lua calls cost nothing more.
+    assert r.cores_heartbeats == pytest.approx(200 * m.ws_redis_us_per_hb * 1e-6)
+
+
 def test_largest_study_search() -> None:
     assert capacity_plan.largest_study(lambda v: v * 0.01, 1.0) == 100
     assert capacity_plan.largest_study(lambda v: v * v / 10_000, 1.0) == 100
@@ -305,7 +400,14 @@ def _fake_results(folder: Path) -> None:
                     "path": "WebSocket",
                     "node_cpu_us_per_heartbeat": 60.0,
                     "redis_cpu_us_per_heartbeat": 22.0,
-                    "redis_commands_per_heartbeat": {"evalsha": 2.0, "sadd": 2.0, "zadd": 1.0},
+                    # Code before steady heartbeats: every one full (2 SADD: the lease, the
+                    # connection set inside heartbeat.lua).
+                    "redis_commands_per_heartbeat": {
+                        "evalsha": 2.0,
+                        "sadd": 2.0,
+                        "hgetall": 1.0,
+                        "zadd": 1.0,
+                    },
                 },
                 {
                     "path": "REST",
@@ -404,7 +506,10 @@ def test_read_results_picks_the_right_rows(tmp_path: Path) -> None:
     m = capacity_inputs.read_results(folder)
     assert m.source == f"bench results {folder} (code abc1234)"
     assert not m.fallbacks
-    assert (m.ws_node_us_per_hb, m.ws_redis_us_per_hb, m.ws_commands_per_hb) == (60, 22, 5)
+    assert (m.ws_node_us_per_hb, m.ws_redis_us_per_hb, m.ws_commands_per_hb) == (60, 22, 6)
+    # 2 EVALSHA + half of 2 SADD; the EVALSHA beyond heartbeat.lua's (one HGETALL) is schedule.lua.
+    assert (m.ws_requests_per_hb, m.ws_schedules_per_hb) == (3.0, 1.0)
+    assert not m.ws_steady
     assert (m.rest_node_us_per_hb, m.rest_redis_us_per_hb) == (150, 30)
     assert (m.floor_redis_us_per_hb, m.floor_commands_per_hb) == (18, 5)
     # Fan-out: the node row nearest 10k (12k), with the baseline row of that load.
@@ -424,6 +529,32 @@ def test_read_results_picks_the_right_rows(tmp_path: Path) -> None:
     # Sweep: the largest size, 10k due; memory scaled to a million sessions.
     assert (m.sweep_redis_us_per_transition, m.sweep_node_us_per_transition) == (45.0, 15.0)
     assert m.redis_mib_per_million_sessions == pytest.approx(400.0)
+
+
+def test_read_results_of_steady_heartbeats(tmp_path: Path) -> None:
+    # The WebSocket row as the harness writes it since steady heartbeats: one EVALSHA, four
+    # commands inside, no lease SADD, no schedule.lua.
+    folder = tmp_path / "steady"
+    _fake_results(folder)
+    data = json.loads((folder / "heartbeats.json").read_text())
+    data["rows"][0]["redis_commands_per_heartbeat"] = {
+        "evalsha": 1.004,
+        "hgetall": 1.004,
+        "hset": 1.004,
+        "sismember": 1.004,
+        "zadd": 1.004,
+    }
+    (folder / "heartbeats.json").write_text(json.dumps(data))
+    m = capacity_inputs.read_results(folder)
+    assert m.ws_requests_per_hb == pytest.approx(1.004)
+    assert m.ws_schedules_per_hb == pytest.approx(0.0)
+    assert m.ws_steady and m.ws_commands_per_hb == pytest.approx(5.02)
+    # A row without commandstats keeps the built-in figures, and says so.
+    del data["rows"][0]["redis_commands_per_heartbeat"]
+    (folder / "heartbeats.json").write_text(json.dumps(data))
+    m = capacity_inputs.read_results(folder)
+    assert {"ws_requests_per_hb", "ws_schedules_per_hb"} <= set(m.fallbacks)
+    assert m.ws_requests_per_hb == capacity_inputs.DEFAULT_MEASURED.ws_requests_per_hb
 
 
 def test_missing_scenarios_keep_the_built_in_figures(tmp_path: Path) -> None:
