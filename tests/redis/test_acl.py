@@ -34,6 +34,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, ResponseError
@@ -189,11 +190,12 @@ async def websocket_heartbeats_stored(http: httpx.AsyncClient, node: NodeProcess
     """The node's count of WebSocket heartbeats it has the stored answer of (its metrics)."""
     response = await http.get(f"{node.base_url}/metrics")
     assert response.status_code == 200, response.text
-    for line in response.text.splitlines():
-        labels = 'transport="websocket"' in line and 'outcome="ok"' in line
-        if line.startswith("presence_heartbeats_total{") and labels:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    wanted = {"transport": "websocket", "outcome": "ok"}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "presence_heartbeats_total" and sample.labels == wanted:
+                return float(sample.value)
+    return 0.0  # none counted yet: the labelled series appears with the first one
 
 
 def check_node_log(node: NodeProcess, *secrets_: str) -> None:
