@@ -121,6 +121,7 @@ def link_tuning(settings: Settings) -> LinkTuning:
         dead_after=settings.pubsub_dead_after,
         backoff_first=settings.pubsub_backoff_first,
         backoff_cap=settings.pubsub_backoff_cap,
+        gather=settings.pubsub_gather,
     )
 
 

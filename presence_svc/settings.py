@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     pubsub_dead_after: float = Field(3.0, gt=0, le=300)
     pubsub_backoff_first: float = Field(0.1, gt=0, le=60)
     pubsub_backoff_cap: float = Field(5.0, gt=0, le=300)
+    # A busy link lets its socket fill this long between reads (seconds; 0: read whenever
+    # anything arrives): CPU per received event against at most this much more latency.
+    pubsub_gather: float = Field(0.005, ge=0, le=0.1)
     # Events a socket may have queued before it counts as a slow consumer and is closed.
     socket_queue_size: int = Field(1024, ge=16, le=1_000_000)
     # A study with more local sockets than the threshold gets its messages in one

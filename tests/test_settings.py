@@ -213,6 +213,7 @@ def test_redis_and_pubsub_tunables_are_read(monkeypatch: pytest.MonkeyPatch) -> 
         "PRESENCE_PUBSUB_DEAD_AFTER": "0.75",
         "PRESENCE_PUBSUB_BACKOFF_FIRST": "0.05",
         "PRESENCE_PUBSUB_BACKOFF_CAP": "0.05",
+        "PRESENCE_PUBSUB_GATHER": "0",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -222,6 +223,7 @@ def test_redis_and_pubsub_tunables_are_read(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.pubsub_subscribe_timeout == 2.0
     assert (settings.pubsub_ping_after, settings.pubsub_dead_after) == (0.25, 0.75)
     assert (settings.pubsub_backoff_first, settings.pubsub_backoff_cap) == (0.05, 0.05)
+    assert settings.pubsub_gather == 0.0
 
 
 @pytest.mark.parametrize(
@@ -242,6 +244,8 @@ def test_redis_and_pubsub_tunables_are_read(monkeypatch: pytest.MonkeyPatch) -> 
         ("PRESENCE_PUBSUB_DEAD_AFTER", "301"),
         ("PRESENCE_PUBSUB_BACKOFF_FIRST", "0"),
         ("PRESENCE_PUBSUB_BACKOFF_CAP", "abc"),
+        ("PRESENCE_PUBSUB_GATHER", "-0.001"),
+        ("PRESENCE_PUBSUB_GATHER", "0.2"),
     ],
 )
 def test_invalid_redis_or_pubsub_tunable_names_its_variable(
@@ -286,8 +290,9 @@ def test_the_node_tunes_its_pubsub_links_as_the_settings_say() -> None:
         pubsub_dead_after=1.5,
         pubsub_backoff_first=0.2,
         pubsub_backoff_cap=3,
+        pubsub_gather=0.001,
     )
-    assert link_tuning(settings) == LinkTuning(2.0, 0.5, 1.5, 0.2, 3.0)
+    assert link_tuning(settings) == LinkTuning(2.0, 0.5, 1.5, 0.2, 3.0, 0.001)
     assert link_tuning(load_settings()) == LinkTuning()
 
 

@@ -54,9 +54,9 @@ class LinkTuning:
     backoff_cap: float = 5.0  # ...doubling after each failed attempt, up to this
     # A busy link (read again within 1.5x this) lets its socket fill this long before the next
     # read instead of waking the node for every message: at 2,000 events/s, one wake-up per
-    # few events instead of one each, for at most this much more latency (docs/performance.md,
+    # ten events instead of one each, for at most this much more latency (docs/performance.md,
     # "Receive path"). 0: read whenever anything arrives. Raw reads only (hiredis_pubsub.py).
-    gather: float = 0.002
+    gather: float = 0.005
 
     @property
     def poll(self) -> float:
