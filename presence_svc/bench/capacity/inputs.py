@@ -68,6 +68,10 @@ class Measured:
     receive_us_per_event: float | None = None
     receive_events_per_s: float | None = None
     receive_us_per_event_at_fanout_rate: float | None = None
+    # The same point's Redis CPU (fraction of a core, read in ns) at receive_events_per_s, and
+    # the baseline row's at that rate (the baseline does not use Redis: Redis's idle CPU).
+    receive_redis_cpu: float | None = None
+    receive_redis_idle_cpu: float | None = None
     # heartbeats.json, WebSocket row, from its commandstats: top-level requests per heartbeat
     # (ws_requests: the EVALSHAs and the lease SADDs the node sent) and schedule.lua runs per
     # heartbeat (ws_schedules: the EVALSHAs beyond heartbeat.lua's one). The defaults are the
@@ -79,9 +83,26 @@ class Measured:
 
     @property
     def redis_us_per_event(self) -> float:
-        """Redis CPU per event published in the fan-out scenario (delivered to fanout_nodes)."""
+        """Redis CPU per event published (one publish, a copy to each of fanout_nodes).
+
+        From the receive-cost point where it was measured, else from the fan-out load. Like a
+        node's, Redis's CPU per event falls as its rate rises (a wake-up is shared by more
+        events): the receive point publishes ten times the load's events/s and reads Redis in
+        ns, and a planned primary is busier than either, so the busier point is the nearer,
+        and still a conservative, figure."""
+        rate = self.receive_events_per_s
+        if self.receive_redis_cpu is not None and rate:
+            busy = max(self.receive_redis_cpu - (self.receive_redis_idle_cpu or 0.0), 0.0)
+            return busy / rate / US
         busy = max(self.fanout_redis_cpu - self.fanout_redis_idle_cpu, 0.0)
         return busy / self.fanout_events_per_s / US if self.fanout_events_per_s else 0.0
+
+    @property
+    def redis_measured_at(self) -> str:
+        """Where redis_us_per_event comes from, for the report."""
+        if self.receive_redis_cpu is not None and self.receive_events_per_s:
+            return f"the receive-cost point, {self.receive_events_per_s:,.0f} events/s"
+        return f"the fan-out load, {self.fanout_events_per_s:,.0f} events/s"
 
     @property
     def receive_measured(self) -> bool:
@@ -146,6 +167,8 @@ RECEIVE_FIELDS = (
     "receive_us_per_event",
     "receive_events_per_s",
     "receive_us_per_event_at_fanout_rate",
+    "receive_redis_cpu",
+    "receive_redis_idle_cpu",
 )
 
 
@@ -288,11 +311,26 @@ def _receive_point(rows: list[dict[str, Any]], rate: float) -> dict[str, Any]:
         return dict.fromkeys(RECEIVE_FIELDS)
     busiest = max(receive, key=lambda r: r["events_per_s"])
     matched = min(receive, key=lambda r: abs(r["events_per_s"] - rate))
-    return _measured(
+    base = next(
+        (
+            r
+            for r in rows
+            if r.get("point") == "receive"
+            and r.get("target") == "baseline"
+            and r.get("offered_events_per_s") == busiest.get("offered_events_per_s")
+        ),
+        None,
+    )
+    found = _measured(
         receive_us_per_event=busiest["server_cpu_us_per_event_and_node"],
         receive_events_per_s=busiest["events_per_s"],
         receive_us_per_event_at_fanout_rate=matched["server_cpu_us_per_event_and_node"],
+        receive_redis_cpu=busiest.get("redis_cpu_util"),
+        # No baseline row: count Redis's idle CPU as zero (a slight overestimate per event).
+        receive_redis_idle_cpu=(base or {}).get("redis_cpu_util") or 0.0,
     )
+    # Explicit None where the point has no Redis reading (external Redis): the fan-out load's.
+    return {"receive_redis_cpu": None, **found}
 
 
 def _idle_costs(rows: list[dict[str, Any]]) -> dict[str, Any]:

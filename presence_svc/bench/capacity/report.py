@@ -83,7 +83,7 @@ def _header(p: Plan) -> list[str]:
         f"costs (us of one core): node {fmt(c.node_heartbeat)} per heartbeat, "
         f"{fmt(c.node_receive)} per event received, {fmt(c.node_delivery)} per delivery; "
         f"Redis {fmt(c.redis_heartbeat)} per heartbeat, {fmt(c.redis_copy)} per event published "
-        f"or copied to a node",
+        f"or copied to a node (measured at {m.redis_measured_at})",
     ]
     return lines
 

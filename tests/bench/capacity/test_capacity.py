@@ -366,10 +366,12 @@ def _fanout_row(target: str, load: int, us: float, redis: float, p99: float) -> 
     }
 
 
-def _receive_row(target: str, events: float, us: float | None) -> dict[str, Any]:
+def _receive_row(
+    target: str, events: float, us: float | None, redis: float = 0.01
+) -> dict[str, Any]:
     """A row of the receive-cost point: 2 viewers per study, one on each of the 2 nodes."""
     return {
-        **_fanout_row(target, round(events * 2), us, 0.01, 1.0),
+        **_fanout_row(target, round(events * 2), us, redis, 1.0),
         "events_per_s": events,
         "offered_events_per_s": events,
         "point": "receive",
@@ -383,8 +385,8 @@ def _receive_row(target: str, events: float, us: float | None) -> dict[str, Any]
 RECEIVE_ROWS = [
     _receive_row("node", 200.0, 310.0),
     _receive_row("baseline", 200.0, 150.0),
-    _receive_row("node", 5000.0, 100.0),
-    _receive_row("baseline", 5000.0, 50.0),
+    _receive_row("node", 5000.0, 100.0, 0.2),
+    _receive_row("baseline", 5000.0, 50.0, 0.005),
 ]
 
 
@@ -524,6 +526,10 @@ def test_read_results_picks_the_right_rows(tmp_path: Path) -> None:
     assert m.receive_measured
     assert (m.receive_us_per_event, m.receive_events_per_s) == (100.0, 5000.0)
     assert m.receive_us_per_event_at_fanout_rate == 310.0
+    # Redis per event from the same point's busiest rate, less the baseline's (idle) Redis.
+    assert (m.receive_redis_cpu, m.receive_redis_idle_cpu) == (0.2, 0.005)
+    assert m.redis_us_per_event == pytest.approx(0.195 / 5000 * 1e6)
+    assert m.redis_measured_at == "the receive-cost point, 5,000 events/s"
     # Idle: the node's largest step.
     assert (m.kib_per_socket, m.node_base_rss_mib, m.idle_sockets) == (28.0, 50.0, 5000)
     # Sweep: the largest size, 10k due; memory scaled to a million sessions.

@@ -118,3 +118,30 @@ def test_receive_figures_can_be_overridden() -> None:
     assert m.receive_us_per_event is None and not m.receive_measured
     m, w = cap.apply_overrides(m, w, ["receive_us_per_event=90.5", "receive_share=0.1"])
     assert (m.receive_us_per_event, w.receive_share) == (90.5, 0.1)
+
+
+def test_redis_per_event_comes_from_the_receive_point_when_it_has_a_reading(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "run"
+    _fake_results(folder)
+    m = capacity_inputs.read_results(folder)
+    assert m.redis_us_per_event == pytest.approx((0.2 - 0.005) / 5000 * 1e6)
+    # The point without a Redis reading (an external Redis): the fan-out load's figure.
+    path = folder / "fanout.json"
+    data = json.loads(path.read_text())
+    for row in data["rows"]:
+        if row.get("point") == "receive":
+            row["redis_cpu_util"] = None
+    path.write_text(json.dumps(data))
+    m = capacity_inputs.read_results(folder)
+    assert m.receive_measured and m.receive_redis_cpu is None
+    assert m.redis_us_per_event == pytest.approx((0.05 - 0.004) / 300 * 1e6)
+    assert m.redis_measured_at == "the fan-out load, 300 events/s"
+    # `--set receive_redis_cpu=none` does the same to any figures.
+    m2, _ = cap.apply_overrides(
+        dataclasses.replace(m, receive_redis_cpu=0.2),
+        capacity_model.Workload(),
+        ["receive_redis_cpu=none"],
+    )
+    assert m2.receive_redis_cpu is None
