@@ -25,16 +25,31 @@ once per process (debug afterwards) rather than as an ERROR traceback every time
    message"): fan-out node CPU per delivery 23.1 -> 16.3 us at 10,000 deliveries/s, 1.03x ->
    0.78x the bare Starlette baseline, in `presence-svc bench --full` runs on one machine.
 
+5. `data_received` reads whole text frames itself: the common read, one or more whole,
+   masked, unfragmented text frames of at most the message size limit, valid UTF-8 (a
+   heartbeat), is unmasked (websockets' own `apply_mask`) and decoded here and its messages
+   queued for the app as uvicorn queues them, where websockets' generator-based parser built a
+   Frame per frame and uvicorn dispatched it and decoded the text twice (our 1007 check, then
+   its own). From the first frame that is anything else (a control frame, a fragment, a
+   binary frame, reserved bits, a frame over the limit or not whole in the read, invalid
+   UTF-8) the rest of the read goes to websockets and uvicorn as before, which give every
+   limit, close code and error as they did; and while websockets' parser is not at a frame
+   boundary with nothing buffered (a frame split across reads), every read does. The frames
+   read here would have changed nothing in websockets' state. A read whose remainder the
+   parser fails on delivers none of its messages, as uvicorn drops a read's events then.
+
 Each case is counted by `on_close(reason)` with one of `REASONS`.
 
 uvicorn internals relied on (checked against uvicorn 0.54.0 with websockets 17.4;
 tests/web/test_protocol.py fails if they change): `WebSocketsSansIOProtocol.data_received`,
-`handle_ping`, `send_receive_event_to_app` and `handle_parser_exception`, and its attributes
-`conn`, `transport`, `loop`, `frames`, `curr_msg_data_type`, `handshake_initiated`,
-`handshake_complete`, `close_sent`, `disconnected`, `close_timeout`, `writable` and
-`initial_response`; and of websockets' `Protocol` (the `conn`): `state`, `extensions`,
-`expect_continuation_frame` and `debug`, and that its `send_text` writes nothing but the frame
-`text_frame` builds.
+`handle_events`, `handle_ping`, `send_receive_event_to_app` and `handle_parser_exception`, and
+its attributes `conn`, `transport`, `loop`, `queue`, `read_paused`, `frames`,
+`curr_msg_data_type`, `handshake_initiated`, `handshake_complete`, `close_sent`,
+`disconnected`, `close_timeout`, `writable` and `initial_response`; and of websockets'
+`Protocol` (the `conn`): `state`, `extensions`, `expect_continuation_frame`, `debug`,
+`current_size`, `max_message_size`, `max_fragment_size`, `parser_exc`, `reader.buffer` and
+`parser` (a generator that, at a frame boundary, waits in `StreamReader.at_eof`), and that
+its `send_text` writes nothing but the frame `text_frame` builds.
 """
 
 from __future__ import annotations
@@ -43,10 +58,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from types import GeneratorType
 from typing import ClassVar
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
+from websockets.streams import StreamReader
+
+try:  # what websockets.frames itself uses: its C version where built
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +107,10 @@ def text_frame(text: str) -> bytes:
     return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
+# The code websockets' parser waits in between frames, once all it was given is read.
+_AT_EOF = StreamReader.at_eof.__code__
+
+
 class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
     """Configured through `protocol_class`, which sets `limits` on a subclass."""
 
@@ -110,7 +136,23 @@ class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
         return True
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        if self._reads_frames():
+            texts, rest = self._whole_text_frames(data)
+            if not rest:
+                self._queue_texts(texts)
+            elif texts:
+                # uvicorn's data_received, with this read's first messages ahead of the
+                # library's events, or dropped with them.
+                self.conn.receive_data(rest)
+                if self.conn.parser_exc is not None:
+                    self.handle_parser_exception()
+                else:
+                    self._queue_texts(texts)
+                    self.handle_events()
+            else:
+                super().data_received(rest)
+        else:
+            super().data_received(data)
         if not self.handshake_initiated:
             if self.conn.handshake_exc is not None:
                 self._refuse_handshake()
@@ -123,6 +165,74 @@ class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
             and self.transport.get_write_buffer_size() > self.limits.max_outgoing_buffer
         ):
             self._close_not_reading()
+
+    def _reads_frames(self) -> bool:
+        """Whether the next bytes begin a frame that websockets' parser has not started and
+        that, if it is a whole text frame, websockets and uvicorn would only queue."""
+        conn = self.conn
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or conn.state is not State.OPEN
+            or conn.current_size is not None  # within a fragmented message
+            or conn.extensions
+            or conn.debug
+            or conn.reader.buffer
+        ):
+            return False
+        step: object = conn.parser
+        while isinstance(step, GeneratorType):
+            if step.gi_yieldfrom is None:
+                return step.gi_code is _AT_EOF
+            step = step.gi_yieldfrom
+        return False
+
+    def _whole_text_frames(self, data: bytes) -> tuple[list[str], bytes]:
+        """The texts of the whole text frames `data` starts with that websockets would accept
+        and uvicorn decode, and the rest of `data`, from the first frame that is not one."""
+        conn = self.conn
+        limit = conn.max_message_size
+        if conn.max_fragment_size is not None:
+            limit = conn.max_fragment_size if limit is None else min(limit, conn.max_fragment_size)
+        texts: list[str] = []
+        size = len(data)
+        at = 0
+        while size - at >= 6:  # the smallest masked frame: 2 bytes of header, 4 of mask
+            if data[at] != 0x81:  # FIN, no reserved bit, text
+                break
+            length = data[at + 1] ^ 0x80  # 128 or more: not masked
+            if length < 126:
+                start = at + 6
+            elif length == 126 and size - at >= 8:
+                length = int.from_bytes(data[at + 2 : at + 4])
+                start = at + 8
+            else:  # a 64-bit length (over 64 KiB), no mask, or a header split
+                break
+            end = start + length
+            if end > size or (limit is not None and length > limit):
+                break
+            try:
+                text = apply_mask(data[start:end], data[start - 4 : start]).decode()
+            except UnicodeDecodeError:
+                break
+            texts.append(text)
+            at = end
+        return texts, data[at:] if at else data
+
+    def _queue_texts(self, texts: list[str]) -> None:
+        """What uvicorn's handle_text and send_receive_event_to_app do for each of `texts`,
+        arrived as whole text frames."""
+        if not texts:
+            return
+        self.curr_msg_data_type = "text"
+        self.frames = []
+        put = self.queue.put_nowait
+        for text in texts:
+            put({"type": "websocket.receive", "text": text})
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def handle_ping(self) -> None:
         if self.handshake_complete:

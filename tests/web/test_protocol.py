@@ -11,6 +11,7 @@ import logging
 import os
 import struct
 import time
+import types
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import websockets.server
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
 
 from presence_svc.codec import Outgoing
 from presence_svc.web.protocol import (
@@ -27,6 +29,7 @@ from presence_svc.web.protocol import (
     INVALID_UTF8,
     OUTGOING_BUFFER,
     LimitedWebSocketProtocol,
+    Limits,
     protocol_class,
     text_frame,
 )
@@ -97,11 +100,17 @@ class App:
 class Harness:
     """One socket; `protocol` is the class of the server it belongs to (a new one by default)."""
 
-    def __init__(self, app: App, protocol: type[LimitedWebSocketProtocol] | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        protocol: type[LimitedWebSocketProtocol] | None = None,
+        max_size: int = 16 * 1024 * 1024,  # uvicorn's default
+    ) -> None:
         self.app = app
         self.transport = Transport()
         self.reasons: list[str] = []
-        config = uvicorn.Config(app, log_config=None)  # leaves the test's logging alone
+        # log_config=None leaves the test's logging alone.
+        config = uvicorn.Config(app, log_config=None, ws_max_size=max_size)
         config.load()
         self.state = ServerState()
         cls = protocol or protocol_class(BOUND, self.reasons.append)
@@ -163,6 +172,7 @@ async def open_socket(harness: Harness) -> None:
 def test_the_uvicorn_internals_used_are_there() -> None:
     for method in (
         "data_received",
+        "handle_events",
         "handle_ping",
         "send_receive_event_to_app",
         "handle_parser_exception",
@@ -186,6 +196,8 @@ def test_the_uvicorn_internals_used_are_there() -> None:
         "close_timeout": float,
         "loop": asyncio.AbstractEventLoop,
         "writable": asyncio.Event,
+        "queue": asyncio.Queue,
+        "read_paused": bool,
     }
     for name, kind in attributes.items():
         assert isinstance(getattr(instance, name, None), kind), f"{name}: {CHECKED}"
@@ -197,6 +209,42 @@ def test_the_uvicorn_internals_used_are_there() -> None:
         assert isinstance(getattr(instance.conn, name, None), kind), f"conn.{name}: {CHECKED}"
     assert isinstance(type(instance.conn).state, property), CHECKED
     assert issubclass(LimitedWebSocketProtocol, WebSocketsSansIOProtocol)
+    # What data_received's own reading of text frames reads of it.
+    conn_read = {
+        "max_message_size": int,
+        "parser_exc": type(None),
+        "current_size": type(None),
+        "parser": types.GeneratorType,
+    }
+    for name, kind in conn_read.items():
+        assert isinstance(getattr(instance.conn, name, "missing"), kind), f"conn.{name}: {CHECKED}"
+    assert vars(instance.conn).get("max_fragment_size", "missing") is None, CHECKED
+    assert isinstance(instance.conn.reader, StreamReader), CHECKED
+    assert isinstance(instance.conn.reader.buffer, bytearray), CHECKED
+
+
+def innermost(generator: Any) -> Any:
+    while generator.gi_yieldfrom is not None:
+        generator = generator.gi_yieldfrom
+    return generator
+
+
+async def test_websockets_parser_waits_in_at_eof_only_between_frames(harness: Harness) -> None:
+    """What `_reads_frames` tells a frame boundary by (checked against websockets 17.4)."""
+    await open_socket(harness)
+    conn = harness.protocol.conn
+    at_eof = StreamReader.at_eof.__code__
+    assert innermost(conn.parser).gi_code is at_eof, CHECKED
+    whole = masked(0x1, b"x" * 10)
+    for cut in range(1, len(whole)):  # every way of splitting one frame in two reads
+        conn.receive_data(whole[:cut])
+        assert innermost(conn.parser).gi_code is not at_eof, (cut, CHECKED)
+        assert not conn.events_received()
+        conn.receive_data(whole[cut:])
+        assert innermost(conn.parser).gi_code is at_eof, (cut, CHECKED)
+        assert not conn.reader.buffer
+        [event] = conn.events_received()
+        assert (event.opcode, event.data, event.fin) == (Opcode.TEXT, b"x" * 10, True), CHECKED
 
 
 async def test_a_ping_flood_past_the_bound_is_closed_with_1013(harness: Harness) -> None:
@@ -382,3 +430,188 @@ async def test_a_connection_writes_each_message_once_built_in_order(harness: Har
     )
     await conn.stop()
     await other.stop()
+
+
+# --- data_received: whole text frames read without websockets' parser ----------------------
+
+
+class LibraryProtocol(LimitedWebSocketProtocol):
+    """The protocol as it was: every read through websockets' parser and uvicorn's events."""
+
+    def _reads_frames(self) -> bool:
+        return False
+
+
+def masked(
+    opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bool = True
+) -> bytes:
+    """A client's frame of any length (`frame` above is for short ones)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes([size])
+    elif size < 65536:
+        head = bytes([126]) + size.to_bytes(2, "big")
+    else:
+        head = bytes([127]) + size.to_bytes(8, "big")
+    first = bytes([(0x80 if fin else 0) | rsv | opcode])
+    if not mask:
+        return first + head + payload
+    key = os.urandom(4)
+    body = bytes(byte ^ key[i % 4] for i, byte in enumerate(payload))
+    return first + bytes([head[0] | 0x80]) + head[1:] + key + body
+
+
+def text(payload: str) -> bytes:
+    return masked(0x1, payload.encode())
+
+
+def close_frame(code: int, reason: bytes = b"") -> bytes:
+    return masked(0x8, code.to_bytes(2, "big") + reason)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4, 125, 126, 65535, 65536])
+def test_masked_is_what_websockets_parses(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    reader = StreamReader()
+    reader.feed_data(masked(0x2, payload))
+    with pytest.raises(StopIteration) as parsed:
+        next(Frame.parse(reader.read_exact, mask=True))
+    assert parsed.value.value == Frame(Opcode.BINARY, payload)
+    assert not reader.buffer
+
+
+Outcome = tuple[list[Message], bytes, list[str], bool]
+
+
+async def outcome(
+    chunks: list[bytes], protocol: type[LimitedWebSocketProtocol], max_size: int
+) -> Outcome:
+    """What the app received, what was written after the 101, the limits counted, and whether
+    the transport was closed, once `chunks` were read one by one."""
+    reasons: list[str] = []
+
+    class Configured(protocol):  # type: ignore[misc,valid-type]
+        limits = Limits(BOUND, reasons.append)
+
+    harness = Harness(App(), Configured, max_size=max_size)
+    try:
+        await open_socket(harness)
+        handshake = len(harness.transport.written)
+        for chunk in chunks:
+            if harness.transport.closed:
+                break  # a closed transport reads nothing more
+            harness.feed(chunk)
+            for _ in range(3):
+                await asyncio.sleep(0)  # the app reads what was queued
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return (
+            harness.app.received[1:],
+            bytes(harness.transport.written[handshake:]),
+            reasons,
+            harness.transport.closed,
+        )
+    finally:
+        await harness.finish()
+
+
+def splits(stream: bytes) -> list[list[bytes]]:
+    """`stream` in one read, in reads of a few sizes from 1 byte, and cut in two anywhere."""
+    ways = [[stream]]
+    for size in (1, 2, 3, 5, 7, 13, 64):
+        ways.append([stream[i : i + size] for i in range(0, len(stream), size)])
+    ways += [[stream[:cut], stream[cut:]] for cut in range(1, len(stream))]
+    return ways
+
+
+HEARTBEAT = text('{"type":"heartbeat"}')
+PING_MESSAGE = text('{"type":"ping"}')
+SMALL = 1024  # the message size limit of the cases that name a limit
+
+STREAMS = {
+    "one heartbeat": HEARTBEAT,
+    "a window of heartbeats and a ping message": HEARTBEAT * 16 + PING_MESSAGE,
+    "a 2-byte length": text("é" * 100) + text("x" * 1000) + HEARTBEAT,
+    "an empty text": text("") + HEARTBEAT,
+    "an 8-byte length": text("z" * 70_000) + HEARTBEAT,
+    "a ping and a pong between texts": HEARTBEAT
+    + masked(0x9, b"p")
+    + HEARTBEAT
+    + masked(0xA, b"q")
+    + HEARTBEAT,
+    "a fragmented message, a ping within": HEARTBEAT
+    + masked(0x1, b'{"type":', fin=False)
+    + masked(0x9, b"")
+    + masked(0x0, b'"heart', fin=False)
+    + masked(0x0, b'beat"}')
+    + HEARTBEAT,
+    "a fragmented message split inside a character": masked(0x1, b"\xc3", fin=False)
+    + masked(0x0, b"\xa9")
+    + HEARTBEAT,
+    "a binary frame": HEARTBEAT + masked(0x2, b"\x00\x01") + HEARTBEAT,
+    "invalid UTF-8": HEARTBEAT + text("ok") + masked(0x1, b'{"x": "\xff"}') + HEARTBEAT,
+    "invalid UTF-8 first": masked(0x1, b"\xc3") + HEARTBEAT,
+    "a close": HEARTBEAT * 3 + close_frame(1000, b"bye") + HEARTBEAT,
+    "an empty close": HEARTBEAT + masked(0x8, b""),
+    "an invalid close code": HEARTBEAT + close_frame(999),
+    "an unmasked frame": HEARTBEAT + masked(0x1, b"plain", mask=False) + HEARTBEAT,
+    "a reserved bit": HEARTBEAT + masked(0x1, b"rsv", rsv=0x40) + HEARTBEAT,
+    "a reserved opcode": HEARTBEAT + masked(0x3, b"op") + HEARTBEAT,
+    "a continuation without a start": HEARTBEAT + masked(0x0, b"cont") + HEARTBEAT,
+    "a text within a fragmented message": masked(0x1, b"a", fin=False) + HEARTBEAT,
+    "a fragmented ping": HEARTBEAT + masked(0x9, b"p", fin=False),
+    "a ping over 125 bytes": HEARTBEAT + masked(0x9, b"p" * 126),
+    "a message over the limit": HEARTBEAT + text("y" * (SMALL + 1)) + HEARTBEAT,
+    "a message at the limit": HEARTBEAT + text("y" * SMALL) + HEARTBEAT,
+    "fragments over the limit": masked(0x1, b"f" * 600, fin=False) + masked(0x0, b"g" * 600),
+}
+
+
+@pytest.mark.parametrize("name", STREAMS)
+async def test_reading_frames_gives_what_the_library_gives(name: str) -> None:
+    stream = STREAMS[name]
+    max_size = SMALL if "limit" in name else 16 * 1024 * 1024
+    ways = splits(stream) if len(stream) < 600 else [[stream], [stream[:3], stream[3:]]]
+    fast = protocol_class(BOUND, lambda reason: None)
+    for chunks in ways:
+        expected = await outcome(chunks, LibraryProtocol, max_size)
+        assert await outcome(chunks, fast, max_size) == expected, [len(c) for c in chunks]
+    assert expected[0] or expected[3]  # the case tested something
+
+
+async def test_whole_text_frames_skip_websockets_parser(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await open_socket(harness)
+    parsed: list[bytes] = []
+    receive_data = harness.protocol.conn.receive_data
+
+    def parse(data: bytes) -> None:
+        parsed.append(data)
+        receive_data(data)
+
+    monkeypatch.setattr(harness.protocol.conn, "receive_data", parse)
+    harness.feed(HEARTBEAT * 16 + PING_MESSAGE)
+    harness.feed(text("é" * 1000))
+    assert parsed == []
+    pong = masked(0x9, b"p")
+    harness.feed(HEARTBEAT + pong + HEARTBEAT)  # from the ping on: the library's
+    assert parsed == [pong + HEARTBEAT]
+    two = HEARTBEAT * 2
+    cut = len(HEARTBEAT) + 4
+    harness.feed(two[:cut])  # a frame split across reads: the library's until it is whole
+    harness.feed(two[cut:])
+    harness.feed(HEARTBEAT)  # then whole frames are read here again
+    assert parsed == [pong + HEARTBEAT, two[len(HEARTBEAT) : cut], two[cut:]]
+    expected = [
+        '{"type":"heartbeat"}',
+        *['{"type":"heartbeat"}'] * 15,
+        '{"type":"ping"}',
+        "é" * 1000,
+        *['{"type":"heartbeat"}'] * 5,
+    ]
+    await harness.until(lambda: len(harness.app.received) == 1 + len(expected), "all")
+    assert harness.app.received[1:] == [
+        {"type": "websocket.receive", "text": message} for message in expected
+    ]
+    assert harness.transport.written.endswith(b"\x8a\x01p")  # the pong
