@@ -37,6 +37,10 @@ once per process (debug afterwards) rather than as an ERROR traceback every time
    boundary with nothing buffered (a frame split across reads), every read does. The frames
    read here would have changed nothing in websockets' state. A read whose remainder the
    parser fails on delivers none of its messages, as uvicorn drops a read's events then.
+6. `receive_nowait` gives the endpoint (ws.py) the message the ASGI `receive` would return at
+   once, taken as `receive` takes it (reading resumed once the queue is empty), without the
+   two coroutines (uvicorn's `receive`, the queue's `get`) that each message cost; where
+   `receive` would wait it returns None and the endpoint awaits `receive`.
 
 Each case is counted by `on_close(reason)` with one of `REASONS`.
 
@@ -55,11 +59,11 @@ its `send_text` writes nothing but the frame `text_frame` builds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import GeneratorType
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
@@ -165,6 +169,18 @@ class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
             and self.transport.get_write_buffer_size() > self.limits.max_outgoing_buffer
         ):
             self._close_not_reading()
+
+    def receive_nowait(self) -> MutableMapping[str, Any] | None:
+        """The message the ASGI `receive` would return now without waiting, taken as it would
+        take it; None where it would wait (nothing is queued)."""
+        queue = self.queue
+        if queue.empty():
+            return None
+        message = queue.get_nowait()
+        if self.read_paused and queue.empty():
+            self.read_paused = False
+            self.transport.resume_reading()
+        return cast("MutableMapping[str, Any]", message)  # an ASGI event, as `receive` returns
 
     def _reads_frames(self) -> bool:
         """Whether the next bytes begin a frame that websockets' parser has not started and

@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from presence_svc import requestid
@@ -43,6 +43,7 @@ from presence_svc.models import (
 from presence_svc.node import Node
 from presence_svc.store import StoreUnavailable
 from presence_svc.web.errors import validation_problems
+from presence_svc.web.protocol import LimitedWebSocketProtocol
 from presence_svc.web.ws_connection import (
     CLOSE_UNAUTHORIZED,
     Connection,
@@ -132,8 +133,15 @@ class PresenceSocket:
                 if not await _greet(node, conn, principal, study_id):
                     return
                 conn.expire_at(principal.expires_at, node.clock)
+                # The protocol behind `receive`, when it is ours (a real uvicorn server): what a
+                # read queued is taken without two coroutines (uvicorn's and the queue's) each.
+                raw = getattr(receive, "__self__", None)
+                if not isinstance(raw, LimitedWebSocketProtocol):
+                    raw = None
                 while True:
-                    frame = await receive()
+                    frame: Message | None = raw.receive_nowait() if raw is not None else None
+                    if frame is None:
+                        frame = await receive()
                     kind = frame["type"]
                     if kind != "websocket.receive":
                         if kind == "websocket.disconnect":

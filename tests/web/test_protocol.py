@@ -615,3 +615,46 @@ async def test_whole_text_frames_skip_websockets_parser(
         {"type": "websocket.receive", "text": message} for message in expected
     ]
     assert harness.transport.written.endswith(b"\x8a\x01p")  # the pong
+
+
+class Reading(Transport):
+    """A transport that records when reading is paused and resumed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading: list[bool] = []
+
+    def pause_reading(self) -> None:
+        self.reading.append(False)
+
+    def resume_reading(self) -> None:
+        self.reading.append(True)
+
+
+async def test_receive_nowait_takes_what_receive_would_take_at_once(harness: Harness) -> None:
+    """The endpoint (ws.py) takes queued messages with receive_nowait, then awaits receive."""
+    await open_socket(harness)
+    protocol = harness.protocol
+    reading = Reading()
+    protocol.transport = reading  # type: ignore[assignment]
+    # The app is waiting in receive(); a second reader of the queue takes turns with it here.
+    assert protocol.receive_nowait() is None
+    protocol.queue.put_nowait({"type": "websocket.receive", "text": "a"})
+    protocol.queue.put_nowait({"type": "websocket.receive", "text": "b"})
+    protocol.read_paused = True
+    assert protocol.receive_nowait() == {"type": "websocket.receive", "text": "a"}
+    assert reading.reading == [] and protocol.read_paused  # one still queued: still paused
+    assert protocol.receive_nowait() == {"type": "websocket.receive", "text": "b"}
+    assert reading.reading == [True] and not protocol.read_paused  # as receive() resumes
+    assert protocol.receive_nowait() is None
+    assert reading.reading == [True]
+    harness.feed(HEARTBEAT * 3)
+    assert reading.reading == [True, False]
+    by_nowait = [protocol.receive_nowait() for _ in range(3)]
+    assert by_nowait == [{"type": "websocket.receive", "text": '{"type":"heartbeat"}'}] * 3
+    assert reading.reading == [True, False, True]
+    harness.feed(HEARTBEAT * 2)
+    by_receive = [await protocol.receive() for _ in range(2)]
+    assert by_receive == by_nowait[:2]
+    assert reading.reading == [True, False, True, False, True]
+    assert protocol.receive_nowait() is None

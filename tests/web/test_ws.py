@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from presence_svc.app import create_app
 from presence_svc.auth import ALL_STUDIES
 from presence_svc.codec import Outgoing
 from presence_svc.metrics import Metrics
-from presence_svc.models import NO_CURSOR
+from presence_svc.models import NO_CURSOR, iso_from_ms
 from presence_svc.node import Node
 from presence_svc.publisher import study_event
 from presence_svc.redis.keys import Keys
@@ -343,6 +343,15 @@ def test_ping_pong(app: App) -> None:
             assert set(pong["data"]) == {"timestamp"}
             assert ISO_MS_Z.match(pong["data"]["timestamp"])
     assert app.presence("s1")["total"] == 0  # a ping is not a heartbeat
+
+
+@pytest.mark.parametrize(
+    "ms",
+    [0, 1, 999, 1000, 1001, -1, -1000, 1_764_600_000_000, 1_764_600_059_999, 4_102_444_800_005],
+)
+def test_timestamps_are_isoformat_to_the_millisecond(ms: int) -> None:
+    expected = datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    assert iso_from_ms(ms) == expected.replace("+00:00", "Z")
 
 
 @pytest.mark.parametrize(
