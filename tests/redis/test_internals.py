@@ -25,7 +25,7 @@ from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from presence_svc.redis import hiredis_replies
 from presence_svc.redis.hiredis_pubsub import PubSubReplies, why_not_raw
-from presence_svc.redis.hiredis_replies import RawReplies, unusable
+from presence_svc.redis.hiredis_replies import RawLink, RawReplies, unlinkable, unusable
 from tests.support.waiting import eventually_async
 
 VERSIONS = f"redis-py {redis.__version__}, hiredis {hiredis.__version__}"
@@ -70,6 +70,45 @@ async def test_error_replies_become_redis_py_exceptions(connection: Any, key_pre
     assert type(replies[3]) is ResponseError, f"{VERSIONS}: parse_error gave {replies[3]!r}"
     assert replies[4] == b"PONG"
     assert raw.reads(connection)
+
+
+async def test_a_real_connection_is_linked_and_read_as_its_replies_arrive(
+    connection: Any, key_prefix: str
+) -> None:
+    reason = unlinkable(connection)
+    assert reason is None, (
+        f"{VERSIONS}: {reason}; batch.py writes and reads slowly now: {RECHECK} it"
+    )
+    arrivals = asyncio.Event()
+    lost: list[Exception] = []
+
+    def received(link: RawLink) -> None:
+        arrivals.set()
+
+    link = RawLink.of(connection, received, lambda link, error: lost.append(error))
+    assert link is not None
+    commands: list[tuple[Any, ...]] = [
+        ("EVALSHA", "0" * 40, 0),
+        ("SET", f"{key_prefix}:text", "x"),
+        ("INCR", f"{key_prefix}:text"),
+        ("PING",),
+    ]
+    link.write(b"".join(hiredis.pack_command(c) for c in commands))
+    replies: list[Any] = []
+    failed = False
+    while len(replies) < len(commands):
+        arrivals.clear()
+        failed |= link.take(replies, len(commands))
+        if len(replies) < len(commands):
+            await asyncio.wait_for(arrivals.wait(), 5)  # no read: data_received calls back
+    assert failed and not link.stray()
+    assert type(replies[0]) is NoScriptError, f"{VERSIONS}: parse_error gave {replies[0]!r}"
+    assert replies[1] == b"OK" and replies[3] == b"PONG"
+    assert type(replies[2]) is ResponseError
+    # The stream's protocol still learns that the connection ended: redis-py's disconnect
+    # waits for that (wait_closed), and would otherwise time out.
+    await asyncio.wait_for(connection.disconnect(), 5)
+    assert len(lost) == 1 and isinstance(lost[0], RedisConnectionError), lost
 
 
 async def test_a_reconnected_connection_needs_a_new_reader(connection: Any) -> None:
@@ -135,6 +174,8 @@ async def test_fakeredis_is_read_through_read_response() -> None:
         await conn.connect()
         assert unusable(conn) is not None
         assert RawReplies.of(conn) is None
+        assert unlinkable(conn) is not None
+        assert RawLink.of(conn, lambda link: None, lambda link, error: None) is None
     finally:
         await client.connection_pool.release(conn)
         await client.aclose()
