@@ -9,12 +9,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     MasterDownError,
+    NoScriptError,
     RedisClusterException,
     ResponseError,
     SlotNotCoveredError,
@@ -27,6 +29,7 @@ import presence_svc.redis.batch as batch_module
 from presence_svc.models import Holder, Lease
 from presence_svc.redis.batch import Batcher, Command
 from presence_svc.redis.calls import reachable, reachable_per_step
+from presence_svc.redis.hiredis_replies import RawLink
 from presence_svc.redis.keys import Keys
 from presence_svc.redis.store import RedisStore
 from presence_svc.store import StoreUnavailable
@@ -44,6 +47,22 @@ async def any_redis(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIte
 SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
 
+@pytest.fixture(autouse=True)
+def link_writes_are_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A linked connection's pipelines are written straight to its transport (RawLink.write),
+    not through send_packed_command: they are reported to the connection's `wrote`, where a
+    test's client (CountingPipelines) set one."""
+    write = RawLink.write
+
+    def seen(link: RawLink, payload: bytes) -> None:
+        write(link, payload)
+        wrote = getattr(link.connection, "wrote", None)
+        if wrote is not None:
+            wrote()
+
+    monkeypatch.setattr(RawLink, "write", seen)
+
+
 class CountingPipelines:
     """A client that counts the pipelines (writes) the batcher sends."""
 
@@ -52,15 +71,20 @@ class CountingPipelines:
         self.pipelines = 0
         self.connection_pool = self
 
+    def wrote(self) -> None:
+        self.pipelines += 1
+
     async def get_connection(self) -> Any:
         connection = await self.redis.connection_pool.get_connection()
         send = connection.send_packed_command
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
-            self.pipelines += 1
-            return await send(*args, **kwargs)
+            result = await send(*args, **kwargs)
+            self.wrote()
+            return result
 
         connection.send_packed_command = counted
+        connection.wrote = self.wrote  # linked: link_writes_are_seen
         return connection
 
     async def release(self, connection: Any) -> None:
@@ -171,7 +195,8 @@ async def test_raw_replies_are_those_redis_py_reads(
         ]
         batcher = Batcher(client, [])
         got = await batcher.run(commands)
-        assert batcher._raw is not None  # a real socket: read raw, not through read_response
+        # A real socket: read raw, not through read_response.
+        assert batcher._link is not None
         connection = await client.connection_pool.get_connection()
         try:
             expected = []
@@ -387,17 +412,9 @@ class SignalledSends(CountingPipelines):
         super().__init__(redis)
         self.sent = asyncio.Event()
 
-    async def get_connection(self) -> Any:
-        connection = await super().get_connection()
-        send = connection.send_packed_command
-
-        async def signalled(*args: Any, **kwargs: Any) -> Any:
-            result = await send(*args, **kwargs)
-            self.sent.set()
-            return result
-
-        connection.send_packed_command = signalled
-        return connection
+    def wrote(self) -> None:
+        super().wrote()
+        self.sent.set()
 
 
 async def test_close_hands_back_a_closed_connection_once_its_batches_have_ended(
@@ -457,3 +474,272 @@ async def test_a_release_whose_scripts_are_missing_leaves_its_lease_listed(
     assert await store.release([lease], t0 + 10_000, t0) == 1
     assert await any_redis.exists(keys.node_leases("n1")) == 0
     assert await any_redis.zscore(sk.leaving, "alice") == t0 + 10_000
+
+
+# --- the linked path: pipelines written by the flush itself, replies read as they arrive -------
+
+
+async def linked(batcher: Batcher) -> RawLink:
+    """The batcher's link, once one operation has connected it."""
+    assert await batcher.run([("PING",)]) in ([b"PONG"], [b"OK"])
+    assert batcher._link is not None, "a real socket should be linked"
+    return batcher._link
+
+
+async def test_linked_pipelines_written_back_to_back_run_in_the_order_queued(
+    cleanup_real_redis: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_module, "MAX_BATCH", 3)
+    client = aioredis.Redis.from_url(cleanup_real_redis)
+    try:
+        counting = CountingPipelines(client)
+        batcher = Batcher(counting, [])
+        await linked(batcher)
+        key = f"{key_prefix}:order"
+        operations = [batcher.run([("RPUSH", key, n), ("LLEN", key)]) for n in range(12)]
+        await asyncio.sleep(0)  # the flush: four pipelines written, none answered yet
+        assert counting.pipelines == 1 + batch_module.MAX_IN_FLIGHT
+        assert not any(operation.done() for operation in operations)
+        replies = await asyncio.gather(*operations)
+        assert [int(length) for _, length in replies] == list(range(1, 13))
+        assert [int(n) for n in await client.lrange(key, 0, -1)] == list(range(12))
+        assert counting.pipelines == 1 + 4
+        await batcher.close()
+    finally:
+        await client.aclose()
+
+
+class Answering:
+    """A loopback server that answers +OK to every command until told to go silent (a Redis
+    frozen by SIGSTOP after the batcher had connected looks like that)."""
+
+    def __init__(self) -> None:
+        self.silent = False
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        commands = hiredis.Reader()
+        while data := await reader.read(65536):
+            commands.feed(data)
+            while commands.gets() is not False:
+                if not self.silent:
+                    writer.write(b"+OK\r\n")
+
+
+@contextlib.asynccontextmanager
+async def answering_client(call_timeout: float) -> AsyncIterator[tuple[Answering, Batcher]]:
+    answering = Answering()
+    server = await asyncio.start_server(answering.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    # RESP2, no socket timeout of its own: the deadline must come from the batcher.
+    client = aioredis.Redis(port=port, protocol=2, socket_timeout=None, socket_connect_timeout=1)
+    batcher = Batcher(client, [], timeout=call_timeout)
+    try:
+        yield answering, batcher
+    finally:
+        await batcher.close()
+        await client.aclose()
+        for writer in answering.writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_linked_pipeline_unanswered_fails_at_its_deadline_and_is_dropped() -> None:
+    async with answering_client(call_timeout=0.3) as (answering, batcher):
+        await linked(batcher)
+        answering.silent = True
+        started = time.monotonic()
+        first = batcher.run([("PING",)])
+        await asyncio.sleep(0.1)
+        second = batcher.run([("PING",)])  # its deadline is later, but its connection goes
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        took = time.monotonic() - started
+        assert isinstance(results[0], RedisTimeoutError), results
+        assert isinstance(results[1], RedisConnectionError), results
+        assert 0.3 <= took < 0.4 + 0.5, took
+        assert batcher._link is None
+        answering.silent = False
+        assert await batcher.run([("PING",)]) == [b"OK"]  # on a connection of its own
+        assert answering.connections == 2
+
+
+async def test_the_deadline_timer_follows_the_earliest_deadline_owed() -> None:
+    async with answering_client(call_timeout=0.6) as (answering, batcher):
+        loop = asyncio.get_running_loop()
+        await linked(batcher)  # its deadline armed the timer, for 0.6 s from now
+        answering.silent = True
+        started = time.monotonic()
+        early = batcher.run([("PING",)], deadline=loop.time() + 0.1)  # earlier: re-armed
+        with pytest.raises(RedisTimeoutError):
+            await early
+        assert 0.1 <= time.monotonic() - started < 0.5
+        answering.silent = False
+        await linked(batcher)
+        await asyncio.sleep(0.3)
+        answering.silent = True
+        started = time.monotonic()
+        # Due 0.6 s from now, after the timer armed by the answered PING fires (0.3 s from
+        # now): that must not fail it, but arm itself again for this one.
+        late = batcher.run([("PING",)])
+        await asyncio.sleep(0.45)
+        assert not late.done()
+        with pytest.raises(RedisTimeoutError):
+            await late
+        assert 0.6 <= time.monotonic() - started < 1.2
+
+
+async def test_missing_scripts_are_loaded_and_a_linked_operation_sent_again(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(cleanup_real_redis)
+    try:
+        source = f"-- {key_prefix}\n{SCRIPT}"
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        assert await client.script_exists(sha) == [False]
+        batcher = Batcher(client, [source])
+        await linked(batcher)
+        key = f"{key_prefix}:s"
+        scripted, plain, failing = await asyncio.gather(
+            batcher.run([("INCR", f"{key_prefix}:before"), ("EVALSHA", sha, 1, key, 7)]),
+            batcher.run([("INCRBY", f"{key_prefix}:plain", 2)]),
+            batcher.run([("EVALSHA", "0" * 40, 0)]),  # loaded by nobody: NOSCRIPT again
+            return_exceptions=True,
+        )
+        assert scripted == [2, 7] and plain == [2]  # the whole operation ran again
+        assert isinstance(failing, NoScriptError)
+        assert int(await client.get(key)) == 7  # the script ran once
+        assert batcher._in_flight == 0
+        assert await batcher.run([("EVALSHA", sha, 1, key, 1)]) == [8]
+        await batcher.close()
+    finally:
+        await client.aclose()
+
+
+async def test_a_linked_connection_lost_fails_what_is_owed_and_the_next_reconnects(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(cleanup_real_redis)
+    killer = aioredis.Redis.from_url(cleanup_real_redis)
+    try:
+        batcher = Batcher(client, [])
+        await linked(batcher)
+        [connection_id] = await batcher.run([("CLIENT", "ID")])
+        blocked = batcher.run([("BLPOP", f"{key_prefix}:never", 2)])
+        behind = batcher.run([("INCR", f"{key_prefix}:n")])
+        await asyncio.sleep(0.05)  # both on the wire
+        await killer.client_kill_filter(_id=connection_id)
+        results = await asyncio.gather(blocked, behind, return_exceptions=True)
+        assert all(isinstance(r, RedisConnectionError) for r in results), results
+        assert batcher._in_flight == 0
+        [other_id] = await batcher.run([("CLIENT", "ID")])
+        assert other_id != connection_id
+        await batcher.close()
+    finally:
+        await killer.aclose()
+        await client.aclose()
+
+
+async def test_close_fails_linked_pipelines_in_flight_and_then_hands_back(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(cleanup_real_redis, max_connections=1)
+    try:
+        batcher = Batcher(client, [], timeout=5)
+        await linked(batcher)
+        waiting = [batcher.run([("BLPOP", f"{key_prefix}:never", 1)]) for _ in range(3)]
+
+        async def caller() -> Any:
+            return await asyncio.gather(*waiting, return_exceptions=True)
+
+        callers = asyncio.create_task(caller())
+        await asyncio.sleep(0.05)  # on the wire, their replies due in a second
+        await batcher.close()
+        results = await callers  # not cancelled: failed
+        assert all(isinstance(r, RedisConnectionError) for r in results), results
+        assert await asyncio.wait_for(client.echo("mine"), 5) == b"mine"
+    finally:
+        await client.aclose()
+
+
+async def test_resp3_pushes_on_a_link_go_to_their_handlers_not_to_a_pipeline(
+    cleanup_real_redis: str, key_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(cleanup_real_redis, protocol=3)
+    other = aioredis.Redis.from_url(cleanup_real_redis)
+    try:
+        batcher = Batcher(client, [])
+        link = await linked(batcher)
+        pushed: list[Any] = []
+
+        async def invalidated(message: Any) -> None:
+            await asyncio.sleep(0.01)  # the replies after it wait for it
+            pushed.append(message)
+
+        link.connection._parser.set_invalidation_push_handler(invalidated)
+        key = f"{key_prefix}:tracked"
+        assert await batcher.run([("CLIENT", "TRACKING", "ON"), ("GET", key)]) == [b"OK", None]
+        await other.set(key, "changed")
+        assert await batcher.run([("ECHO", "after")]) == [b"after"]
+        assert len(pushed) == 1 and pushed[0][0] == b"invalidate", pushed
+        assert batcher._link is link
+        await batcher.close()
+    finally:
+        await client.aclose()
+        await other.aclose()
+
+
+async def test_a_connection_with_a_write_of_its_own_is_written_through_it(
+    cleanup_real_redis: str,
+) -> None:
+    # sentinel.py's PrimaryConnection checks its primary in send_packed_command: not linked.
+    writes: list[Any] = []
+
+    class Checked(aioredis.Connection):
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            writes.append(command)
+            await super().send_packed_command(command, check_health)
+
+    client = aioredis.Redis.from_url(cleanup_real_redis, connection_class=Checked)
+    try:
+        batcher = Batcher(client, [])
+        assert await batcher.run([("ECHO", "a")]) == [b"a"]
+        assert await batcher.run([("ECHO", "b"), ("ECHO", "c")]) == [b"b", b"c"]
+        assert batcher._link is None and batcher._raw is not None
+        # (The connection's own handshake wrote first.)
+        assert [bytes(write).count(b"ECHO") for write in writes[-2:]] == [1, 2]
+        await batcher.close()
+    finally:
+        await client.aclose()
+
+
+class SlowToConnect(CountingPipelines):
+    async def get_connection(self) -> Any:
+        await asyncio.sleep(0.2)
+        return await super().get_connection()
+
+
+async def test_a_pipeline_cut_short_waiting_to_be_written_leaves_the_fast_path_open(
+    cleanup_real_redis: str,
+) -> None:
+    client = aioredis.Redis.from_url(cleanup_real_redis)
+    try:
+        loop = asyncio.get_running_loop()
+        counting = SlowToConnect(client)
+        batcher = Batcher(counting, [])
+        first = batcher.run([("PING",)])
+        await asyncio.sleep(0)  # flushed: its task is connecting
+        second = batcher.run([("PING",)], deadline=loop.time() + 0.05)  # waits its turn
+        with pytest.raises(RedisTimeoutError):
+            await second
+        assert await first == [b"PONG"]
+        third = batcher.run([("PING",)])
+        await asyncio.sleep(0)
+        assert counting.pipelines == 2 and not batcher._tasks  # written by the flush itself
+        assert await third == [b"PONG"]
+        await batcher.close()
+    finally:
+        await client.aclose()
