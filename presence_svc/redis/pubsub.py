@@ -52,10 +52,11 @@ class LinkTuning:
     dead_after: float = 3.0  # silence (pings unanswered) before it is replaced
     backoff_first: float = 0.1  # the first reconnect waits up to this long...
     backoff_cap: float = 5.0  # ...doubling after each failed attempt, up to this
-    # A busy link (read again within 1.5x this) lets its socket fill this long before the next
-    # read instead of waking the node for every message: at 2,000 events/s, one wake-up per
-    # ten events instead of one each, for at most this much more latency (docs/performance.md,
-    # "Receive path"). 0: read whenever anything arrives. Raw reads only (hiredis_pubsub.py).
+    # A busy link (read again within half this, until a pause collects one event or none)
+    # lets its socket fill this long before the next read instead of waking the node for
+    # every message: at 2,000 events/s, one wake-up per ten events instead of one each, for
+    # at most this much more latency (docs/performance.md, "Receive path"). 0: read whenever
+    # anything arrives. Raw reads only (hiredis_pubsub.py).
     gather: float = 0.005
 
     @property
@@ -263,7 +264,11 @@ class PubSubLinks:
         on_message = self._inbox.on_message
         clock = time.monotonic
         gather = tuning.gather
-        busy_within = 1.5 * gather
+        # A link starts gathering when events come closer than half the pause apart (so a
+        # pause should collect two or more), and goes on while each pause does: at a lower
+        # rate a pause would collect one event late, and cost the wake-up it was to save.
+        start_within = gather / 2
+        gathering = False
         last_heard = clock()
         pinged = False
         while True:
@@ -274,7 +279,10 @@ class PubSubLinks:
                     while True:
                         replies = await raw.read()
                         now = clock()
-                        busy = now - last_heard < busy_within
+                        if gathering:
+                            gathering = len(replies) > 1
+                        else:
+                            gathering = now - last_heard < start_within
                         last_heard, pinged = now, False
                         link.connected = True
                         for reply in replies:
@@ -291,7 +299,7 @@ class PubSubLinks:
                                 message = await pubsub.handle_message(reply)
                                 if message is not None:
                                     self._handle(link, message)
-                        if busy:
+                        if gathering:
                             await raw.gather(gather)
             except TimeoutError:
                 if not window.expired():

@@ -650,6 +650,46 @@ async def test_an_error_reply_on_a_raw_link_replaces_it(
     assert a.seqs() == [1]
 
 
+async def test_a_link_gathers_only_while_its_pauses_collect_several_events(
+    cleanup_real_redis: str, key_prefix: str, protocol: int
+) -> None:
+    """A burst is gathered; events then coming more than half the pause apart (but less than
+    a pause) are read as they come once a pause has collected only one, not a pause late each."""
+    if protocol != 2:
+        pytest.skip("only raw reads gather")
+    gather, spacing = 0.1, 0.08
+    client = pubsub_client(cleanup_real_redis, f"pubsub-{uuid.uuid4().hex[:12]}", protocol)
+    admin = aioredis.Redis.from_url(cleanup_real_redis)
+    heard: list[tuple[bytes, float]] = []
+
+    class Timed(Inbox):
+        def on_message(self, channel: str, data: Any) -> None:
+            heard.append((data, time.monotonic()))
+
+    pubsub_links = PubSubLinks(SingleLinks(client), Timed([], []), LinkTuning(gather=gather))
+    running = asyncio.create_task(pubsub_links.run())
+    channel = Keys(key_prefix).channel("s1")
+    try:
+        await pubsub_links.subscribe(channel)
+        for n in range(20):  # a burst, one PUBLISH per round trip: gathered
+            await admin.publish(channel, b"burst %d" % n)
+        sent: dict[bytes, float] = {}
+        for n in range(11):
+            await asyncio.sleep(spacing)
+            sent[b"slow %d" % n] = time.monotonic()
+            await admin.publish(channel, b"slow %d" % n)
+        await eventually_async(lambda: len(heard) == 31, WAIT, "every event arrives")
+        assert [data for data, _ in heard[20:]] == list(sent)
+        late = sorted(at - sent[data] for data, at in heard[21:])
+        # Each would otherwise wait out most of a pause, 20 ms here: the middle one says which.
+        assert late[len(late) // 2] < 0.01, late
+    finally:
+        await stop(running)
+        await pubsub_links.close()
+        await client.aclose()
+        await admin.aclose()
+
+
 async def test_a_busy_link_is_read_in_fewer_reads_than_messages(
     cleanup_real_redis: str, key_prefix: str, protocol: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
