@@ -122,41 +122,44 @@ class Measured:
         return self.fanout_viewers / self.fanout_nodes
 
 
-# The full run of issue 14's round: `make bench`, run 20261201T163649Z-full, 2026-12-01, service
-# code of commit be34885, on the 2-core machine with nobody else working. Values as that run's
-# JSON holds them, i.e. what `presence-svc capacity --results
-# bench/results/20261201T163649Z-full` reads; the run is printed in docs/performance.md ("Full
-# profile at be34885").
+# The full run of issue 14's round on the new machine: `make bench`, run 20261201T190838Z-full,
+# 2026-12-01, service code of commit c26b3bc (b8ef633's too: the commits after it change only
+# docs), on a 2-core AMD EPYC virtual machine, slower than the one be34885's run came from
+# (docs/capacity.md compares the two). Values as that run's JSON holds them, i.e. what
+# `presence-svc capacity --results bench/results/20261201T190838Z-full` reads (the commands sum
+# 5 x 1.007 to 5.034999999999999 in floating point).
 DEFAULT_MEASURED = Measured(
-    source="bench run 20261201T163649Z-full (code be34885), see docs/capacity.md",
-    ws_node_us_per_hb=28.87,
-    rest_node_us_per_hb=105.05,
-    ws_redis_us_per_hb=20.25,
-    rest_redis_us_per_hb=29.97,
-    floor_redis_us_per_hb=30.13,
-    # evalsha=1.004 hgetall=1.004 hset=1.004 sismember=1.004 zadd=1.004 (the steady heartbeat:
+    source="bench run 20261201T190838Z-full (code c26b3bc), see docs/capacity.md",
+    ws_node_us_per_hb=48.03,
+    rest_node_us_per_hb=263.82,
+    ws_redis_us_per_hb=31.78,
+    rest_redis_us_per_hb=53.73,
+    floor_redis_us_per_hb=40.92,
+    # evalsha=1.007 hgetall=1.007 hset=1.007 sismember=1.007 zadd=1.007 (the steady heartbeat:
     # one EVALSHA, four commands inside)
-    ws_commands_per_hb=5.02,
+    ws_commands_per_hb=5.034999999999999,
     floor_commands_per_hb=7.0,
-    node_us_per_delivery=16.5,
-    fanout_deliveries_per_s=9_996,
-    fanout_p99_ms=2.039,
+    node_us_per_delivery=30.08,
+    fanout_deliveries_per_s=9_977,
+    fanout_p99_ms=4.082,
     fanout_events_per_s=200.1,
-    fanout_redis_cpu=0.016,
-    fanout_redis_idle_cpu=0.002,
+    fanout_redis_cpu=0.027,
+    fanout_redis_idle_cpu=0.003,
     fanout_nodes=2,
     fanout_viewers=50,
-    kib_per_socket=21.06,
-    node_base_rss_mib=63.9,
+    kib_per_socket=21.09,
+    node_base_rss_mib=64.2,
     idle_sockets=10_000,
-    sweep_redis_us_per_transition=41.0,
-    sweep_node_us_per_transition=6.0,
+    sweep_redis_us_per_transition=75.0,
+    sweep_node_us_per_transition=10.0,
     redis_mib_per_million_sessions=336.0,
-    receive_us_per_event=70.89,
-    receive_events_per_s=2000.0,
-    receive_us_per_event_at_fanout_rate=181.67,
-    # evalsha 1.004 + no sadd; 1.004 EVALSHA - 1.004 HGETALL
-    ws_requests_per_hb=1.004,
+    receive_us_per_event=92.06,
+    receive_events_per_s=2000.1,
+    receive_us_per_event_at_fanout_rate=334.46,
+    receive_redis_cpu=0.122,
+    receive_redis_idle_cpu=0.003,
+    # evalsha 1.007 + no sadd; 1.007 EVALSHA - 1.007 HGETALL
+    ws_requests_per_hb=1.007,
     ws_schedules_per_hb=0.0,
 )
 

@@ -125,15 +125,19 @@ def test_costs_split_the_measured_figures() -> None:
 
 def test_the_default_figures_are_the_latest_full_run() -> None:
     m = capacity_inputs.DEFAULT_MEASURED
-    assert "20261201T163649Z-full" in m.source and "be34885" in m.source
-    assert m.redis_us_per_event == pytest.approx((0.016 - 0.002) / 200.1 * 1e6)
-    assert m.sockets_per_event_and_node == 25
+    assert "20261201T190838Z-full" in m.source and "c26b3bc" in m.source
     assert not m.fallbacks
+    # Redis per event from the receive-cost point (its Redis read in ns at the busiest rate),
+    # less Redis's idle CPU (the baseline row at the same offered rate).
+    assert (m.receive_redis_cpu, m.receive_redis_idle_cpu) == (0.122, 0.003)
+    assert m.redis_us_per_event == pytest.approx((0.122 - 0.003) / 2000.1 * 1e6)
+    assert m.redis_measured_at == "the receive-cost point, 2,000 events/s"
+    assert m.sockets_per_event_and_node == 25
     # That run had the receive-cost point: the split is measured, receive_share unused.
     assert m.receive_measured
     receive, send = capacity_model.fanout_split(m, capacity_model.Workload())
-    assert send == pytest.approx((25 * 16.5 - 181.67) / 24)
-    assert receive == pytest.approx(70.89 - send)
+    assert send == pytest.approx((25 * 30.08 - 334.46) / 24)
+    assert receive == pytest.approx(92.06 - send)
 
 
 def test_sizes_by_hand() -> None:
@@ -201,11 +205,11 @@ def test_heartbeat_mix_by_hand() -> None:
     # SMALL: 0.2 heartbeats/s per user, a stay (one full heartbeat) and an idle spell (one
     # reactivating steady heartbeat, schedule.lua after it) every 1000 s: 0.001 / 0.2 each.
     m = capacity_inputs.DEFAULT_MEASURED
-    assert m.ws_steady and m.ws_requests_per_hb == 1.004
+    assert m.ws_steady and m.ws_requests_per_hb == 1.007
     mix = capacity_model.heartbeat_mix(m, SMALL)
     assert (mix.full, mix.reactivating, mix.rest) == pytest.approx((0.005, 0.005, 0.0))
     assert mix.steady == pytest.approx(0.99)
-    assert mix.requests == pytest.approx(0.005 * 3 + 0.005 * (1.004 + 1) + 0.99 * 1.004)
+    assert mix.requests == pytest.approx(0.005 * 3 + 0.005 * (1.007 + 1) + 0.99 * 1.007)
     assert mix.schedules == pytest.approx(0.01)
     # Half the heartbeats over REST: 2 requests and a schedule.lua each.
     half = capacity_model.heartbeat_mix(m, dataclasses.replace(SMALL, rest_share=0.5))
@@ -599,8 +603,8 @@ def test_cli_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
     for heading in ("Load", "Nodes (one process = one core)", "Redis (one primary = one core)"):
         assert f"\n{heading}\n" in out
     assert "What breaks first" in out
-    assert "20261201T163649Z-full" in out
-    assert "node receive cost, measured: 70.9 us per event and node" in out
+    assert "20261201T190838Z-full" in out
+    assert "node receive cost, measured: 92.1 us per event and node" in out
     assert re.search(r"node processes\s+[\d,]+\s+binding: (CPU|socket memory)", out)
 
 
