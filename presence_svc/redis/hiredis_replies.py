@@ -47,6 +47,18 @@ _MORE = object()  # what the hiredis reader answers while no whole reply is buff
 _PUSH: type | None = getattr(hiredis, "PushNotification", None)  # hiredis >= 3.2
 
 
+def _is_error(reply: Any) -> bool:
+    """Whether `reply` is an error reply. As redis-py's read_response, a connection-level error
+    (alone, or first in a list) ends the whole stream: it is raised."""
+    if isinstance(reply, Exception):
+        if isinstance(reply, RedisConnectionError):
+            raise reply
+        return True
+    if type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
+        raise reply[0]
+    return False
+
+
 def unusable(connection: Any) -> str | None:
     """Why `connection` cannot be read raw, or None if it can."""
     stream = getattr(connection, "_reader", None)
@@ -124,12 +136,8 @@ class RawReplies:
             if _PUSH is not None and type(reply) is _PUSH:
                 await self._parser.handle_push_response(reply)
                 continue
-            if isinstance(reply, Exception):
-                if isinstance(reply, RedisConnectionError):
-                    raise reply
+            if _is_error(reply):
                 failed = True
-            elif type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
-                raise reply[0]
             replies.append(reply)
             if len(replies) == count:
                 return replies, failed
@@ -236,12 +244,8 @@ class RawLink(asyncio.Protocol):
             if _PUSH is not None and type(reply) is _PUSH:
                 self._pushing = asyncio.ensure_future(self._push(reply))
                 break
-            if isinstance(reply, Exception):
-                if isinstance(reply, RedisConnectionError):
-                    raise reply
+            if _is_error(reply):
                 failed = True
-            elif type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
-                raise reply[0]
             replies.append(reply)
         return failed
 
