@@ -100,6 +100,13 @@ class Limits:
     logged: set[str] = field(default_factory=set)
 
 
+def behind(asgi_callable: object) -> LimitedWebSocketProtocol | None:
+    """The node's own protocol behind an ASGI `send` or `receive` (a method of it under a real
+    uvicorn server), or None (a test client, a wrapper)."""
+    owner = getattr(asgi_callable, "__self__", None)
+    return owner if isinstance(owner, LimitedWebSocketProtocol) else None
+
+
 def text_frame(text: str) -> bytes:
     """`text` as one whole, unmasked WebSocket text frame (RFC 6455 5.2), as a server sends it."""
     payload = text.encode()

@@ -42,8 +42,8 @@ from presence_svc.models import (
 )
 from presence_svc.node import Node
 from presence_svc.store import StoreUnavailable
+from presence_svc.web import protocol
 from presence_svc.web.errors import validation_problems
-from presence_svc.web.protocol import LimitedWebSocketProtocol
 from presence_svc.web.ws_connection import (
     CLOSE_UNAUTHORIZED,
     Connection,
@@ -135,9 +135,7 @@ class PresenceSocket:
                 conn.expire_at(principal.expires_at, node.clock)
                 # The protocol behind `receive`, when it is ours (a real uvicorn server): what a
                 # read queued is taken without two coroutines (uvicorn's and the queue's) each.
-                raw = getattr(receive, "__self__", None)
-                if not isinstance(raw, LimitedWebSocketProtocol):
-                    raw = None
+                raw = protocol.behind(receive)
                 while True:
                     frame: Message | None = raw.receive_nowait() if raw is not None else None
                     if frame is None:

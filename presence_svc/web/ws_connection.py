@@ -26,7 +26,7 @@ from starlette.types import Send
 from presence_svc.clock import Clock, Timer
 from presence_svc.codec import Outgoing, json_text
 from presence_svc.web import stepping
-from presence_svc.web.protocol import LimitedWebSocketProtocol, text_frame
+from presence_svc.web.protocol import behind, text_frame
 
 CLOSE_UNAUTHORIZED = 4401  # here: the token expired without a refresh
 CLOSE_SLOW_CONSUMER = 1013
@@ -87,8 +87,7 @@ class Connection:
         self._send = send
         # The protocol behind `send`, when it is ours (a real uvicorn server): the fan-out's
         # messages are then written as frames built once per message (protocol.py, 4).
-        owner = getattr(send, "__self__", None)
-        self._raw = owner if isinstance(owner, LimitedWebSocketProtocol) else None
+        self._raw = behind(send)
         self._id = connection_id  # what a message's `personal` map is keyed by
         self._on_overflow = on_overflow
         self._pending: deque[Outgoing] | None = None  # the backlog, while there is one
